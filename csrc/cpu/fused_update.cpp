@@ -1,0 +1,89 @@
+// FPTT fused update on the CPU: OpenMP over fixed-size chunks of all tensors.
+#include <math.h>
+
+#include <vector>
+
+#include "fptt_fast/cpu_kernels.h"
+#include "fptt_fast/fptt_math.h"
+
+namespace fptt {
+namespace cpu {
+namespace {
+
+// Chunks are the unit of parallel work and of the norm's partial sums; a fixed
+// size makes the summation order (and so the result) independent of threads.
+constexpr int64_t kChunk = 8192;
+
+struct Chunk {
+  int slot;
+  int64_t begin, end;
+};
+
+std::vector<Chunk> make_chunks(const UpdateSlot* slots, int n_slots) {
+  std::vector<Chunk> chunks;
+  for (int s = 0; s < n_slots; ++s)
+    for (int64_t b = 0; b < slots[s].n; b += kChunk)
+      chunks.push_back({s, b, b + kChunk < slots[s].n ? b + kChunk : slots[s].n});
+  return chunks;
+}
+
+double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t end) {
+  double acc = 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    const float g = regularised_grad(t.g[i], t.w[i], t.w_bar[i], t.lam[i], t.hyper);
+    acc += double(g) * double(g);
+  }
+  return acc;
+}
+
+template <int OPT>
+void chunk_update(const UpdateSlot& t, int64_t begin, int64_t end, const StepScalars& s) {
+  float* __restrict w = t.w;
+  const float* __restrict g = t.g;
+  float* __restrict w_bar = t.w_bar;
+  float* __restrict lam = t.lam;
+  float* __restrict s1 = t.s1;
+  // SGD has no second buffer and never touches it: alias s1 so the loop has one shape.
+  float* s2 = OPT == OPT_SGD ? t.s1 : t.s2;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i)
+    update_element<OPT>(w[i], g[i], w_bar[i], lam[i], s1[i], s2[i], t.hyper, s);
+}
+
+template <int OPT>
+void update_pass(const UpdateSlot* slots, int n_slots, const std::vector<Chunk>& chunks, float coef) {
+  std::vector<StepScalars> scal(n_slots);
+  for (int s = 0; s < n_slots; ++s) scal[s] = step_scalars(slots[s].hyper, *slots[s].step, coef);
+  const int64_t n_chunks = int64_t(chunks.size());
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    const Chunk& c = chunks[k];
+    chunk_update<OPT>(slots[c.slot], c.begin, c.end, scal[c.slot]);
+  }
+  for (int s = 0; s < n_slots; ++s) *slots[s].step += 1.f;
+}
+
+}  // namespace
+
+UpdateResult fused_update(const UpdateSlot* slots, int n_slots, int optimizer, float clip) {
+  const std::vector<Chunk> chunks = make_chunks(slots, n_slots);
+  const int64_t n_chunks = int64_t(chunks.size());
+  std::vector<double> partial(n_chunks);
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < n_chunks; ++k)
+    partial[k] = chunk_sumsq(slots[chunks[k].slot], chunks[k].begin, chunks[k].end);
+  double sumsq = 0.0;
+  for (int64_t k = 0; k < n_chunks; ++k) sumsq += partial[k];
+  const double norm = sqrt(sumsq);
+  if (!isfinite(norm)) return {norm, true};
+  const float coef = clip_coefficient(norm, clip);
+  switch (optimizer) {
+    case OPT_SGD: update_pass<OPT_SGD>(slots, n_slots, chunks, coef); break;
+    case OPT_ADAM: update_pass<OPT_ADAM>(slots, n_slots, chunks, coef); break;
+    default: update_pass<OPT_ADAMW>(slots, n_slots, chunks, coef); break;
+  }
+  return {norm, false};
+}
+
+}  // namespace cpu
+}  // namespace fptt

@@ -1,0 +1,330 @@
+"""fptt_fast.FPTT: a model-agnostic FPTT optimiser (a real torch.optim.Optimizer).
+
+Swap it in for torch.optim.Adam/SGD/AdamW: p.grad holds the task gradient of the
+segment; step() adds the regulariser's gradient, clips globally, takes the base
+optimiser step and updates the dual (lam) and the running average (w_bar), all in
+one fused pass on the cpu/triton/cuda backends (FPTT.md steps 2-6).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends, reference
+from .reference import NONFINITE, OPTIMIZERS, Hyper
+
+OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
+# Row layout of the per-group hyper-parameter table read by the kernels; must match
+# csrc/include/fptt_fast/fptt_math.h (HyperIndex) and kernels/fptt_update.py.
+HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
+                "momentum", "dampening", "nesterov")
+# status tensor written by every backend, on the parameters' device, never synced:
+STATUS_NORM, STATUS_LAST_SKIPPED, STATUS_SKIPPED = 0, 1, 2
+
+
+def _hyper_row(group):
+    return (float(group["lr"]), float(group["alpha"]), float(group["beta"]), float(group["rho"]),
+            float(group["c"]), float(group["weight_decay"]), float(group["betas"][0]),
+            float(group["betas"][1]), float(group["eps"]), float(group["momentum"]),
+            float(group["dampening"]), float(bool(group["nesterov"])))
+
+
+class FPTT(torch.optim.Optimizer):
+    """FPTT (Kag & Saligrama, ICML 2021) around SGD, Adam or AdamW.
+
+    Args:
+        params: parameters or parameter groups (fp32, contiguous, one device).
+        lr, betas, eps, weight_decay: as torch.optim.Adam/AdamW; lr, momentum,
+            dampening, nesterov, weight_decay: as torch.optim.SGD.
+        optimizer: "sgd", "adam" or "adamw" (the base optimiser, step 4).
+        alpha, beta, rho, c: FPTT's hyper-parameters (per group, FPTT.md).
+        clip: max global L2 norm of the regularised gradient; None/0: no clipping.
+        nonfinite: "raise" (FloatingPointError; on CUDA at the next step() after the
+            GPU finished, or at check_finite()) or "skip" (the step changes nothing
+            and is counted in skipped_steps). Either way a gradient holding inf/NaN
+            never changes w, w_bar, lam or the optimiser state.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (fptt_fast.backends).
+
+    State per parameter, readable as opt.state[p][name]: w_bar, lam, step, and
+    exp_avg/exp_avg_sq (Adam, AdamW) or momentum_buffer (SGD). They are views into
+    flat contiguous buffers (opt.flat_state) that the fused kernels walk.
+    Parameters whose .grad is None are left alone by step(), as torch does.
+    """
+
+    def __init__(self, params, lr=1e-3, *, optimizer="adam", betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5,
+                 beta=0.5, rho=0.0, c=1.0, clip=None, nonfinite="raise", backend="auto"):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.base = optimizer
+        self.clip = reference.validate_clip(clip)
+        self.nonfinite = nonfinite
+        self._requested_backend = backend
+        self.flat_state = None
+        defaults = dict(lr=lr, alpha=alpha, beta=beta, rho=rho, c=c, weight_decay=weight_decay,
+                        betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov)
+        super().__init__(params, defaults)
+        self._hyper_key, self._hyper = None, None
+        self._pending = None  # (event, pinned flag) of a CUDA step not yet checked
+        self._build_state()
+
+    # -- construction --------------------------------------------------------
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        reference.validate_hyper(group, self.base)
+        group["betas"] = tuple(group["betas"])
+        for p in group["params"]:
+            if p.dtype != torch.float32:
+                raise TypeError(f"FPTT supports float32 parameters, got {p.dtype} (shape {tuple(p.shape)})")
+            if not p.is_contiguous():
+                raise ValueError(f"FPTT needs contiguous parameters; got one of shape {tuple(p.shape)} "
+                                 f"with strides {p.stride()}")
+            if p.is_sparse:
+                raise ValueError("FPTT does not support sparse parameters")
+        if self.flat_state is not None:  # a group added after construction
+            self._build_state()
+
+    def _params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _build_state(self):
+        """(Re)allocate the flat state buffers, keeping any values already held."""
+        params = self._params()
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"FPTT needs all parameters on one device, got {sorted(map(str, devices))}")
+        device = params[0].device if params else torch.device("cpu")
+        self.backend = backends.resolve(self._requested_backend, device.type)
+        names = ("w_bar", "lam") + (("momentum_buffer",) if self.base == "sgd" else ("exp_avg", "exp_avg_sq"))
+        total = sum(p.numel() for p in params)
+        flat = {n: torch.zeros(total, device=device) for n in names}
+        flat["step"] = torch.zeros(len(params), device=device)
+        offset = 0
+        for i, p in enumerate(params):
+            old = self.state.get(p, {})
+            st = {n: flat[n][offset:offset + p.numel()].view_as(p) for n in names}
+            st["step"] = flat["step"][i]
+            st["w_bar"].copy_(p.detach())
+            for n, t in st.items():
+                if n in old:
+                    t.copy_(old[n])
+            self.state[p] = st
+            offset += p.numel()
+        self.flat_state = flat
+        self._status = torch.zeros(3, device=device)
+
+    # -- the update -------------------------------------------------------------
+    def _hyper_table(self, device):
+        key = tuple(_hyper_row(g) for g in self.param_groups)
+        if key != self._hyper_key:
+            for g in self.param_groups:
+                reference.validate_hyper(g, self.base)
+            self._hyper = torch.tensor(key, dtype=torch.float32).to(device)
+            self._hyper_key = key
+        return self._hyper
+
+    def _gather(self):
+        """Parallel lists over the parameters that have a gradient."""
+        lists = {k: [] for k in ("objs", "params", "grads", "w_bars", "lams", "s1s", "s2s", "steps", "group_of")}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise ValueError("FPTT does not support sparse gradients")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise ValueError(f"gradient of a parameter of shape {tuple(p.shape)} has shape "
+                                     f"{tuple(g.shape)}, dtype {g.dtype}, device {g.device}")
+                st = self.state[p]
+                lists["objs"].append(p)
+                lists["params"].append(p.detach())
+                lists["grads"].append(g if g.is_contiguous() else g.contiguous())
+                lists["w_bars"].append(st["w_bar"])
+                lists["lams"].append(st["lam"])
+                lists["s1s"].append(st["momentum_buffer"] if self.base == "sgd" else st["exp_avg"])
+                if self.base != "sgd":
+                    lists["s2s"].append(st["exp_avg_sq"])
+                lists["steps"].append(st["step"].view(1))
+                lists["group_of"].append(gi)
+        return lists
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """FPTT.md steps 2-6 for every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._raise_pending()
+        L = self._gather()
+        if not L["params"]:
+            return loss
+        if self.backend == "reference":
+            self._step_reference(L)
+            return loss
+        hyper = self._hyper_table(L["params"][0].device)
+        args = (L["params"], L["grads"], L["w_bars"], L["lams"], L["s1s"], L["s2s"], L["steps"],
+                hyper, L["group_of"], OPT_CODE[self.base], float(self.clip or 0.0))
+        if self.backend == "cpu":
+            norm, skipped = backends.extension().fused_update_cpu(*args)
+            self._record(norm, skipped)
+        elif self.backend == "triton":
+            from .kernels import fptt_update
+            fptt_update.fused_update(*args, self._status)
+            self._after_device_step()
+        else:  # cuda
+            backends.extension().fused_update_cuda(*args, self._status)
+            self._after_device_step()
+        return loss
+
+    def _step_reference(self, L):
+        hypers = [Hyper.from_group(self.param_groups[gi]) for gi in L["group_of"]]
+        states = [self.state[p] for p in L["objs"]]
+        norm, skipped = reference.fptt_update_(L["params"], L["grads"], states, hypers, self.base,
+                                               self.clip, nonfinite="skip")
+        self._record(float(norm), bool(skipped))
+
+    def _record(self, norm, skipped):
+        """Host-side status of a step whose result the host already knows."""
+        self._status[STATUS_NORM] = norm
+        self._status[STATUS_LAST_SKIPPED] = float(skipped)
+        if skipped:
+            self._status[STATUS_SKIPPED] += 1
+            if self.nonfinite == "raise":
+                raise FloatingPointError(
+                    f"FPTT step: the gradient holds inf or NaN (global norm {norm}); nothing was "
+                    "updated. Use nonfinite='skip' to skip such steps instead.")
+
+    def _after_device_step(self):
+        """Queue a non-blocking look at the skip flag (nonfinite='raise' on a GPU)."""
+        if self.nonfinite != "raise" or self._status.device.type != "cuda":
+            if self._status.device.type == "cpu" and self.nonfinite == "raise":
+                self._raise_if(self._status[STATUS_LAST_SKIPPED].item())
+            return
+        if torch.cuda.is_current_stream_capturing():
+            return
+        flag = torch.empty(1, pin_memory=True)
+        flag.copy_(self._status[STATUS_LAST_SKIPPED:STATUS_LAST_SKIPPED + 1], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._pending = (ev, flag)
+
+    def _raise_pending(self, wait=False):
+        if self._pending is None:
+            return
+        ev, flag = self._pending
+        if wait:
+            ev.synchronize()
+        elif not ev.query():
+            return
+        self._pending = None
+        self._raise_if(flag.item())
+
+    def _raise_if(self, skipped):
+        if skipped:
+            raise FloatingPointError(
+                f"FPTT step on {self.backend}: the gradient held inf or NaN; nothing was updated. "
+                "Use nonfinite='skip' to skip such steps instead.")
+
+    def check_finite(self):
+        """Wait for the last step and raise if its gradient was not finite ('raise')."""
+        self._raise_pending(wait=True)
+
+    # -- status -------------------------------------------------------------------
+    @property
+    def last_norm(self):
+        """Global norm of the last step's regularised gradient (a tensor; no sync)."""
+        return self._status[STATUS_NORM]
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps that changed nothing because the gradient was not finite (syncs)."""
+        return int(self._status[STATUS_SKIPPED].item())
+
+    # -- FPTT extras --------------------------------------------------------------
+    @torch.no_grad()
+    def reset(self):
+        """End of epoch: w <- w_bar and lam <- 0 for every parameter."""
+        params = self._params()
+        reference.reset_(params, [self.state[p] for p in params])
+
+    @torch.no_grad()
+    def regularizer(self):
+        """sum[(rho-1)*lam*w + (c*alpha/2)*(w - w_bar)^2] over all parameters (a tensor)."""
+        total = None
+        for group in self.param_groups:
+            h = Hyper.from_group(group)
+            for p in group["params"]:
+                st = self.state[p]
+                r = reference.regularizer_value(p, st["w_bar"], st["lam"], h)
+                total = r if total is None else total + r
+        return total if total is not None else torch.zeros(())
+
+    # -- checkpoints --------------------------------------------------------------
+    def state_dict(self):
+        """torch's layout (state keyed by parameter index), tensors copied, plus 'fptt'."""
+        sd = super().state_dict()
+        sd["state"] = {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()}
+        sd["fptt"] = {"optimizer": self.base, "clip": self.clip, "nonfinite": self.nonfinite,
+                      "status": self._status.clone()}
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        """Load into the existing flat buffers. Everything is checked first: a missing or
+        mis-shaped field raises ValueError naming it and changes nothing."""
+        self._check_state_dict(state_dict)
+        params = self._params()
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = tuple(v) if k == "betas" else v
+        for i, p in enumerate(params):
+            for n, t in self.state[p].items():
+                t.copy_(torch.as_tensor(state_dict["state"][i][n]).reshape(t.shape))
+        self._status.copy_(torch.as_tensor(state_dict["fptt"]["status"]))
+        self.clip = state_dict["fptt"]["clip"]
+        self.nonfinite = state_dict["fptt"]["nonfinite"]
+        self._hyper_key = None
+
+    def _check_state_dict(self, sd):
+        if not isinstance(sd, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(sd).__name__}")
+        for key in ("state", "param_groups", "fptt"):
+            if key not in sd:
+                raise ValueError(f"state_dict misses {key!r}")
+        if sd["fptt"].get("optimizer") != self.base:
+            raise ValueError(f"state_dict['fptt']['optimizer'] is {sd['fptt'].get('optimizer')!r}, "
+                             f"this optimiser uses {self.base!r}")
+        if tuple(torch.as_tensor(sd["fptt"].get("status", torch.zeros(0))).shape) != (3,):
+            raise ValueError("state_dict['fptt']['status'] must have shape (3,)")
+        reference.validate_clip(sd["fptt"].get("clip"))
+        if sd["fptt"].get("nonfinite") not in NONFINITE:
+            raise ValueError(f"state_dict['fptt']['nonfinite'] must be one of {NONFINITE}")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict['param_groups'] has {len(groups)} groups, expected "
+                             f"{len(self.param_groups)}")
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, groups)):
+            if len(saved.get("params", ())) != len(mine["params"]):
+                raise ValueError(f"state_dict['param_groups'][{gi}]['params'] has "
+                                 f"{len(saved.get('params', ()))} parameters, expected {len(mine['params'])}")
+            for k in mine:
+                if k != "params" and k not in saved:
+                    raise ValueError(f"state_dict['param_groups'][{gi}] misses {k!r}")
+            reference.validate_hyper(saved, self.base)
+        for i, p in enumerate(self._params()):
+            saved = sd["state"].get(i)
+            if saved is None:
+                raise ValueError(f"state_dict['state'] misses parameter {i}")
+            for n, t in self.state[p].items():
+                if n not in saved:
+                    raise ValueError(f"state_dict['state'][{i}] misses {n!r}")
+                if torch.as_tensor(saved[n]).numel() != t.numel() or (
+                        t.dim() and tuple(torch.as_tensor(saved[n]).shape) != tuple(t.shape)):
+                    raise ValueError(f"state_dict['state'][{i}][{n!r}] has shape "
+                                     f"{tuple(torch.as_tensor(saved[n]).shape)}, expected {tuple(t.shape)}")

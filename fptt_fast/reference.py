@@ -1,0 +1,336 @@
+"""FPTT in plain PyTorch: the specification in code.
+
+Every fused backend of fptt_fast is tested element by element against the
+functions here, and these are tested against torch.optim, autograd and nn.LSTM.
+The algorithm is the one of Kag & Saligrama (ICML 2021) as written out in the
+project's FPTT.md; the numbered steps below refer to it.
+
+One FPTT update of parameters w with task gradient g (segment p):
+  2. g += (rho - 1) * lam + c * alpha * (w - w_bar)          regulariser gradient
+  3. g *= min(1, clip / (||g||_2 + 1e-6))  over all parameters  global-norm clip
+  4. w  = base optimiser step (torch SGD / Adam / AdamW semantics)
+  5. lam   = lam - alpha * (w_new - w_bar_old)                 dual update
+  6. w_bar = (1 - beta) * w_bar + beta * w_new - (beta / alpha) * lam_new
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+NONFINITE = ("raise", "skip")
+
+# ----------------------------------------------------------------------------
+# Hyper-parameters
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters of one parameter group (clip is global, see FPTT)."""
+
+    lr: float = 1e-3
+    alpha: float = 0.5
+    beta: float = 0.5
+    rho: float = 0.0
+    c: float = 1.0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+
+    @classmethod
+    def from_group(cls, group: dict) -> "Hyper":
+        return cls(**{f.name: group[f.name] for f in fields(cls)})
+
+
+def _finite_number(name, value):
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def validate_hyper(h: dict, optimizer: str) -> None:
+    """Raise ValueError naming the first bad field of a hyper-parameter dict."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    lr = _finite_number("lr", h["lr"])
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if _finite_number("alpha", h["alpha"]) <= 0:
+        raise ValueError(f"alpha must be > 0, got {h['alpha']}")
+    beta = _finite_number("beta", h["beta"])
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    _finite_number("rho", h["rho"])
+    if _finite_number("c", h["c"]) < 0:
+        raise ValueError(f"c must be >= 0, got {h['c']}")
+    if _finite_number("weight_decay", h["weight_decay"]) < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {h['weight_decay']}")
+    betas = h["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair, got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= _finite_number(f"betas[{i}]", b) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+    if _finite_number("eps", h["eps"]) < 0:
+        raise ValueError(f"eps must be >= 0, got {h['eps']}")
+    if _finite_number("momentum", h["momentum"]) < 0:
+        raise ValueError(f"momentum must be >= 0, got {h['momentum']}")
+    _finite_number("dampening", h["dampening"])
+    if h["nesterov"] and (optimizer != "sgd" or h["momentum"] <= 0 or h["dampening"] != 0):
+        raise ValueError("nesterov needs optimizer='sgd', momentum > 0 and dampening = 0")
+
+
+def validate_clip(clip) -> float | None:
+    if clip is None:
+        return None
+    v = _finite_number("clip", clip)
+    if v < 0:
+        raise ValueError(f"clip must be >= 0 (0 or None: no clipping), got {clip}")
+    return v or None
+
+
+# ----------------------------------------------------------------------------
+# The update, per tensor
+# ----------------------------------------------------------------------------
+
+
+def regularizer_grad(w, w_bar, lam, h: Hyper):
+    """Step 2: gradient of sum[(rho-1)*lam*w + (c*alpha/2)*(w - w_bar)^2]."""
+    return (h.rho - 1.0) * lam + (h.c * h.alpha) * (w - w_bar)
+
+
+def regularizer_value(w, w_bar, lam, h: Hyper):
+    """The regulariser itself, for logging."""
+    return ((h.rho - 1.0) * lam * w).sum() + (0.5 * h.c * h.alpha) * ((w - w_bar) ** 2).sum()
+
+
+def clip_coef(grads, clip):
+    """Step 3: torch.nn.utils.clip_grad_norm_'s coefficient, and the norm."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if clip is None:
+        return torch.ones_like(norm), norm
+    return torch.clamp(clip / (norm + 1e-6), max=1.0), norm
+
+
+def sgd_step_(w, g, state, h: Hyper):
+    """Step 4, torch.optim.SGD (single-tensor path), in place on w."""
+    d = g + h.weight_decay * w if h.weight_decay else g
+    if h.momentum:
+        buf = state["momentum_buffer"]
+        if state["step"].item() == 0:
+            buf.copy_(d)
+        else:
+            buf.mul_(h.momentum).add_(d, alpha=1.0 - h.dampening)
+        d = d + h.momentum * buf if h.nesterov else buf
+    w.add_(d, alpha=-h.lr)
+    state["step"] += 1
+
+
+def adam_step_(w, g, state, h: Hyper, decoupled: bool):
+    """Step 4, torch.optim.Adam / AdamW (single-tensor path), in place on w."""
+    beta1, beta2 = h.betas
+    state["step"] += 1
+    step = state["step"].item()
+    if h.weight_decay:
+        if decoupled:
+            w.mul_(1.0 - h.lr * h.weight_decay)
+        else:
+            g = g + h.weight_decay * w
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    step_size = h.lr / (1.0 - beta1**step)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(h.eps)
+    w.addcdiv_(m, denom, value=-step_size)
+
+
+def dual_average_(w, w_bar, lam, h: Hyper):
+    """Steps 5 and 6, with the new w, the old w_bar and then the new lam."""
+    lam.sub_(h.alpha * (w - w_bar))
+    w_bar.mul_(1.0 - h.beta).add_(h.beta * w - (h.beta / h.alpha) * lam)
+
+
+def init_state(p, optimizer: str, h: Hyper | None = None) -> dict:
+    """FPTT state of one parameter: w_bar = w, lam = 0, plus the base optimiser's."""
+    z = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
+    st = {"w_bar": p.detach().clone(memory_format=torch.contiguous_format), "lam": z(),
+          "step": torch.zeros((), dtype=torch.float32, device=p.device)}
+    if optimizer == "sgd":
+        st["momentum_buffer"] = z()
+    else:
+        st["exp_avg"], st["exp_avg_sq"] = z(), z()
+    return st
+
+
+@torch.no_grad()
+def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfinite="raise"):
+    """One FPTT update (steps 2-6) of `params` in place.
+
+    params, grads, states, hypers: parallel lists (grads hold the task gradient only;
+    they are not modified). Returns (norm, skipped): the global norm of the
+    regularised gradient before clipping, and whether the step was skipped because
+    that norm was not finite (nonfinite="skip"; "raise" raises FloatingPointError).
+    Either way a non-finite step changes nothing.
+    """
+    if not params:
+        return torch.zeros(()), False
+    g_reg = [g + regularizer_grad(w, s["w_bar"], s["lam"], h)
+             for w, g, s, h in zip(params, grads, states, hypers)]
+    coef, norm = clip_coef(g_reg, clip)
+    if not torch.isfinite(norm):
+        if nonfinite == "raise":
+            raise FloatingPointError(
+                "FPTT step: the gradient holds inf or NaN (global norm is "
+                f"{norm.item()}); nothing was updated")
+        return norm, True
+    for w, g, s, h in zip(params, g_reg, states, hypers):
+        g = g * coef
+        if optimizer == "sgd":
+            sgd_step_(w, g, s, h)
+        else:
+            adam_step_(w, g, s, h, decoupled=optimizer == "adamw")
+        dual_average_(w, s["w_bar"], s["lam"], h)
+    return norm, False
+
+
+def reset_(params, states):
+    """End of epoch (the authors do it): w <- w_bar, lam <- 0."""
+    with torch.no_grad():
+        for w, s in zip(params, states):
+            w.copy_(s["w_bar"])
+            s["lam"].zero_()
+
+
+# ----------------------------------------------------------------------------
+# The LSTM: nn.LSTM's conventions, written out
+# ----------------------------------------------------------------------------
+
+
+class ReferenceLSTM(nn.Module):
+    """Single-layer LSTM with nn.LSTM's parameter names, shapes and gate order
+    (i, f, g, o), so `ReferenceLSTM(...).load_state_dict(nn.LSTM(...).state_dict())`
+    works as is. Time-major: x is [T, B, I]; state is (h, c), each [B, H]."""
+
+    def __init__(self, input_size, hidden_size, device=None, dtype=torch.float32):
+        super().__init__()
+        I, H = input_size, hidden_size
+        kw = dict(device=device, dtype=dtype)
+        self.input_size, self.hidden_size = I, H
+        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * H, I, **kw))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * H, H, **kw))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * H, **kw))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * H, **kw))
+        bound = 1.0 / math.sqrt(H)  # nn.LSTM's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def zero_state(self, batch, device=None, dtype=None):
+        p = self.weight_hh_l0
+        z = torch.zeros(batch, self.hidden_size, device=device or p.device, dtype=dtype or p.dtype)
+        return z, z.clone()
+
+    def forward(self, x, state=None):
+        """Returns (outputs [T, B, H], (h, c))."""
+        h, c = state if state is not None else self.zero_state(x.shape[1], x.device, x.dtype)
+        pre_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)  # all steps at once
+        outs = []
+        for t in range(x.shape[0]):
+            gates = pre_x[t] + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        return torch.stack(outs), (h, c)
+
+
+class LSTMWithHead(nn.Module):
+    """ReferenceLSTM followed by nn.Linear(H, O) on the hidden state."""
+
+    def __init__(self, input_size, hidden_size, output_size, device=None, dtype=torch.float32):
+        super().__init__()
+        self.lstm = ReferenceLSTM(input_size, hidden_size, device=device, dtype=dtype)
+        self.head = nn.Linear(hidden_size, output_size, device=device, dtype=dtype)
+
+    def forward(self, x, state=None):
+        outs, state = self.lstm(x, state)
+        return self.head(outs), state
+
+
+def task_loss(pred, target, loss: str):
+    """MSE (regression) or cross-entropy (classification), mean over the batch
+    (and over time steps when pred carries a time axis)."""
+    if loss == "mse":
+        return F.mse_loss(pred, target)
+    if loss == "ce":
+        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1))
+    raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}")
+
+
+def segment_loss(model: LSTMWithHead, x, target, state, loss: str, per_step: bool):
+    """Loss of one segment from a given (detached) state; returns (loss, new state).
+    Terminal: the head on the last hidden state; per-step: mean over the steps."""
+    outs, new_state = model.lstm(x, state)
+    pred = model.head(outs) if per_step else model.head(outs[-1])
+    return task_loss(pred, target, loss), new_state
+
+
+# ----------------------------------------------------------------------------
+# The segment loop
+# ----------------------------------------------------------------------------
+
+
+def segment_bounds(T: int, K: int):
+    """K segments of omega = ceil(T/K) steps covering T; raises if fewer are needed."""
+    if T < 1 or K < 1:
+        raise ValueError(f"T and K must be >= 1, got T={T}, K={K}")
+    if K > T:
+        raise ValueError(f"K={K} segments need T >= K time steps, got T={T}")
+    omega = -(-T // K)
+    if -(-T // omega) != K:
+        raise ValueError(f"K={K} segments of omega=ceil(T/K)={omega} steps cover T={T} in "
+                         f"{-(-T // omega)}: choose K so that ceil(T/ceil(T/K)) == K")
+    return [(p * omega, min(T, (p + 1) * omega)) for p in range(K)]
+
+
+def train_sequence_fptt(model, opt, x, target, K, loss="mse", per_step=False, state=None):
+    """FPTT over one batch of sequences: K segments, hidden state carried detached,
+    one FPTT update (opt.step()) per segment. Terminal problems weight segment p's
+    loss by (p+1)/K and predict the one target from each segment's last state;
+    per-step problems take each segment's own targets with weight 1.
+    Returns the list of unweighted segment losses (detached)."""
+    if state is None:
+        state = model.lstm.zero_state(x.shape[1], x.device, x.dtype)
+    losses = []
+    for p, (a, b) in enumerate(segment_bounds(x.shape[0], K)):
+        state = (state[0].detach(), state[1].detach())
+        tgt = target[a:b] if per_step else target
+        seg_loss, state = segment_loss(model, x[a:b], tgt, state, loss, per_step)
+        weight = 1.0 if per_step else (p + 1) / K
+        opt.zero_grad(set_to_none=False)
+        (weight * seg_loss).backward()
+        opt.step()
+        losses.append(seg_loss.detach())
+    return losses
+
+
+def train_sequence_bptt(model, opt, x, target, loss="mse", per_step=False, clip=1.0):
+    """BPTT for comparison: one update of a plain torch optimiser per whole sequence."""
+    opt.zero_grad(set_to_none=False)
+    seq_loss, _ = segment_loss(model, x, target, None, loss, per_step)
+    seq_loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return seq_loss.detach()

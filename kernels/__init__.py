@@ -1,0 +1,1 @@
+"""Triton kernels of fptt_fast (installed as fptt_fast.kernels)."""
