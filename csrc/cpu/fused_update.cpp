@@ -27,12 +27,25 @@ std::vector<Chunk> make_chunks(const UpdateSlot* slots, int n_slots) {
   return chunks;
 }
 
+// Sum of squares of the regularised gradient over [begin, end), in double. Eight
+// fixed lanes, summed in a fixed order: vectorisable yet independent of threads.
 double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t end) {
-  double acc = 0.0;
-  for (int64_t i = begin; i < end; ++i) {
-    const float g = regularised_grad(t.g[i], t.w[i], t.w_bar[i], t.lam[i], t.hyper);
-    acc += double(g) * double(g);
+  constexpr int kLanes = 8;
+  double lane[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const int64_t j = i + l;
+      const double g = regularised_grad(t.g[j], t.w[j], t.w_bar[j], t.lam[j], t.hyper);
+      lane[l] += g * g;
+    }
   }
+  double acc = 0.0;
+  for (; i < end; ++i) {
+    const double g = regularised_grad(t.g[i], t.w[i], t.w_bar[i], t.lam[i], t.hyper);
+    acc += g * g;
+  }
+  for (int l = 0; l < kLanes; ++l) acc += lane[l];
   return acc;
 }
 

@@ -1,0 +1,467 @@
+"""The fused FPTT update (FPTT.md steps 2-6) as ONE Triton kernel launch.
+
+Called by fptt_fast.FPTT for backend="triton":
+
+    fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
+                 optimizer, clip, status)
+
+The math mirrors csrc/include/fptt_fast/fptt_math.h and csrc/cpu/fused_update.cpp line
+by line, in the same order of operations (float32 element math, IEEE divisions and
+square roots via tl.div_rn / tl.sqrt_rn, the norm's sum of squares and the Adam bias
+corrections in float64).
+
+Layout of the work
+------------------
+All tensors are cut into chunks of CHUNK elements (a tensor's last chunk may be
+shorter). A chunk table maps chunk k -> (tensor index, first element), a tensor table
+holds per tensor the raw addresses of w, g, w_bar, lam, s1, s2, step, its numel and its
+parameter-group row. Program p of a grid of G programs owns the chunks p, p+G, p+2G, ...
+in both phases:
+
+  phase 1  for each owned chunk: sum of squares of the regularised gradient (float64)
+           -> partial[k]; and a copy of the tensor's step count -> chunk_step[k].
+  barrier  grid-wide (below).
+  phase 2  every program sums partial[0..n_chunks) in the same fixed order (same
+           compiled reduction, same data), so every program, and every run, gets the
+           bitwise same norm; coef = min(1, clip / (norm + 1e-6)); if the norm is
+           finite, update the owned chunks, and the owner of a tensor's first chunk
+           writes step + 1.  Program 0 writes status.
+
+The per-chunk partials make the norm independent of the grid size too (the
+interpreter's single program and a GPU grid sum the same partials the same way).
+
+The step-count race
+-------------------
+Every chunk of tensor i needs steps[i] *before* the update (SGD's first-step test,
+Adam's bias corrections), and steps[i] must be incremented once. If programs read
+steps[i] in phase 2 while the owner of chunk 0 increments it in phase 2, a late reader
+could see the new value. Here no program reads steps[] after the barrier: each program
+copies steps[i] into chunk_step[k] for its own chunks during phase 1 (before the
+barrier), and in phase 2 it reads back only its own copies. The single increment
+happens after the barrier, so every read of steps[i] precedes it (the barrier is a
+release/acquire point). One barrier suffices; no second barrier is needed.
+
+The grid barrier
+----------------
+A sense-reversing central barrier on two int32 words [count, generation], owned by the
+plan (its scratch), never reset from the host:
+  - CTA barrier (tl.debug_barrier) so that the writes of all the program's threads
+    precede the arrival;
+  - gen = generation (read atomically *before* arriving: it cannot move before this
+    program arrives, since it changes only when all G programs have arrived);
+  - arrived = atomic_add(count, 1) (acq_rel);
+  - the last arriver (arrived == G - 1) resets count to 0 and then bumps generation;
+    the others spin on an atomic read of generation until it differs from gen;
+  - CTA barrier again, so that no thread reads before the acquire.
+count is back to 0 after every barrier, and generation only ever moves forward
+(wrapping is harmless: only equality is tested), so the words carry over correctly to
+the next launch whatever its grid size, with no host-side reset: launches and CUDA-graph
+replays just reuse the buffer. Launches that share a plan must be stream-ordered (they
+share the partials too); two optimisers over the same tensors on concurrent streams are
+not supported.
+
+Co-residency guard: a spinning barrier deadlocks unless all G programs are resident at
+once. On a GPU the grid is min(n_chunks, 2 * SM count) with num_warps = 4: a block of
+128 threads uses at most 128 * 255 -> 32768 registers (the hardware per-thread maximum,
+allocation rounded per warp), so two such blocks always fit in the 65536-register file
+of every SM from sm_70 to sm_90, the kernel's shared memory (reduction scratch, a few
+KiB) is far below any SM's, and 256 threads are far below the 2048-thread limit. Other
+kernels running concurrently can delay our blocks but they do not wait on us, so they
+finish and free the SMs. (A partitioned GPU, e.g. MPS with a thread-percentage limit,
+may expose fewer SMs than multi_processor_count: not supported.)
+
+In the Triton interpreter (TRITON_INTERPRET=1, used for CPU tensors) programs run one
+after another and a spinning barrier would deadlock: there the grid is a single program,
+the same kernel code, and the barrier is skipped because num_programs == 1.
+
+Tables and scratch
+------------------
+Built on the host once per distinct (device, optimizer, tensor addresses, numels,
+groups) and cached (small LRU), together with the scratch buffers (float64 partials,
+float32 chunk_step, int32 barrier words). A steady-state step (zero_grad with
+set_to_none=False keeps the gradients' addresses) does no allocation and no
+host->device copy; fused_update never syncs.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+# Tensor-table columns (int64 each).
+_C_W = tl.constexpr(0)
+_C_G = tl.constexpr(1)
+_C_WBAR = tl.constexpr(2)
+_C_LAM = tl.constexpr(3)
+_C_S1 = tl.constexpr(4)
+_C_S2 = tl.constexpr(5)
+_C_STEP = tl.constexpr(6)
+_C_NUMEL = tl.constexpr(7)
+_C_GROUP = tl.constexpr(8)
+_NCOLS = tl.constexpr(9)
+
+# Hyper-parameter row, fptt_math.h's HyperIndex (checked below against optim.py).
+_H_LR = tl.constexpr(0)
+_H_ALPHA = tl.constexpr(1)
+_H_BETA = tl.constexpr(2)
+_H_RHO = tl.constexpr(3)
+_H_C = tl.constexpr(4)
+_H_WD = tl.constexpr(5)
+_H_BETA1 = tl.constexpr(6)
+_H_BETA2 = tl.constexpr(7)
+_H_EPS = tl.constexpr(8)
+_H_MOM = tl.constexpr(9)
+_H_DAMP = tl.constexpr(10)
+_H_NEST = tl.constexpr(11)
+_H_COUNT = tl.constexpr(12)
+HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
+                "momentum", "dampening", "nesterov")
+
+OPT_SGD, OPT_ADAM, OPT_ADAMW = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------
+# Device code
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grid_barrier(bar_ptr, n_programs):
+    """Sense-reversing barrier over all programs; see the module docstring."""
+    tl.debug_barrier()
+    gen_ptr = bar_ptr + 1
+    gen = tl.atomic_add(gen_ptr, 0)           # atomic read, ordered before the arrival
+    arrived = tl.atomic_add(bar_ptr, 1)       # acq_rel: our writes are released
+    if arrived == n_programs - 1:
+        tl.atomic_xchg(bar_ptr, 0)            # reset for the next barrier/launch ...
+        tl.atomic_add(gen_ptr, 1)             # ... then release everybody
+    else:
+        cur = tl.atomic_add(gen_ptr, 0)
+        while cur == gen:
+            cur = tl.atomic_add(gen_ptr, 0)   # acquire: the others' writes are visible
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fptt_update_kernel(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, bar_ptr,
+                        status_ptr, n_chunks, clip,
+                        OPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        PBLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    lanes = tl.arange(0, BLOCK)
+
+    # ---- phase 1: per-chunk sum of squares of the regularised gradient (step 2) ----
+    for k in range(pid, n_chunks, nprog):
+        t = tl.load(chunk_ptr + 2 * k)
+        start = tl.load(chunk_ptr + 2 * k + 1)
+        row = tab_ptr + t * _NCOLS
+        n = tl.load(row + _C_NUMEL)
+        hrow = hyper_ptr + tl.load(row + _C_GROUP) * _H_COUNT
+        alpha = tl.load(hrow + _H_ALPHA)
+        rho = tl.load(hrow + _H_RHO)
+        cc = tl.load(hrow + _H_C)
+        w_p = tl.load(row + _C_W).to(tl.pointer_type(tl.float32))
+        g_p = tl.load(row + _C_G).to(tl.pointer_type(tl.float32))
+        wb_p = tl.load(row + _C_WBAR).to(tl.pointer_type(tl.float32))
+        lam_p = tl.load(row + _C_LAM).to(tl.pointer_type(tl.float32))
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+        length = tl.minimum(n - start, CHUNK)  # the last chunk of a tensor may be short
+        for off in range(0, length, BLOCK):
+            idx = start + off + lanes
+            m = idx < n
+            w = tl.load(w_p + idx, mask=m, other=0.0)
+            g = tl.load(g_p + idx, mask=m, other=0.0)
+            wb = tl.load(wb_p + idx, mask=m, other=0.0)
+            lam = tl.load(lam_p + idx, mask=m, other=0.0)
+            gr = g + ((rho - 1.0) * lam + (cc * alpha) * (w - wb))
+            gd = gr.to(tl.float64)
+            acc += tl.where(m, gd * gd, 0.0)
+        tl.store(partial_ptr + k, tl.sum(acc, axis=0))
+        # The step count before this update, copied while nobody can be writing it.
+        step_p = tl.load(row + _C_STEP).to(tl.pointer_type(tl.float32))
+        tl.store(cstep_ptr + k, tl.load(step_p))
+
+    # ---- all partials written, all step counts read ----
+    tl.debug_barrier()  # also orders the single-program case across its threads
+    if nprog > 1:
+        _grid_barrier(bar_ptr, nprog)
+
+    # ---- phase 2: global norm, identical in every program (fixed order) ----
+    plan = tl.arange(0, PBLOCK)
+    sacc = tl.zeros([PBLOCK], dtype=tl.float64)
+    for p0 in range(0, n_chunks, PBLOCK):
+        pi = p0 + plan
+        sacc += tl.load(partial_ptr + pi, mask=pi < n_chunks, other=0.0, cache_modifier=".cg")
+    norm = tl.sqrt(tl.sum(sacc, axis=0))
+    # isfinite on the bits (immune to any fast-math folding of x != x).
+    bits = norm.to(tl.int64, bitcast=True)
+    finite = (bits & 0x7FF0000000000000) != 0x7FF0000000000000
+    norm32 = norm.to(tl.float32)
+    # Step 3, fptt::clip_coefficient: clip <= 0 means no clipping.
+    q = tl.div_rn(clip, norm32 + 1e-6)
+    coef = tl.where(clip > 0.0, tl.where(q < 1.0, q, 1.0), 1.0)
+
+    if pid == 0:
+        skip = tl.where(finite, 0.0, 1.0)
+        tl.store(status_ptr + 0, norm32)
+        tl.store(status_ptr + 1, skip)
+        tl.store(status_ptr + 2, tl.load(status_ptr + 2) + skip)
+
+    if finite:
+        for k in range(pid, n_chunks, nprog):
+            t = tl.load(chunk_ptr + 2 * k)
+            start = tl.load(chunk_ptr + 2 * k + 1)
+            row = tab_ptr + t * _NCOLS
+            n = tl.load(row + _C_NUMEL)
+            hrow = hyper_ptr + tl.load(row + _C_GROUP) * _H_COUNT
+            lr = tl.load(hrow + _H_LR)
+            alpha = tl.load(hrow + _H_ALPHA)
+            beta = tl.load(hrow + _H_BETA)
+            rho = tl.load(hrow + _H_RHO)
+            cc = tl.load(hrow + _H_C)
+            wd = tl.load(hrow + _H_WD)
+            w_p = tl.load(row + _C_W).to(tl.pointer_type(tl.float32))
+            g_p = tl.load(row + _C_G).to(tl.pointer_type(tl.float32))
+            wb_p = tl.load(row + _C_WBAR).to(tl.pointer_type(tl.float32))
+            lam_p = tl.load(row + _C_LAM).to(tl.pointer_type(tl.float32))
+            s1_p = tl.load(row + _C_S1).to(tl.pointer_type(tl.float32))
+            step_before = tl.load(cstep_ptr + k)  # our own phase-1 copy
+            beta_over_alpha = tl.div_rn(beta, alpha)
+            if OPT == 0:
+                mom = tl.load(hrow + _H_MOM)
+                damp = tl.load(hrow + _H_DAMP)
+                nest = tl.load(hrow + _H_NEST)
+                first = step_before == 0.0
+                use_buf = mom != 0.0
+            else:
+                s2_p = tl.load(row + _C_S2).to(tl.pointer_type(tl.float32))
+                beta1 = tl.load(hrow + _H_BETA1)
+                beta2 = tl.load(hrow + _H_BETA2)
+                eps = tl.load(hrow + _H_EPS)
+                # fptt::step_scalars: t = step + 1, in float64.
+                # beta1**t and beta2**t by binary exponentiation in float64 (a few
+                # float64 ulps from pow(), the same float32 scalars in practice; no
+                # libdevice needed, and inlined: cheaper in the interpreter).
+                e = step_before.to(tl.int64) + 1
+                b1 = beta1.to(tl.float64)
+                b2 = beta2.to(tl.float64)
+                p1 = b1 * 0.0 + 1.0
+                p2 = b2 * 0.0 + 1.0
+                while e > 0:
+                    odd = (e & 1) != 0
+                    p1 = tl.where(odd, p1 * b1, p1)
+                    p2 = tl.where(odd, p2 * b2, p2)
+                    b1 = b1 * b1
+                    b2 = b2 * b2
+                    e = e >> 1
+                step_size = (lr.to(tl.float64) / (1.0 - p1)).to(tl.float32)
+                bc2_sqrt = tl.sqrt(1.0 - p2).to(tl.float32)
+            length = tl.minimum(n - start, CHUNK)
+            for off in range(0, length, BLOCK):
+                idx = start + off + lanes
+                m = idx < n
+                w = tl.load(w_p + idx, mask=m, other=0.0)
+                g = tl.load(g_p + idx, mask=m, other=0.0)
+                wb = tl.load(wb_p + idx, mask=m, other=0.0)
+                lam = tl.load(lam_p + idx, mask=m, other=0.0)
+                # steps 2 and 3
+                gc = (g + ((rho - 1.0) * lam + (cc * alpha) * (w - wb))) * coef
+                # step 4
+                if OPT == 0:
+                    mb = tl.where(use_buf, m, False)
+                    buf = tl.load(s1_p + idx, mask=mb, other=0.0)
+                    d = gc + wd * w
+                    buf = tl.where(first, d, buf * mom + (1.0 - damp) * d)
+                    dn = tl.where(nest != 0.0, d + mom * buf, buf)
+                    d = tl.where(use_buf, dn, d)
+                    tl.store(s1_p + idx, buf, mask=mb)
+                    w = w - lr * d
+                else:
+                    ea = tl.load(s1_p + idx, mask=m, other=0.0)
+                    eas = tl.load(s2_p + idx, mask=m, other=0.0)
+                    if OPT == 2:
+                        w = w * (1.0 - lr * wd)
+                    else:
+                        gc = gc + wd * w
+                    ea = ea + (1.0 - beta1) * (gc - ea)
+                    eas = eas * beta2 + (1.0 - beta2) * gc * gc
+                    denom = tl.div_rn(tl.sqrt_rn(eas), bc2_sqrt) + eps
+                    w = w - step_size * tl.div_rn(ea, denom)
+                    tl.store(s1_p + idx, ea, mask=m)
+                    tl.store(s2_p + idx, eas, mask=m)
+                # steps 5 and 6: new w, old w_bar, then new lam
+                lam = lam - alpha * (w - wb)
+                wb = (1.0 - beta) * wb + (beta * w - beta_over_alpha * lam)
+                tl.store(w_p + idx, w, mask=m)
+                tl.store(wb_p + idx, wb, mask=m)
+                tl.store(lam_p + idx, lam, mask=m)
+            if start == 0:
+                # The single increment of this tensor's step count. Every read of it
+                # happened in phase 1, before the barrier: no race.
+                step_p = tl.load(row + _C_STEP).to(tl.pointer_type(tl.float32))
+                tl.store(step_p, step_before + 1.0)
+
+
+# ----------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------
+
+# (CHUNK, BLOCK, PBLOCK, num_warps). CHUNK is fixed per device type: with it the chunk
+# boundaries, hence the partial sums and the norm, are fixed whatever the grid.
+_GPU_CONFIG = (4096, 1024, 1024, 4)
+_INTERP_CONFIG = (2048, 1024, 256, 1)
+# Blocks per SM that are always co-resident with num_warps=4 (module docstring).
+_BLOCKS_PER_SM = 2
+_MAX_PLANS = 16
+
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_SM_COUNT: dict = {}
+plan_builds = 0  # how many tables were built (tests check the cache with it)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Plan:
+    """Device tables and scratch of one set of tensors."""
+
+    __slots__ = ("tables", "chunks", "partial", "chunk_step", "barrier", "n_chunks", "grid",
+                 "config", "_host")
+
+    def __init__(self, device, addr_rows, numels, group_of, grid_limit):
+        chunk_size, block, pblock, num_warps = _config(device)
+        chunk_rows = []
+        for ti, n in enumerate(numels):
+            for start in range(0, n, chunk_size):
+                chunk_rows.append((ti, start))
+        self.n_chunks = len(chunk_rows)
+        tab = torch.tensor([list(a) + [n, gi] for a, n, gi in zip(addr_rows, numels, group_of)],
+                           dtype=torch.int64).reshape(-1)
+        chk = torch.tensor(chunk_rows, dtype=torch.int64).reshape(-1)
+        if device.type == "cuda":
+            # Pinned + non_blocking: no host sync; keep the host copies alive (the copy
+            # is queued on the stream and reads them later).
+            tab, chk = tab.pin_memory(), chk.pin_memory()
+            self._host = (tab, chk)
+            self.tables = tab.to(device, non_blocking=True)
+            self.chunks = chk.to(device, non_blocking=True)
+        else:
+            self._host = None
+            self.tables, self.chunks = tab, chk
+        self.partial = torch.empty(self.n_chunks, dtype=torch.float64, device=device)
+        self.chunk_step = torch.empty(self.n_chunks, dtype=torch.float32, device=device)
+        self.barrier = torch.zeros(2, dtype=torch.int32, device=device)
+        if device.type == "cuda" and not _interpreted():
+            cap = _BLOCKS_PER_SM * _sm_count(device)
+        else:
+            cap = 1  # interpreter: programs run one after another; no spinning barrier
+        if grid_limit is not None:
+            cap = max(1, min(cap, int(grid_limit)))
+        self.grid = max(1, min(self.n_chunks, cap))
+        self.config = (chunk_size, block, pblock, num_warps)
+
+
+def _config(device):
+    return _INTERP_CONFIG if device.type != "cuda" or _interpreted() else _GPU_CONFIG
+
+
+def _sm_count(device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status):
+    if optimizer not in (OPT_SGD, OPT_ADAM, OPT_ADAMW):
+        raise ValueError(f"optimizer must be 0 (sgd), 1 (adam) or 2 (adamw), got {optimizer!r}")
+    n = len(params)
+    lists = {"grads": grads, "w_bars": w_bars, "lams": lams, "s1s": s1s, "steps": steps}
+    if optimizer != OPT_SGD:
+        lists["s2s"] = s2s
+    for name, lst in lists.items():
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} tensors, params has {n}")
+    if len(group_of) != n:
+        raise ValueError(f"group_of has {len(group_of)} entries, params has {n}")
+    dev = params[0].device
+    if dev.type == "cuda" and _interpreted():
+        raise RuntimeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run the fused "
+                           "update on CUDA tensors (its pointer table holds device addresses)")
+    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != 12 \
+            or not hyper.is_contiguous() or hyper.device != dev:
+        raise ValueError(f"hyper must be a contiguous float32 [groups, 12] tensor on {dev}, got "
+                         f"{hyper.dtype} {tuple(hyper.shape)} on {hyper.device}")
+    if status.dtype != torch.float32 or status.numel() != 3 or not status.is_contiguous() \
+            or status.device != dev:
+        raise ValueError(f"status must be a contiguous float32 [3] tensor on {dev}")
+    for gi in group_of:
+        if not 0 <= int(gi) < hyper.shape[0]:
+            raise ValueError(f"group index {gi} out of range for {hyper.shape[0]} groups")
+    for i, p in enumerate(params):
+        for name, lst in lists.items():
+            t = lst[i]
+            want = 1 if name == "steps" else p.numel()
+            if t.dtype != torch.float32 or t.device != dev or not t.is_contiguous() \
+                    or t.numel() != want:
+                raise ValueError(f"{name}[{i}] must be a contiguous float32 tensor of {want} "
+                                 f"elements on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if p.dtype != torch.float32 or p.device != dev or not p.is_contiguous():
+            raise ValueError(f"params[{i}] must be a contiguous float32 tensor on {dev}")
+
+
+def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, clip,
+                 status, *, grid_limit=None) -> None:
+    """FPTT.md steps 2-6 on every tensor, in one kernel launch; see the module docstring.
+
+    grid_limit (tests only): cap the number of programs below the co-residency cap, to
+    exercise several chunks per program and the barrier with odd grid sizes.
+    """
+    n = len(params)
+    if n == 0:
+        return
+    sgd = optimizer == OPT_SGD
+    s2 = params if sgd else s2s  # SGD never touches s2 (OPT is a constexpr)
+    dev = params[0].device
+    ptr_cols = (params, grads, w_bars, lams, s1s, s2, steps)
+    key = (dev, optimizer, grid_limit, _config(dev), tuple(int(g) for g in group_of),
+           tuple(p.numel() for p in params),
+           tuple(t.data_ptr() for col in ptr_cols for t in col))
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status)
+        global plan_builds
+        addr_rows = [tuple(col[i].data_ptr() for col in ptr_cols) for i in range(n)]
+        plan = _Plan(dev, addr_rows, [p.numel() for p in params], [int(g) for g in group_of],
+                     grid_limit)
+        plan_builds += 1
+        _PLANS[key] = plan
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    chunk_size, block, pblock, num_warps = plan.config
+    args = (plan.tables, plan.chunks, hyper, plan.partial, plan.chunk_step, plan.barrier, status,
+            plan.n_chunks, float(clip))
+    kw = dict(OPT=int(optimizer), CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock,
+              num_warps=num_warps)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            _fptt_update_kernel[(plan.grid,)](*args, **kw)
+    else:
+        _fptt_update_kernel[(plan.grid,)](*args, **kw)
+
+
+def _check_layout():
+    from fptt_fast.optim import HYPER_FIELDS as optim_fields
+    if tuple(optim_fields) != HYPER_FIELDS:
+        raise ImportError(f"hyper-parameter row layout mismatch: optim {optim_fields}, "
+                          f"kernel {HYPER_FIELDS}")
+
+
+_check_layout()
