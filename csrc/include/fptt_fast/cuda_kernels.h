@@ -1,0 +1,113 @@
+// CUDA kernels of fptt_fast: a plain C++ API (no torch and no CUDA headers), so the
+// torch glue (csrc/cuda_glue/*.cpp) and the .cu files agree on one description of
+// the work. Streams are passed as void* (a cudaStream_t).
+//
+// The fused update is one cooperative kernel launch per optimiser step covering
+// every tensor (multi-tensor apply over a device-side table of UpdateSlot):
+//   phase 1  per chunk of kChunk elements, in a fixed assignment: the sum of squares
+//            (double) of the regularised gradient (FPTT.md step 2) -> partials[chunk];
+//            the block owning a slot's first chunk saves that slot's step scalars;
+//   grid.sync()
+//   phase 2  every block reduces all partials in the same fixed order (so every block
+//            holds the bitwise-same norm), takes the clip coefficient (step 3) and, if
+//            the norm is finite, updates its chunks (steps 4-6) and the step counts.
+// A non-finite norm writes the status and leaves every other array untouched.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+namespace fptt {
+namespace cuda {
+
+// Elements per chunk: the unit of work and of the norm's partial sums. Fixed, so the
+// summation order (hence the result, bit for bit) does not depend on the grid size,
+// the GPU model, or the tensors' alignment.
+constexpr int64_t kChunk = 4096;
+// Threads per block of the fused kernel.
+constexpr int kThreads = 256;
+
+// One parameter tensor taking part in the update; device pointers. Every array holds
+// n contiguous fp32 elements, shape [n] (any original shape, flattened).
+struct UpdateSlot {
+  float* w;            // [n] parameter, updated in place
+  const float* g;      // [n] task gradient (read only)
+  float* w_bar;        // [n] running average W-bar
+  float* lam;          // [n] dual variable lambda
+  float* s1;           // [n] SGD momentum buffer, or Adam/AdamW exp_avg
+  float* s2;           // [n] Adam/AdamW exp_avg_sq; nullptr for SGD (never read)
+  float* step;         // [1] updates this tensor has had (torch's state["step"], float)
+  const float* hyper;  // [H_COUNT] its group's hyper-parameter row (fptt_math.h HyperIndex)
+  int64_t n;           // elements; 0 is allowed (the step count still advances)
+  int64_t chunk_begin; // index of its first chunk in the global chunk numbering:
+                       // chunk_begin[i] = sum_{j<i} chunks_of(n[j]); ascending
+};
+
+// Per-slot scalars saved in phase 1 and read in phase 2 (device scratch, see
+// UpdateTable::scalars). Part of the API only so the glue can size the workspace.
+struct SlotScalars {
+  float step_before;  // the step count before this update
+  float step_size;    // Adam: lr / (1 - beta1^t)
+  float bc2_sqrt;     // Adam: sqrt(1 - beta2^t)
+  float first;        // SGD: 1.0 on the first step (initialises the momentum buffer)
+};
+
+// Everything one launch needs besides optimizer, clip and status. All pointers are
+// device pointers into memory that stays valid (and is not used by another launch
+// running concurrently) until the launch has finished.
+struct UpdateTable {
+  const UpdateSlot* slots;  // [n_slots] the slot table
+  int n_slots;              // >= 1
+  int64_t n_chunks;         // total chunks = sum chunks_of(slots[i].n), >= n_slots
+  SlotScalars* scalars;     // [n_slots] scratch, written in phase 1; no initialisation needed
+  double* partials;         // [n_chunks] scratch, written in phase 1; no initialisation needed
+};
+
+// Chunks of a tensor of n elements: ceil(n / kChunk), and at least 1 (a 0-element tensor
+// gets one empty chunk so that some block owns, and advances, its step count).
+inline int64_t chunks_of(int64_t n) { return n <= 0 ? 1 : (n + kChunk - 1) / kChunk; }
+
+// Byte offsets of the three parts of one contiguous device workspace holding a table:
+// [slots | scalars | partials], each part 16-byte aligned. Returns the total size.
+struct WorkspaceLayout {
+  size_t slots_offset, scalars_offset, partials_offset, total_bytes;
+};
+inline WorkspaceLayout workspace_layout(int n_slots, int64_t n_chunks) {
+  auto up16 = [](size_t x) { return (x + 15) & ~size_t(15); };
+  WorkspaceLayout l;
+  l.slots_offset = 0;
+  l.scalars_offset = up16(sizeof(UpdateSlot) * size_t(n_slots));
+  l.partials_offset = l.scalars_offset + up16(sizeof(SlotScalars) * size_t(n_slots));
+  l.total_bytes = l.partials_offset + sizeof(double) * size_t(n_chunks);
+  return l;
+}
+
+// FPTT.md steps 2-6 over all slots of `table`, in ONE cooperative kernel launch on
+// `stream`. Asynchronous: no host synchronisation, no allocation, no memcpy, so it can
+// be captured in a CUDA graph (the table's memory must then outlive the graph).
+//   table      the slots and scratch (above), device memory of `device`
+//   optimizer  fptt::Optimizer code: 0 SGD, 1 Adam, 2 AdamW
+//   clip       max global L2 norm; <= 0: no clipping
+//   status     device float[3]: [0] = the global norm of the regularised gradient
+//              before clipping; [1] = 1.0 if the step was skipped (norm not finite)
+//              else 0.0; [2] += 1.0 when skipped (a running count)
+//   device     the CUDA device ordinal of every pointer (must be the current device)
+//   stream     a cudaStream_t of that device, as void*
+// Returns 0 (cudaSuccess) or a cudaError_t code (see launch_error_string); the launch
+// itself only fails for invalid arguments, a device without cooperative launch, or a
+// sticky CUDA error. If the device takes fewer co-resident blocks than the occupancy
+// query promised (MPS, partitioned SMs: cudaErrorCooperativeLaunchTooLarge), the grid is
+// halved until it fits and the smaller cap remembered; results do not depend on it.
+int launch_fused_update(const UpdateTable& table, int optimizer, float clip, float* status,
+                        int device, void* stream);
+
+// The number of blocks launch_fused_update uses for a table of n_chunks chunks on
+// `device`: min(n_chunks, max co-resident blocks = occupancy per SM x SMs). Returns a
+// negative cudaError_t code on failure. For tests and benchmarks.
+int64_t fused_update_grid_size(int64_t n_chunks, int optimizer, int device);
+
+// cudaGetErrorString of a code returned above (static string).
+const char* launch_error_string(int code);
+
+}  // namespace cuda
+}  // namespace fptt
