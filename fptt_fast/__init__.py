@@ -5,6 +5,7 @@
 """
 from . import backends, reference, tasks
 from .optim import FPTT
+from .lstm import FPTTLSTM
 
-__all__ = ["FPTT", "backends", "reference", "tasks"]
+__all__ = ["FPTT", "FPTTLSTM", "backends", "reference", "tasks"]
 __version__ = "0.1.0"

@@ -30,6 +30,10 @@ in both phases:
 The per-chunk partials make the norm independent of the grid size too (the
 interpreter's single program and a GPU grid sum the same partials the same way).
 
+The phases are @triton.jit helpers, update_phase1 and update_phase2 (with grid_barrier
+between them), and get_plan gives the cached tables and scratch: kernels/lstm_segment.py
+runs the very same update at the end of its one-launch FPTT segment.
+
 The step-count race
 -------------------
 Every chunk of tensor i needs steps[i] *before* the update (SGD's first-step test,
@@ -129,7 +133,7 @@ OPT_SGD, OPT_ADAM, OPT_ADAMW = 0, 1, 2
 
 
 @triton.jit
-def _grid_barrier(bar_ptr, n_programs):
+def grid_barrier(bar_ptr, n_programs):
     """Sense-reversing barrier over all programs; see the module docstring."""
     tl.debug_barrier()
     gen_ptr = bar_ptr + 1
@@ -146,15 +150,13 @@ def _grid_barrier(bar_ptr, n_programs):
 
 
 @triton.jit
-def _fptt_update_kernel(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, bar_ptr,
-                        status_ptr, n_chunks, clip,
-                        OPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                        PBLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+def update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunks, pid, nprog,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase 1 (module docstring): per-chunk sum of squares of the regularised gradient
+    and the per-chunk copy of the step count, for the chunks pid, pid+nprog, ...
+    Shared with kernels/lstm_segment.py."""
     lanes = tl.arange(0, BLOCK)
 
-    # ---- phase 1: per-chunk sum of squares of the regularised gradient (step 2) ----
     for k in range(pid, n_chunks, nprog):
         t = tl.load(chunk_ptr + 2 * k)
         start = tl.load(chunk_ptr + 2 * k + 1)
@@ -185,12 +187,16 @@ def _fptt_update_kernel(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, b
         step_p = tl.load(row + _C_STEP).to(tl.pointer_type(tl.float32))
         tl.store(cstep_ptr + k, tl.load(step_p))
 
-    # ---- all partials written, all step counts read ----
-    tl.debug_barrier()  # also orders the single-program case across its threads
-    if nprog > 1:
-        _grid_barrier(bar_ptr, nprog)
 
-    # ---- phase 2: global norm, identical in every program (fixed order) ----
+
+@triton.jit
+def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks,
+                  clip, pid, nprog, OPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                  PBLOCK: tl.constexpr):
+    """Phase 2 (module docstring), after a grid barrier that follows phase 1 in every
+    program: the global norm, the clip coefficient, status (program 0) and, if the norm
+    is finite, steps 3-6 on the owned chunks. Shared with kernels/lstm_segment.py."""
+    lanes = tl.arange(0, BLOCK)
     plan = tl.arange(0, PBLOCK)
     sacc = tl.zeros([PBLOCK], dtype=tl.float64)
     for p0 in range(0, n_chunks, PBLOCK):
@@ -304,6 +310,25 @@ def _fptt_update_kernel(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, b
                 # happened in phase 1, before the barrier: no race.
                 step_p = tl.load(row + _C_STEP).to(tl.pointer_type(tl.float32))
                 tl.store(step_p, step_before + 1.0)
+
+
+@triton.jit
+def _fptt_update_kernel(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, bar_ptr,
+                        status_ptr, n_chunks, clip,
+                        OPT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                        PBLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    # ---- phase 1: per-chunk sum of squares of the regularised gradient (step 2) ----
+    update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunks, pid, nprog,
+                  CHUNK, BLOCK)
+    # ---- all partials written, all step counts read ----
+    tl.debug_barrier()  # also orders the single-program case across its threads
+    if nprog > 1:
+        grid_barrier(bar_ptr, nprog)
+    # ---- phase 2: global norm, identical in every program (fixed order); update ----
+    update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks,
+                  clip, pid, nprog, OPT, CHUNK, BLOCK, PBLOCK)
 
 
 # ----------------------------------------------------------------------------------
@@ -422,14 +447,33 @@ def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, 
     grid_limit (tests only): cap the number of programs below the co-residency cap, to
     exercise several chunks per program and the barrier with odd grid sizes.
     """
-    n = len(params)
-    if n == 0:
+    if len(params) == 0:
         return
+    plan = get_plan(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer,
+                    status, grid_limit=grid_limit)
+    chunk_size, block, pblock, num_warps = plan.config
+    args = (plan.tables, plan.chunks, hyper, plan.partial, plan.chunk_step, plan.barrier, status,
+            plan.n_chunks, float(clip))
+    kw = dict(OPT=int(optimizer), CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock,
+              num_warps=num_warps)
+    dev = params[0].device
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            _fptt_update_kernel[(plan.grid,)](*args, **kw)
+    else:
+        _fptt_update_kernel[(plan.grid,)](*args, **kw)
+
+
+def get_plan(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status,
+             *, grid_limit=None, tag=None) -> "_Plan":
+    """The cached tables and scratch of one set of tensors (checked when first built).
+    tag: a caller's name, so that another kernel (lstm_segment) gets its own plan."""
+    n = len(params)
     sgd = optimizer == OPT_SGD
     s2 = params if sgd else s2s  # SGD never touches s2 (OPT is a constexpr)
     dev = params[0].device
     ptr_cols = (params, grads, w_bars, lams, s1s, s2, steps)
-    key = (dev, optimizer, grid_limit, _config(dev), tuple(int(g) for g in group_of),
+    key = (tag, dev, optimizer, grid_limit, _config(dev), tuple(int(g) for g in group_of),
            tuple(p.numel() for p in params),
            tuple(t.data_ptr() for col in ptr_cols for t in col))
     plan = _PLANS.get(key)
@@ -445,16 +489,7 @@ def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, 
             _PLANS.popitem(last=False)
     else:
         _PLANS.move_to_end(key)
-    chunk_size, block, pblock, num_warps = plan.config
-    args = (plan.tables, plan.chunks, hyper, plan.partial, plan.chunk_step, plan.barrier, status,
-            plan.n_chunks, float(clip))
-    kw = dict(OPT=int(optimizer), CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock,
-              num_warps=num_warps)
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            _fptt_update_kernel[(plan.grid,)](*args, **kw)
-    else:
-        _fptt_update_kernel[(plan.grid,)](*args, **kw)
+    return plan
 
 
 def _check_layout():

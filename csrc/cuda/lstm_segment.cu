@@ -1,0 +1,451 @@
+// The FPTT LSTM segment step on CUDA: forward, head and loss, backward through the segment,
+// parameter gradients and the fused FPTT update, in ONE cooperative kernel launch.
+// No torch headers: this file builds with plain
+//   nvcc -c -arch=sm_90 -I csrc/include csrc/cuda/lstm_segment.cu
+// API and argument shapes: csrc/include/fptt_fast/cuda_lstm.h. Pointwise LSTM math:
+// lstm_math.h (shared with the CPU step); the update: fused_update_device.cuh (shared
+// with fused_update.cu).
+//
+// Design
+//
+// * One grid of co-resident blocks (kThreads threads each), phases separated by
+//   grid.sync():
+//     P0   h0, c0 -> hs[0], cs[0]; W_hh^T -> whhT; gx = x W_ih^T + (b_ih + b_hh)   | sync
+//     F_t  for t = 0..T-1: gates of step t, the cell, h_t and c_t                   | sync each
+//     H1   pred = h_head W_o^T + b_o                                                | sync
+//     H2   per head row: loss term and d(weight * loss)/d pred, in place           | sync
+//     H3   dhead = dpred W_o; grad W_o = dpred^T h_head; grad b_o; the loss value   | sync
+//     B_t  for t = T-1..0: dh_t (head + recurrent), the cell backward -> dgates_t   | sync each
+//     G    grad W_hh = dG^T h_{t-1}; grad W_ih = dG^T x; grad b_ih = grad b_hh     | sync
+//     U    the fused FPTT update (norm phase | sync | update phase)
+//   2T + 6 grid barriers in all.
+//
+// * The serial dependency (h_{t-1} W_hh^T) is distributed over the whole grid: one
+//   thread per (b, j) element of the state computes the four gate pre-activations of
+//   column j (dot products of length H against W_hh^T, read coalesced from the
+//   transposed copy whhT made in P0: neighbouring threads read neighbouring columns),
+//   then the cell, so that a step is one pass and one grid barrier. Threads are dealt
+//   state tiles of 8 batch rows x 32 columns (a warp per row), so the 8 warps of a block
+//   read the same W_hh^T lines (L1 reuse; the h row is a warp broadcast). Backward likewise:
+//   thread (b, j) computes the recurrent dh[b, j] = sum_r dG_{t+1}[b, r] W_hh[r, j] (W_hh
+//   read coalesced along j), adds the head's gradient, and runs the cell backward.
+//   h and c of every step stay in the global workspace (L2-resident for typical sizes),
+//   so there is no shared-memory or register dependence on H or B: this was chosen over
+//   keeping a batch tile and W_hh in shared memory per block (which caps H at ~100-200 in
+//   228 KB of shared memory for fp32 W_hh) so that H up to 512 and beyond runs on the
+//   same one-launch path. The price is that W_hh is re-read from L2 by every thread at
+//   every step; not tuned on hardware yet.
+//
+// * The batched products (input projection, head, its gradients, the weight gradients)
+//   are 32x32-tiled GEMMs through shared memory, tiles spread over the blocks; each
+//   output element is accumulated by one thread over K in a fixed order.
+//
+// * Determinism: every value is computed by one thread in a fixed order (no atomics, no
+//   float reductions whose order depends on the grid); bias gradients and the loss are
+//   column/row sums in double, in order. The results do not depend on the grid size.
+//
+// * Memory coherence: data written by one block and read by another after grid.sync()
+//   (h, c, gates, head outputs, gradients) is read with plain loads, never through
+//   const __restrict__ pointers, which would allow the non-coherent read-only path
+//   (ld.global.nc: it may return lines cached before another block's write). The update
+//   phase reads the gradient buffers through the shared code's const __restrict__
+//   pointers: safe, since no block reads those lines before they are final.
+//
+// * fp32 IEEE FMA throughout (no tensor cores: tf32 is refused by the glue).
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <mutex>
+
+#include "fptt_fast/cuda_kernels.h"
+#include "fptt_fast/cuda_lstm.h"
+#include "fptt_fast/fptt_math.h"
+#include "fptt_fast/lstm_math.h"
+#include "fused_update_device.cuh"
+
+namespace fptt {
+namespace cuda {
+namespace {
+
+// Two co-resident blocks per SM at least: at most 128 registers per thread.
+constexpr int kLstmMinBlocksPerSM = 2;
+constexpr int kTile = 32;  // GEMM tile (kTile x kTile outputs per block and pass)
+static_assert(kThreads == 256, "the GEMM tile mapping assumes 256 threads (8 rows of 32)");
+constexpr int kTileRowsPerThread = kTile * kTile / kThreads;  // 4
+constexpr int kStepRows = kThreads / 32;  // batch rows of a state tile in the recurrent steps
+
+// Offsets (in floats) of the scratch arrays. All 16-float (64-byte) aligned.
+struct ScratchLayout {
+  int64_t gx;       // [T, B, G]  x W_ih^T + b; then the activated gates; then their gradients
+  int64_t whhT;     // [H, G]     W_hh transposed
+  int64_t hs;       // [T+1, B, H]  h_{-1} = h0, h_0 .. h_{T-1}
+  int64_t cs;       // [T+1, B, H]  likewise c
+  int64_t pred;     // [P, O]     head outputs, then d(weight * loss)/d pred
+  int64_t dhead;    // [P, H]     gradient on the head's hidden states
+  int64_t dc;       // [B, H]     gradient on c_{t} carried backwards
+  int64_t rowloss;  // [P] doubles (2P floats): loss term of each head row
+  int64_t total;
+};
+
+__host__ __device__ inline ScratchLayout scratch_layout(int64_t T, int64_t B, int64_t H,
+                                                        int64_t O, int per_step) {
+  const int64_t G = 4 * H, P = per_step ? T * B : B;
+  ScratchLayout l;
+  int64_t off = 0;
+  auto take = [&off](int64_t n) {
+    const int64_t at = off;
+    off += (n + 15) / 16 * 16;
+    return at;
+  };
+  l.gx = take(T * B * G);
+  l.whhT = take(H * G);
+  l.hs = take((T + 1) * B * H);
+  l.cs = take((T + 1) * B * H);
+  l.pred = take(P * O);
+  l.dhead = take(P * H);
+  l.dc = take(B * H);
+  l.rowloss = take(2 * P);
+  l.total = off;
+  return l;
+}
+
+struct GemmShared {
+  float a[kTile][kTile + 1];  // a[kk][mm] = A(m0 + mm, k0 + kk)
+  float b[kTile][kTile + 1];  // b[kk][nn] = B(k0 + kk, n0 + nn)
+};
+
+// C[M, N] = op(A) op(B) (+ bias1[n] + bias2[n]), row-major; op(A)(m, k) is A[m*lda + k],
+// or A[k*lda + m] if TA; op(B)(k, n) is B[k*ldb + n], or B[n*ldb + k] if TB. Tiles of
+// kTile x kTile outputs are dealt to the blocks in turn; thread (ty, tx) of a block owns
+// outputs (m0 + ty + 8i, n0 + tx), i < 4, each summed over k in order (fixed, whatever the
+// grid). Tile i goes to block (first_block + i) mod gridDim.x: GEMMs of one phase start
+// where the previous one's tiles ended, so they run side by side. Every thread of the
+// block must call it (it uses __syncthreads()). Returns first_block + the number of tiles.
+template <bool TA, bool TB>
+__device__ int64_t gemm_tiles(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                              const float* B, int64_t ldb, float* C, int64_t ldc,
+                              const float* bias1, const float* bias2, GemmShared& s,
+                              int64_t first_block = 0) {
+  const int tid = int(threadIdx.x), tx = tid & 31, ty = tid >> 5;
+  const int64_t tiles_n = (N + kTile - 1) / kTile;
+  const int64_t tiles = (M + kTile - 1) / kTile * tiles_n;
+  const int64_t G = gridDim.x;
+  for (int64_t tile = (int64_t(blockIdx.x) - first_block % G + G) % G; tile < tiles; tile += G) {
+    const int64_t m0 = tile / tiles_n * kTile, n0 = tile % tiles_n * kTile;
+    float acc[kTileRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < kTileRowsPerThread; ++i) acc[i] = 0.f;
+    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+#pragma unroll
+      for (int q = 0; q < kTileRowsPerThread; ++q) {
+        // the fast index runs along the stored rows, so the loads are coalesced
+        const int idx = tid + q * kThreads, fast = idx & 31, slow = idx >> 5;
+        {
+          const int kk = TA ? slow : fast, mm = TA ? fast : slow;
+          const int64_t m = m0 + mm, k = k0 + kk;
+          s.a[kk][mm] = (m < M && k < K) ? (TA ? A[k * lda + m] : A[m * lda + k]) : 0.f;
+        }
+        {
+          const int kk = TB ? fast : slow, nn = TB ? slow : fast;
+          const int64_t n = n0 + nn, k = k0 + kk;
+          s.b[kk][nn] = (n < N && k < K) ? (TB ? B[n * ldb + k] : B[k * ldb + n]) : 0.f;
+        }
+      }
+      __syncthreads();
+      const int kmax = K - k0 < kTile ? int(K - k0) : kTile;
+      for (int kk = 0; kk < kmax; ++kk) {
+        const float bv = s.b[kk][tx];
+#pragma unroll
+        for (int i = 0; i < kTileRowsPerThread; ++i) acc[i] = fmaf(s.a[kk][ty + 8 * i], bv, acc[i]);
+      }
+      __syncthreads();
+    }
+    const int64_t n = n0 + tx;
+    if (n < N) {
+      const float bias = bias1 ? (bias2 ? bias1[n] + bias2[n] : bias1[n]) : 0.f;
+#pragma unroll
+      for (int i = 0; i < kTileRowsPerThread; ++i) {
+        const int64_t m = m0 + ty + 8 * i;
+        if (m < M) C[m * ldc + n] = bias1 ? acc[i] + bias : acc[i];
+      }
+    }
+  }
+  return first_block + tiles;
+}
+
+// out[j] (and out2[j] if given) = sum over rows r of A[r*cols + j], in order, in double.
+__device__ void column_sums(const float* A, int64_t rows, int64_t cols, float* out,
+                            float* out2) {
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  for (int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x; j < cols; j += stride) {
+    double s = 0.0;
+    for (int64_t r = 0; r < rows; ++r) s += double(A[r * cols + j]);
+    out[j] = float(s);
+    if (out2) out2[j] = float(s);
+  }
+}
+
+// H2 for head row p: its loss term (rowloss[p]) and d(weight * loss)/d pred (in place).
+// The same formulas as the CPU step (csrc/cpu/lstm_segment.cpp).
+__device__ void loss_row(const LstmSegmentArgs& a, int64_t p, int64_t P, float* z,
+                         double* rowloss) {
+  const int64_t O = a.O;
+  if (a.loss == LSTM_LOSS_MSE) {
+    const float scale = float(2.0 * double(a.weight) / double(P * O));
+    const float* y = a.target_f + p * O;
+    double total = 0.0;
+    for (int64_t k = 0; k < O; ++k) {
+      const float d = z[k] - y[k];
+      total += double(d) * double(d);
+      z[k] = scale * d;
+    }
+    rowloss[p] = total;
+    return;
+  }
+  const float scale = float(double(a.weight) / double(P));
+  const int64_t y = a.target_i[p];
+  if (y < 0 || y >= O) {  // no host-side check on the GPU path: poison the step instead
+    for (int64_t k = 0; k < O; ++k) z[k] = nanf("");
+    rowloss[p] = double(nanf(""));
+    return;
+  }
+  float m = z[0];
+  for (int64_t k = 1; k < O; ++k) m = fmaxf(m, z[k]);
+  double s = 0.0;
+  for (int64_t k = 0; k < O; ++k) s += exp(double(z[k] - m));
+  const double lse = double(m) + log(s);
+  rowloss[p] = lse - double(z[y]);
+  for (int64_t k = 0; k < O; ++k) {
+    const float q = float(exp(double(z[k]) - lse));
+    z[k] = scale * (q - (k == y ? 1.f : 0.f));
+  }
+}
+
+template <int OPT>
+__global__ void __launch_bounds__(kThreads, kLstmMinBlocksPerSM)
+lstm_segment_kernel(LstmSegmentArgs a, UpdateTable table, float clip,
+                    float* __restrict__ status) {
+  __shared__ GemmShared gsh;
+  __shared__ UpdateShared ush;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  const int64_t T = a.T, B = a.B, I = a.I, H = a.H, O = a.O, G = 4 * H, BH = B * H;
+  const int64_t P = a.per_step ? T * B : B;
+  const ScratchLayout L = scratch_layout(T, B, H, O, a.per_step);
+  // No __restrict__ on anything this kernel writes (scratch, gradients): a const
+  // __restrict__ pointer lets the compiler use the non-coherent read-only path
+  // (ld.global.nc), which may return stale lines for data written earlier in the same
+  // kernel by another block. Plain loads after grid.sync() are coherent.
+  float* gx = a.scratch + L.gx;
+  float* whhT = a.scratch + L.whhT;
+  float* hs = a.scratch + L.hs;
+  float* cs = a.scratch + L.cs;
+  float* pred = a.scratch + L.pred;
+  float* dhead = a.scratch + L.dhead;
+  float* dc = a.scratch + L.dc;
+  double* rowloss = reinterpret_cast<double*>(a.scratch + L.rowloss);
+  const float* w_hh = a.w_hh;  // read before the update phase writes it
+  // Recurrent steps: state tiles of kStepRows batch rows x 32 columns, one per block and
+  // pass (thread (ty, tx) owns element (b0 + ty, j0 + tx)). A warp reads 32 neighbouring
+  // columns of W_hh^T (coalesced); the block's 8 warps read the same lines (L1 reuse).
+  const int64_t tiles_j = (H + 31) / 32, state_tiles = (B + kStepRows - 1) / kStepRows * tiles_j;
+  const int64_t sj = threadIdx.x & 31, sb = threadIdx.x >> 5;
+  const int64_t tid0 = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+
+  // ---- P0: initial state, W_hh^T, input projection of all steps ----------------------
+  for (int64_t e = tid0; e < BH; e += stride) {
+    hs[e] = a.h0[e];
+    cs[e] = a.c0[e];
+  }
+  for (int64_t e = tid0; e < G * H; e += stride) {  // coalesced writes, strided reads
+    const int64_t k = e / G, r = e - k * G;
+    whhT[e] = w_hh[r * H + k];
+  }
+  gemm_tiles<false, true>(T * B, G, I, a.x, I, a.w_ih, I, gx, G, a.b_ih, a.b_hh, gsh);
+  grid.sync();
+
+  // ---- F_t: forward, one state element (b, j) per thread, in state tiles ---------------
+  for (int64_t t = 0; t < T; ++t) {
+    const float* h_prev = hs + t * BH;
+    const float* c_prev = cs + t * BH;
+    for (int64_t tl = blockIdx.x; tl < state_tiles; tl += gridDim.x) {
+      const int64_t b = tl / tiles_j * kStepRows + sb, j = tl % tiles_j * 32 + sj;
+      if (b >= B || j >= H) continue;
+      const int64_t e = b * H + j;
+      const float* hp = h_prev + b * H;
+      const float* wt = whhT + j;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+      for (int64_t k = 0; k < H; ++k) {
+        const float hk = hp[k];
+        const float* w = wt + k * G;
+        s0 = fmaf(hk, w[0], s0);
+        s1 = fmaf(hk, w[H], s1);
+        s2 = fmaf(hk, w[2 * H], s2);
+        s3 = fmaf(hk, w[3 * H], s3);
+      }
+      float* row = gx + (t * B + b) * G;
+      const lstm::CellForward f =
+          lstm::cell_forward(row[j] + s0, row[H + j] + s1, row[2 * H + j] + s2,
+                             row[3 * H + j] + s3, c_prev[e]);
+      row[j] = f.i;
+      row[H + j] = f.f;
+      row[2 * H + j] = f.g;
+      row[3 * H + j] = f.o;
+      hs[(t + 1) * BH + e] = f.h;
+      cs[(t + 1) * BH + e] = f.c;
+      if (t == T - 1) {
+        a.h_out[e] = f.h;
+        a.c_out[e] = f.c;
+      }
+    }
+    grid.sync();
+  }
+
+  // ---- H1-H3: head, loss, head gradients -----------------------------------------------
+  const float* h_head = a.per_step ? hs + BH : hs + T * BH;  // [P, H]
+  gemm_tiles<false, true>(P, O, H, h_head, H, a.w_o, H, pred, O, a.b_o, nullptr, gsh);
+  grid.sync();
+  for (int64_t p = tid0; p < P; p += stride) loss_row(a, p, P, pred + p * O, rowloss);
+  grid.sync();
+  const int64_t next =
+      gemm_tiles<false, false>(P, H, O, pred, O, a.w_o, H, dhead, H, nullptr, nullptr, gsh);
+  gemm_tiles<true, false>(O, H, P, pred, O, h_head, H, a.g_w_o, H, nullptr, nullptr, gsh, next);
+  column_sums(pred, P, O, a.g_b_o, nullptr);
+  if (tid0 == 0) {
+    double s = 0.0;
+    for (int64_t p = 0; p < P; ++p) s += rowloss[p];
+    *a.loss_out = float(a.loss == LSTM_LOSS_MSE ? s / double(P * O) : s / double(P));
+  }
+  grid.sync();
+
+  // ---- B_t: backward through the segment -----------------------------------------------
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const float* dh_head = a.per_step ? dhead + t * BH : (t == T - 1 ? dhead : nullptr);
+    for (int64_t tl = blockIdx.x; tl < state_tiles; tl += gridDim.x) {
+      const int64_t b = tl / tiles_j * kStepRows + sb, j = tl % tiles_j * 32 + sj;
+      if (b >= B || j >= H) continue;
+      const int64_t e = b * H + j;
+      float dh = dh_head ? dh_head[e] : 0.f;
+      float dc_next = 0.f;
+      if (t < T - 1) {  // recurrent gradient from step t+1: dG_{t+1}[b, :] W_hh[:, j]
+        const float* dg = gx + ((t + 1) * B + b) * G;
+        const float* w = w_hh + j;
+        float s = 0.f;
+        for (int64_t r = 0; r < G; ++r) s = fmaf(dg[r], w[r * H], s);
+        dh = s + dh;
+        dc_next = dc[e];
+      }
+      float* row = gx + (t * B + b) * G;
+      const lstm::CellBackward d =
+          lstm::cell_backward(row[j], row[H + j], row[2 * H + j], row[3 * H + j],
+                              cs[(t + 1) * BH + e], cs[t * BH + e], dh, dc_next);
+      row[j] = d.d_ai;
+      row[H + j] = d.d_af;
+      row[2 * H + j] = d.d_ag;
+      row[3 * H + j] = d.d_ao;
+      dc[e] = d.dc_prev;
+    }
+    grid.sync();
+  }
+
+  // ---- G: weight gradients over all steps ------------------------------------------------
+  const int64_t next_g =
+      gemm_tiles<true, false>(G, H, T * B, gx, G, hs, H, a.g_w_hh, H, nullptr, nullptr, gsh);
+  gemm_tiles<true, false>(G, I, T * B, gx, G, a.x, I, a.g_w_ih, I, nullptr, nullptr, gsh, next_g);
+  column_sums(gx, T * B, G, a.g_b_ih, a.g_b_hh);
+  grid.sync();
+
+  // ---- U: the fused FPTT update of the six parameters ----------------------------------
+  fused_update_phases<OPT>(table, clip, status, ush);
+}
+
+template <int OPT>
+const void* kernel_ptr() {
+  return reinterpret_cast<const void*>(&lstm_segment_kernel<OPT>);
+}
+
+const void* kernel_for(int optimizer) {
+  switch (optimizer) {
+    case OPT_SGD: return kernel_ptr<OPT_SGD>();
+    case OPT_ADAM: return kernel_ptr<OPT_ADAM>();
+    case OPT_ADAMW: return kernel_ptr<OPT_ADAMW>();
+    default: return nullptr;
+  }
+}
+
+// Max co-resident blocks per device and optimizer, queried once (cached; later calls,
+// e.g. while capturing a graph, do no query).
+constexpr int kMaxDevices = 64;
+std::mutex g_cap_mutex;
+int64_t g_cap[kMaxDevices][3] = {};
+
+int64_t max_coresident_blocks(int optimizer, int device) {
+  if (device < 0 || device >= kMaxDevices) return -int64_t(cudaErrorInvalidDevice);
+  std::lock_guard<std::mutex> lock(g_cap_mutex);
+  int64_t& cap = g_cap[device][optimizer];
+  if (cap > 0) return cap;
+  int coop = 0, sms = 0, per_sm = 0;
+  cudaError_t e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+  if (e != cudaSuccess) return -int64_t(e);
+  if (!coop) return -int64_t(cudaErrorNotSupported);
+  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return -int64_t(e);
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(optimizer), kThreads, 0);
+  if (e != cudaSuccess) return -int64_t(e);
+  if (per_sm < 1 || sms < 1) return -int64_t(cudaErrorLaunchOutOfResources);
+  cap = int64_t(per_sm) * int64_t(sms);
+  return cap;
+}
+
+}  // namespace
+
+int64_t lstm_scratch_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
+                            int per_step) {
+  (void)I;
+  return scratch_layout(T, B, H, O, per_step).total;
+}
+
+int64_t lstm_segment_grid_size(int optimizer, int device) {
+  if (optimizer < OPT_SGD || optimizer > OPT_ADAMW) return -int64_t(cudaErrorInvalidValue);
+  return max_coresident_blocks(optimizer, device);
+}
+
+int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
+                        float clip, float* status, int device, void* stream) {
+  const LstmSegmentArgs& a = args;
+  if (a.T < 1 || a.B < 1 || a.I < 1 || a.H < 1 || a.O < 1 || a.H > kLstmMaxHidden ||
+      (a.loss != LSTM_LOSS_MSE && a.loss != LSTM_LOSS_CE) ||
+      (a.loss == LSTM_LOSS_MSE ? a.target_f == nullptr : a.target_i == nullptr) ||
+      !a.x || !a.h0 || !a.c0 || !a.w_ih || !a.w_hh || !a.b_ih || !a.b_hh || !a.w_o || !a.b_o ||
+      !a.g_w_ih || !a.g_w_hh || !a.g_b_ih || !a.g_b_hh || !a.g_w_o || !a.g_b_o || !a.h_out ||
+      !a.c_out || !a.loss_out || !a.scratch || (reinterpret_cast<uintptr_t>(a.scratch) & 15u))
+    return int(cudaErrorInvalidValue);
+  if (table.n_slots < 1 || table.n_chunks < table.n_slots || table.slots == nullptr ||
+      table.scalars == nullptr || table.partials == nullptr || status == nullptr)
+    return int(cudaErrorInvalidValue);
+  int64_t grid = lstm_segment_grid_size(optimizer, device);
+  if (grid < 0) return int(-grid);
+  LstmSegmentArgs ka = a;
+  UpdateTable t = table;
+  float c = clip;
+  float* st = status;
+  void* kargs[] = {&ka, &t, &c, &st};
+  for (;;) {
+    const cudaError_t e = cudaLaunchCooperativeKernel(kernel_for(optimizer), dim3(unsigned(grid)),
+                                                      dim3(kThreads), kargs, 0,
+                                                      static_cast<cudaStream_t>(stream));
+    if (e != cudaErrorCooperativeLaunchTooLarge || grid == 1) return int(e);
+    // Fewer SMs usable than the device has (MPS, partitioned SMs): halve the grid and
+    // remember the smaller cap. Results do not depend on the grid size.
+    (void)cudaGetLastError();
+    grid = (grid + 1) / 2;
+    std::lock_guard<std::mutex> lock(g_cap_mutex);
+    g_cap[device][optimizer] = grid;
+  }
+}
+
+}  // namespace cuda
+}  // namespace fptt

@@ -1,0 +1,300 @@
+// Torch glue of the LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu): checks, the
+// cached device workspace (update slot table + scratch), and the one cooperative launch
+// on torch's current stream. Built only with FPTT_WITH_CUDA; registry.h calls
+// register_lstm_cuda(m).
+//
+// Workspace: one device uint8 tensor per key = (device, optimizer kind, every slot's
+// parameter/gradient/state/step/hyper-row pointers and sizes), i.e. per model and its
+// FPTT state, holding [slot table | slot scalars | norm partials] (cuda_kernels.h) and,
+// separately, the segment's float scratch, grown when a larger segment shape arrives and
+// reused otherwise. A steady-state step compares the key and launches: no allocation, no
+// host-to-device copy, no host sync. As in update_cuda.cpp, a cache miss or a scratch
+// growth while capturing a CUDA graph raises (run one step eagerly first), and entries
+// used by a captured graph are never evicted. One model's steps must not run concurrently
+// on two streams (they share the scratch).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <mutex>
+#include <vector>
+
+#include "fptt_fast/cuda_kernels.h"
+#include "fptt_fast/cuda_lstm.h"
+#include "fptt_fast/fptt_math.h"
+#include "fptt_fast/registry.h"
+#include "fptt_fast/update_checks.h"
+
+namespace fptt {
+namespace {
+
+struct LstmEntry {
+  std::vector<int64_t> key;
+  at::Tensor table_ws;                  // device uint8: [slots | scalars | partials]
+  at::Tensor scratch;                   // device float32, lstm_scratch_floats(...) or more
+  cuda::UpdateTable table;              // device pointers into table_ws
+  // Streams each tensor was allocated on or recorded on (record_stream tells the caching
+  // allocator to wait for their work before reusing the memory once it is freed).
+  std::vector<c10::StreamId> table_streams, scratch_streams;
+  bool keep = false;                    // referenced by a captured CUDA graph
+  std::vector<at::Tensor> retired;      // scratches replaced after a capture (a graph holds them)
+  uint64_t last_use = 0;
+};
+
+constexpr size_t kMaxEntries = 8;
+std::mutex g_mutex;
+std::list<LstmEntry> g_cache;  // list: entries never move
+uint64_t g_clock = 0;
+
+float* fptr(const at::Tensor& t) { return t.data_ptr<float>(); }
+
+bool stream_is_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(s, &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+void check_cuda_f32(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape,
+                    const c10::Device& device) {
+  TORCH_CHECK(t.defined() && t.device() == device, name, " must be on ", device, ", got ",
+              t.defined() ? t.device() : c10::Device(at::kCPU));
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ",
+              at::IntArrayRef(shape));
+}
+
+LstmEntry& build_entry(std::vector<cuda::UpdateSlot>&& slots, std::vector<int64_t>&& key,
+                       const c10::Device& device, const at::cuda::CUDAStream& stream) {
+  const int n_slots = int(slots.size());
+  int64_t n_chunks = 0;
+  for (auto& s : slots) {
+    s.chunk_begin = n_chunks;
+    n_chunks += cuda::chunks_of(s.n);
+  }
+  const cuda::WorkspaceLayout L = cuda::workspace_layout(n_slots, n_chunks);
+  const size_t table_bytes = sizeof(cuda::UpdateSlot) * size_t(n_slots);
+  at::Tensor staging = at::empty({int64_t(table_bytes)},
+                                 at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(staging.data_ptr(), slots.data(), table_bytes);
+  at::Tensor ws = at::empty({int64_t(L.total_bytes)},
+                            at::TensorOptions().dtype(at::kByte).device(device));
+  ws.narrow(0, int64_t(L.slots_offset), int64_t(table_bytes)).copy_(staging, /*non_blocking=*/true);
+
+  if (g_cache.size() >= kMaxEntries) {  // evict the least recently used unkept entry
+    auto victim = g_cache.end();
+    for (auto it = g_cache.begin(); it != g_cache.end(); ++it)
+      if (!it->keep && (victim == g_cache.end() || it->last_use < victim->last_use)) victim = it;
+    if (victim != g_cache.end()) g_cache.erase(victim);
+  }
+  LstmEntry e;
+  e.key = std::move(key);
+  e.table_ws = ws;
+  uint8_t* base = static_cast<uint8_t*>(ws.data_ptr());
+  e.table.slots = reinterpret_cast<const cuda::UpdateSlot*>(base + L.slots_offset);
+  e.table.n_slots = n_slots;
+  e.table.n_chunks = n_chunks;
+  e.table.scalars = reinterpret_cast<cuda::SlotScalars*>(base + L.scalars_offset);
+  e.table.partials = reinterpret_cast<double*>(base + L.partials_offset);
+  e.table_streams.push_back(stream.id());
+  g_cache.push_front(std::move(e));
+  return g_cache.front();
+}
+
+void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
+                            double weight, int64_t loss, bool per_step,
+                            std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                            std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
+                            std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
+                            std::vector<at::Tensor> steps, at::Tensor hyper,
+                            std::vector<int64_t> group_of, int64_t optimizer, double clip,
+                            at::Tensor status, at::Tensor h_out, at::Tensor c_out,
+                            at::Tensor loss_out, bool tf32) {
+  TORCH_CHECK(!tf32,
+              "lstm_segment_step_cuda: tf32=True is not implemented by the CUDA one-launch "
+              "LSTM step (it computes in IEEE fp32); use allow_tf32=False");
+  TORCH_CHECK(params.size() == 6 && grads.size() == 6,
+              "lstm_segment_step_cuda: expected 6 parameters and 6 gradient buffers "
+              "(weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, head.weight, head.bias)");
+  TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  const c10::Device device = x.device();
+  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1,
+              "x must be [omega >= 1, B >= 1, I >= 1], got ", x.sizes());
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+  TORCH_CHECK(params[1].dim() == 2 && params[1].size(0) >= 4 && params[1].size(0) % 4 == 0,
+              "weight_hh_l0 must be [4H, H], got ", params[1].sizes());
+  const int64_t H = params[1].size(1), G = 4 * H;
+  TORCH_CHECK(H <= cuda::kLstmMaxHidden, "lstm_segment_step_cuda: hidden size H=", H,
+              " exceeds the one-launch CUDA LSTM step's limit kLstmMaxHidden=",
+              cuda::kLstmMaxHidden, " (csrc/include/fptt_fast/cuda_lstm.h)");
+  TORCH_CHECK(params[4].dim() == 2 && params[4].size(0) >= 1, "head.weight must be [O, H]");
+  const int64_t O = params[4].size(0);
+  check_cuda_f32(x, "x", {T, B, I}, device);
+  check_cuda_f32(h0, "h0", {B, H}, device);
+  check_cuda_f32(c0, "c0", {B, H}, device);
+  check_cuda_f32(h_out, "h_out", {B, H}, device);
+  check_cuda_f32(c_out, "c_out", {B, H}, device);
+  TORCH_CHECK(loss_out.defined() && loss_out.device() == device &&
+                  loss_out.scalar_type() == at::kFloat && loss_out.numel() == 1,
+              "loss_out must be a float32 tensor of 1 element on ", device);
+  const std::vector<std::vector<int64_t>> shapes = {{G, I}, {G, H}, {G}, {G}, {O, H}, {O}};
+  const char* names[6] = {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+                          "head.weight", "head.bias"};
+  for (int k = 0; k < 6; ++k) {
+    check_cuda_f32(params[k], names[k], shapes[k], device);
+    check_cuda_f32(grads[k], "gradient buffer", shapes[k], device);
+  }
+  TORCH_CHECK(loss == cuda::LSTM_LOSS_MSE || loss == cuda::LSTM_LOSS_CE,
+              "loss code must be 0 (mse) or 1 (ce), got ", loss);
+  std::vector<int64_t> lead = per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
+  if (loss == cuda::LSTM_LOSS_MSE) {
+    std::vector<int64_t> s = lead;
+    s.push_back(O);
+    check_cuda_f32(target, "mse target", s, device);
+  } else {
+    // Class ranges are not checked here (that would sync); an out-of-range class makes
+    // the step's gradient NaN, so the update is skipped and flagged in status.
+    TORCH_CHECK(target.defined() && target.device() == device &&
+                    target.scalar_type() == at::kLong && target.is_contiguous() &&
+                    target.sizes().vec() == lead,
+                "ce target must be a contiguous int64 tensor of shape ", at::IntArrayRef(lead),
+                " on ", device);
+  }
+  checks::check_update_lists(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
+                             optimizer, at::kCUDA);
+  TORCH_CHECK(hyper.device() == device, "hyper is on ", hyper.device(), ", expected ", device);
+  TORCH_CHECK(status.defined() && status.device() == device &&
+                  status.scalar_type() == at::kFloat && status.is_contiguous() &&
+                  status.numel() == 3,
+              "status must be a contiguous float32 tensor of 3 elements on ", device);
+
+  c10::cuda::CUDAGuard guard(device);
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
+  const bool sgd = optimizer == OPT_SGD;
+
+  std::vector<cuda::UpdateSlot> slots(6);
+  std::vector<int64_t> key;
+  key.reserve(2 + 9 * 6);
+  key.push_back(device.index());
+  key.push_back(sgd);
+  const float* hp = hyper.data_ptr<float>();
+  for (size_t i = 0; i < 6; ++i) {
+    cuda::UpdateSlot& s = slots[i];
+    s.w = fptr(params[i]);
+    s.g = fptr(grads[i]);
+    s.w_bar = fptr(w_bars[i]);
+    s.lam = fptr(lams[i]);
+    s.s1 = fptr(s1s[i]);
+    s.s2 = sgd ? nullptr : fptr(s2s[i]);
+    s.step = fptr(steps[i]);
+    s.hyper = hp + group_of[i] * H_COUNT;
+    s.n = params[i].numel();
+    s.chunk_begin = 0;  // set by build_entry
+    for (const void* p : {(const void*)s.w, (const void*)s.g, (const void*)s.w_bar,
+                          (const void*)s.lam, (const void*)s.s1, (const void*)s.s2,
+                          (const void*)s.step, (const void*)s.hyper})
+      key.push_back(int64_t(reinterpret_cast<intptr_t>(p)));
+    key.push_back(s.n);
+  }
+  const int64_t need = cuda::lstm_scratch_floats(T, B, I, H, O, per_step ? 1 : 0);
+
+  const bool capturing = stream_is_capturing(stream.stream());
+  std::lock_guard<std::mutex> lock(g_mutex);
+  LstmEntry* entry = nullptr;
+  for (auto& e : g_cache)
+    if (e.key == key) {
+      entry = &e;
+      break;
+    }
+  if (entry == nullptr) {
+    TORCH_CHECK(!capturing,
+                "lstm_segment_step_cuda: the parameters, gradients, state or hyper-parameter "
+                "table changed while capturing a CUDA graph; run one step eagerly (warm-up) "
+                "with the same tensors and shapes before capturing");
+    entry = &build_entry(std::move(slots), std::move(key), device, stream);
+  }
+  if (!entry->scratch.defined() || entry->scratch.numel() < need) {
+    TORCH_CHECK(!capturing,
+                "lstm_segment_step_cuda: a larger segment shape while capturing a CUDA graph; "
+                "run one step eagerly with the largest shape before capturing");
+    // The old scratch (if any) is freed here, unless a captured graph uses it; the caching
+    // allocator reuses its memory only after the work of the streams it was allocated or
+    // recorded on.
+    if (entry->keep && entry->scratch.defined()) entry->retired.push_back(entry->scratch);
+    entry->scratch = at::empty({need}, at::TensorOptions().dtype(at::kFloat).device(device));
+    entry->scratch_streams.assign(1, stream.id());
+  }
+  entry->last_use = ++g_clock;
+  if (capturing) {
+    entry->keep = true;
+  } else {
+    auto note = [&](at::Tensor& t, std::vector<c10::StreamId>& seen) {
+      if (std::find(seen.begin(), seen.end(), stream.id()) != seen.end()) return;
+      t.record_stream(stream);
+      seen.push_back(stream.id());
+    };
+    note(entry->table_ws, entry->table_streams);
+    note(entry->scratch, entry->scratch_streams);
+  }
+
+  cuda::LstmSegmentArgs a;
+  a.T = T; a.B = B; a.I = I; a.H = H; a.O = O;
+  a.loss = int(loss);
+  a.per_step = per_step ? 1 : 0;
+  a.weight = float(weight);
+  a.x = x.data_ptr<float>();
+  a.target_f = loss == cuda::LSTM_LOSS_MSE ? target.data_ptr<float>() : nullptr;
+  a.target_i = loss == cuda::LSTM_LOSS_CE ? target.data_ptr<int64_t>() : nullptr;
+  a.h0 = h0.data_ptr<float>();
+  a.c0 = c0.data_ptr<float>();
+  a.w_ih = fptr(params[0]); a.w_hh = fptr(params[1]); a.b_ih = fptr(params[2]);
+  a.b_hh = fptr(params[3]); a.w_o = fptr(params[4]); a.b_o = fptr(params[5]);
+  a.g_w_ih = fptr(grads[0]); a.g_w_hh = fptr(grads[1]); a.g_b_ih = fptr(grads[2]);
+  a.g_b_hh = fptr(grads[3]); a.g_w_o = fptr(grads[4]); a.g_b_o = fptr(grads[5]);
+  a.h_out = fptr(h_out);
+  a.c_out = fptr(c_out);
+  a.loss_out = fptr(loss_out);
+  a.scratch = fptr(entry->scratch);
+
+  const int rc = cuda::launch_lstm_segment(a, entry->table, int(optimizer), float(clip),
+                                           status.data_ptr<float>(), device.index(),
+                                           static_cast<void*>(stream.stream()));
+  TORCH_CHECK(rc == 0, "lstm_segment_step_cuda: kernel launch failed: ",
+              cuda::launch_error_string(rc), " (cuda error ", rc, ")");
+}
+
+int64_t lstm_grid_size_cuda(int64_t optimizer, int64_t device) {
+  const int64_t g = cuda::lstm_segment_grid_size(int(optimizer), int(device));
+  TORCH_CHECK(g > 0, "lstm_segment_grid_size failed: ", cuda::launch_error_string(int(-g)));
+  return g;
+}
+
+}  // namespace
+
+void register_lstm_cuda(pybind11::module_& m) {
+  m.def("lstm_segment_step_cuda", &lstm_segment_step_cuda,
+        "One FPTT LSTM segment step on CUDA tensors in one cooperative kernel launch: forward "
+        "over the segment, head and loss, backward, the six gradients (written to grads) and "
+        "the fused FPTT update. Writes h_out, c_out, loss_out (unweighted loss) and status on "
+        "the device; never syncs.",
+        pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
+        pybind11::arg("weight"), pybind11::arg("loss"), pybind11::arg("per_step"),
+        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("w_bars"),
+        pybind11::arg("lams"), pybind11::arg("s1s"), pybind11::arg("s2s"),
+        pybind11::arg("steps"), pybind11::arg("hyper"), pybind11::arg("group_of"),
+        pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"),
+        pybind11::arg("h_out"), pybind11::arg("c_out"), pybind11::arg("loss_out"),
+        pybind11::arg("tf32") = false);
+  m.def("lstm_segment_cuda_grid_size", &lstm_grid_size_cuda,
+        "blocks of the one-launch CUDA LSTM segment kernel (optimizer code, device)",
+        pybind11::arg("optimizer"), pybind11::arg("device"));
+  m.attr("cuda_lstm_max_hidden") = pybind11::int_(cuda::kLstmMaxHidden);
+}
+
+}  // namespace fptt

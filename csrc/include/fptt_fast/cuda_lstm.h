@@ -1,0 +1,97 @@
+// The LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu): a plain C++ API, no torch
+// and no CUDA headers; streams are passed as void* (a cudaStream_t).
+//
+// One FPTT training step of a single-layer LSTM (nn.LSTM conventions, gate order i, f, g,
+// o) with a linear head, on one segment of omega steps, in ONE cooperative kernel launch:
+//   forward over the segment from (h0, c0), head and loss (times `weight`), backward
+//   through the segment (truncated at its start), the six parameter gradients (fixed-order
+//   sums: bitwise deterministic, independent of the grid size), then the fused FPTT update
+//   (FPTT.md steps 2-6) of the six parameters, with the device code of cuda_kernels.h's
+//   launch_fused_update (csrc/cuda/fused_update_device.cuh).
+//
+// Notation: T = omega (steps), B batch, I input size, H hidden size, O head outputs,
+// G = 4H, P = rows of the head: B (terminal loss) or T*B (per-step loss).
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fptt_fast/cuda_kernels.h"
+
+namespace fptt {
+namespace cuda {
+
+// Largest hidden size accepted. The kernel keeps no per-H state in shared memory or
+// registers (h, c and the gates live in the global workspace, the recurrent products
+// are per-thread dot products of length H or 4H read through L1/L2), so this is not a
+// resource limit: it bounds the serial per-step work of one thread (O(H)) and the sizes
+// tested. Sizes beyond it are refused (launch_lstm_segment returns cudaErrorInvalidValue
+// and the glue raises an error naming this limit).
+constexpr int64_t kLstmMaxHidden = 4096;
+
+// Loss codes (the same as fptt::cpu::LossKind).
+enum LstmLoss { LSTM_LOSS_MSE = 0, LSTM_LOSS_CE = 1 };
+
+// One segment's inputs and outputs; device pointers, contiguous row-major fp32 unless
+// said otherwise. None of the outputs may alias an input, except h_out/c_out may alias
+// h0/c0 (they are written after h0/c0 are read).
+struct LstmSegmentArgs {
+  int64_t T, B, I, H, O;      // all >= 1; H <= kLstmMaxHidden
+  int loss;                   // LstmLoss
+  int per_step;               // 1: loss = mean over the steps of the per-step losses
+  float weight;               // the gradients are those of weight * loss
+  const float* x;             // [T, B, I]
+  const float* target_f;      // mse: [B, O], per_step [T, B, O]; nullptr for ce
+  const int64_t* target_i;    // ce: [B], per_step [T, B], classes in [0, O) (an out-of-range
+                              // class makes its row's loss and gradients NaN, so the
+                              // update is skipped as non-finite); nullptr for mse
+  const float* h0;            // [B, H] state entering the segment (treated as a constant)
+  const float* c0;            // [B, H]
+  float* w_ih;                // [G, I]  weight_ih_l0 (updated in place by the FPTT update)
+  float* w_hh;                // [G, H]  weight_hh_l0
+  float* b_ih;                // [G]     bias_ih_l0
+  float* b_hh;                // [G]     bias_hh_l0
+  float* w_o;                 // [O, H]  head.weight
+  float* b_o;                 // [O]     head.bias
+  float* g_w_ih;              // [G, I]  gradient buffers, overwritten with the task
+  float* g_w_hh;              // [G, H]  gradients of weight * loss (the update table's
+  float* g_b_ih;              // [G]     g pointers must be these six)
+  float* g_b_hh;              // [G]
+  float* g_w_o;               // [O, H]
+  float* g_b_o;               // [O]
+  float* h_out;               // [B, H]  state leaving the segment
+  float* c_out;               // [B, H]
+  float* loss_out;            // [1]     unweighted segment loss (mean over the batch, and
+                              //         over the steps if per_step)
+  float* scratch;             // lstm_scratch_floats(T, B, I, H, O, per_step) floats,
+                              //         16-byte aligned; no initialisation needed
+};
+
+// Floats of scratch one segment needs (the layout is private to lstm_segment.cu):
+// about T*B*(G + 2H) + P*(O + H + 2) + G*H + 2*B*H.
+int64_t lstm_scratch_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
+                            int per_step);
+
+// The segment step and the FPTT update in one cooperative launch on `stream`.
+// Asynchronous: no host synchronisation, allocation or memcpy (graph capturable).
+//   args       the segment (above)
+//   table      the update table of the six parameters, in the order of LstmSegmentArgs
+//              (w = w_ih, w_hh, b_ih, b_hh, w_o, b_o; g = the matching gradient buffers),
+//              with its scratch, built as for launch_fused_update (cuda_kernels.h)
+//   optimizer  fptt::Optimizer code: 0 SGD, 1 Adam, 2 AdamW
+//   clip       max global L2 norm; <= 0: no clipping
+//   status     device float[3], as launch_fused_update's
+//   device     CUDA device ordinal of every pointer (the current device)
+//   stream     a cudaStream_t of that device, as void*
+// Returns 0 (cudaSuccess) or a cudaError_t code (launch_error_string); an invalid size
+// (H > kLstmMaxHidden, a size < 1) or pointer gives cudaErrorInvalidValue. Results do not
+// depend on the grid size (halved on cudaErrorCooperativeLaunchTooLarge as the update's).
+int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
+                        float clip, float* status, int device, void* stream);
+
+// Blocks the segment kernel uses on `device` (max co-resident blocks), or a negative
+// cudaError_t code. For tests and benchmarks.
+int64_t lstm_segment_grid_size(int optimizer, int device);
+
+}  // namespace cuda
+}  // namespace fptt

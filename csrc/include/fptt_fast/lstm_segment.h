@@ -1,0 +1,54 @@
+// The LSTM segment step on the CPU (csrc/cpu/lstm_segment.cpp): plain pointers, no torch
+// headers. Forward over the segment from (h0, c0), head and loss, backward through the
+// segment (truncated at its start) and the parameter gradients of weight * loss.
+// The FPTT update is fptt::cpu::fused_update (cpu_kernels.h), called by the binding on
+// the six gradients written here.
+#pragma once
+
+#include <stdint.h>
+
+namespace fptt {
+namespace cpu {
+
+// C[M, N] = beta * C + op(A) op(B), row-major fp32 with leading dimensions; op(A) is
+// A ([M, K], lda) or, if trans_a, A^T with A stored [K, M] (lda); likewise op(B) is
+// B ([K, N], ldb) or B^T with B stored [N, K]. beta is 0 (C overwritten) or 1.
+typedef void (*GemmFn)(void* ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                       const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                       float* C, int64_t ldc);
+struct Gemm {
+  GemmFn fn;  // null: the built-in blocked OpenMP GEMM below
+  void* ctx;
+};
+
+// The built-in GEMM (deterministic: each C element is summed over K in order by one thread).
+void gemm_builtin(void* ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
+                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                  int64_t ldc);
+
+enum LossKind { LOSS_MSE = 0, LOSS_CE = 1 };
+
+struct LstmSegmentArgs {
+  int64_t T, B, I, H, O;     // omega steps, batch, input, hidden, output sizes (all >= 1)
+  const float* x;            // [T, B, I]
+  const float* target_f;     // mse: [B, O] or, per_step, [T, B, O]
+  const int64_t* target_i;   // ce: [B] or, per_step, [T, B]; classes in [0, O)
+  int loss;                  // LossKind
+  int per_step;              // loss = mean over the segment's steps, else terminal
+  float weight;              // gradients are those of weight * loss
+  const float *h0, *c0;      // [B, H]
+  const float *w_ih, *w_hh, *b_ih, *b_hh, *w_o, *b_o;   // nn.LSTM / nn.Linear layouts
+  float *g_w_ih, *g_w_hh, *g_b_ih, *g_b_hh, *g_w_o, *g_b_o;  // gradients, overwritten
+  float* h_out;              // [B, H] final state
+  float* c_out;
+  float* workspace;          // lstm_segment_workspace_floats(...) floats
+};
+
+int64_t lstm_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
+                                      int per_step);
+
+// Returns the unweighted segment loss (mean over the batch, and over the steps if per_step).
+double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm);
+
+}  // namespace cpu
+}  // namespace fptt

@@ -1,0 +1,458 @@
+"""fptt_fast.FPTTLSTM: an LSTM + linear head trained by FPTT one segment at a time.
+
+    m = fptt_fast.FPTTLSTM(I, H, O, loss="mse", lr=1e-3, clip=1.0)
+    loss, state = m.train_segment(x, target, state)      # one FPTT update
+    losses = m.train_sequence(x, target, K)              # K segments, state carried
+    out, state = m(x, state)                             # evaluation forward
+
+x is time-major [omega, B, I] like nn.LSTM; state is (h, c), each [B, H]. Terminal
+targets are [B, O] (mse, float32) or [B] (ce, class indices); with per_step=True they
+are [omega, B, O] / [omega, B] and the loss is the mean over the segment's steps.
+
+One train_segment computes the LSTM forward over the segment from the given state
+(detached: the backward is truncated at the segment's start), the head and the loss
+(times `weight`), the backward through the segment, the parameter gradients, and one
+FPTT update (FPTT.md steps 2-6) of all six parameters by the module's own
+fptt_fast.FPTT optimiser (`m.optimizer`, same keyword arguments, its state is the FPTT
+state). The returned loss is the *unweighted* segment loss (a detached 0-dim tensor).
+
+Backends (`backend=`):
+  reference  fptt_fast.reference: ReferenceLSTM's math, autograd, FPTT(backend="reference")
+  cpu        one C++ call (fptt_fast._C.lstm_segment_step_cpu): forward, loss, backward
+             and the fused FPTT update (fptt::cpu::fused_update), OpenMP, deterministic
+  triton     ONE Triton launch (fptt_fast.kernels.lstm_segment.train_segment): forward,
+             loss, backward, gradients and the FPTT update; CUDA tensors, or CPU tensors
+             under TRITON_INTERPRET=1 (slow, for tests). No host sync on a GPU.
+  cuda       ONE C++/CUDA launch, fptt_fast._C.lstm_segment_step_cuda, when the extension
+             has it; it takes the same positional arguments as the Triton train_segment.
+  auto       cpu on CPU tensors (reference if the extension is not built); on CUDA:
+             cuda > triton > the reference segment math with FPTT backend "auto"
+Parameters are float32 and must stay on the device given at construction (the
+optimiser's state lives there); build a new module to change device. Checkpoints:
+m.state_dict() (the parameters) with m.optimizer.state_dict() (the FPTT state).
+
+Sizes: any I, H, B, omega, O >= 1 on the reference and cpu backends (the cpu backend keeps
+about omega*B*7H + B*(2H+O) floats of scratch, allocated once per largest shape and reused).
+The triton kernel states its limits (kernels/lstm_segment.py: MAX_HIDDEN, MAX_INPUT,
+MAX_OUTPUT). Beyond them backend="auto" falls back to the reference segment math with the
+fused FPTT update (correct, slower: several launches; m.backend says "reference"), and an
+explicit backend="triton" raises ValueError naming the limit.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from . import backends, reference
+from .optim import FPTT, OPT_CODE
+
+LOSSES = ("mse", "ce")
+LOSS_CODE = {"mse": 0, "ce": 1}
+LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+HEAD_KEYS = ("head.weight", "head.bias")
+PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
+SEGMENT_BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def _cpu_segment_reason():
+    reason = backends.unavailable_reason("cpu", "cpu")
+    if reason is None and not hasattr(backends.extension(), "lstm_segment_step_cpu"):
+        reason = ("fptt_fast._C has no lstm_segment_step_cpu (built from older sources; rebuild "
+                  "with pip install --no-build-isolation -e .)")
+    return reason
+
+
+def _triton_segment_reason(device_type: str):
+    reason = backends.unavailable_reason("triton", device_type)
+    if reason is None:
+        try:
+            from .kernels import lstm_segment  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
+            reason = f"fptt_fast.kernels.lstm_segment is not importable ({e})"
+    return reason
+
+
+def _cuda_segment_reason(device_type: str):
+    reason = backends.unavailable_reason("cuda", device_type)
+    if reason is None and not hasattr(backends.extension(), "lstm_segment_step_cuda"):
+        reason = "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
+    return reason
+
+
+def _size_limit_error(backend: str, I: int, H: int, O: int):
+    """Why the one-launch kernel of `backend` cannot take these sizes, or None."""
+    if backend != "triton":
+        return None
+    from .kernels import lstm_segment as ks
+    for name, v, limit in (("hidden_size", H, "MAX_HIDDEN"), ("input_size", I, "MAX_INPUT"),
+                           ("output_size", O, "MAX_OUTPUT")):
+        lim = getattr(ks, limit, None)
+        if lim is not None and v > lim:
+            return (f"{name}={v} exceeds the Triton one-launch segment kernel's limit "
+                    f"{limit}={lim} (kernels/lstm_segment.py); backend='auto' falls back to the "
+                    "reference segment math with the fused FPTT update")
+    return None
+
+
+def _resolve_segment_backend(backend: str, device_type: str, sizes=None):
+    """(segment backend, FPTT optimiser backend) for `backend` on `device_type`;
+    sizes = (I, H, O) for the one-launch kernels' limits."""
+    if sizes is not None and backend in ("auto", "triton"):
+        chosen = _resolve_segment_backend(backend, device_type)
+        err = _size_limit_error(chosen[0], *sizes)
+        if err is not None:
+            if backend == "auto":
+                return "reference", "auto"
+            raise ValueError(err)
+        return chosen
+    if backend not in SEGMENT_BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {SEGMENT_BACKENDS + ('auto',)}")
+    if backend == "auto":
+        if device_type == "cpu":
+            return ("cpu", "cpu") if _cpu_segment_reason() is None else ("reference", "auto")
+        if _cuda_segment_reason(device_type) is None:
+            return "cuda", "cuda"
+        if _triton_segment_reason(device_type) is None:
+            return "triton", "triton"
+        return "reference", "auto"
+    if backend == "reference":
+        return "reference", "reference"
+    if backend == "cpu":
+        if device_type != "cpu":
+            raise RuntimeError(f"backend 'cpu' runs CPU tensors, the module is on {device_type}")
+        reason = _cpu_segment_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend 'cpu' is unavailable: {reason}")
+        return "cpu", "cpu"
+    reason = (_triton_segment_reason if backend == "triton" else _cuda_segment_reason)(device_type)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} (one-launch LSTM segment step) is unavailable "
+                           f"for {device_type} tensors: {reason}")
+    return backend, backend
+
+
+class FPTTLSTM(nn.Module):
+    """Single-layer LSTM (nn.LSTM's parameters, names and gate order i, f, g, o) with a
+    linear head nn.Linear(H, O), trained by FPTT. See the module docstring.
+
+    Args:
+        input_size, hidden_size, output_size: I, H, O (each >= 1).
+        loss: "mse" (regression, float targets) or "ce" (class indices).
+        per_step: a target per time step (loss = mean over the segment's steps) instead of
+            one terminal target predicted from the segment's last hidden state.
+        lr, optimizer, betas, eps, weight_decay, momentum, dampening, nesterov, alpha, beta,
+            rho, c, clip, nonfinite: fptt_fast.FPTT's keyword arguments.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see the module docstring).
+        device, dtype: where the parameters live; only torch.float32 is supported.
+        allow_tf32: let the GPU backends use TF32 matmuls (off: IEEE fp32). The cpu and
+            reference backends always compute in IEEE fp32.
+        check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
+            (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
+            the CPU only. Shapes, dtypes and devices are always checked.
+    """
+
+    def __init__(self, input_size, hidden_size, output_size, *, loss="mse", per_step=False,
+                 lr=1e-3, optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
+                 c=1.0, clip=None, nonfinite="raise", backend="auto", device=None,
+                 dtype=torch.float32, allow_tf32=False, check_inputs=None):
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("output_size", output_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if dtype != torch.float32:
+            raise TypeError(f"FPTTLSTM supports dtype=torch.float32 only, got {dtype}")
+        I, H, O = input_size, hidden_size, output_size
+        self.input_size, self.hidden_size, self.output_size = I, H, O
+        self.loss, self.per_step = loss, bool(per_step)
+        self.allow_tf32, self.check_inputs = bool(allow_tf32), bool(check_inputs)  # None: below
+        kw = dict(device=device, dtype=dtype)
+        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * H, I, **kw))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * H, H, **kw))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * H, **kw))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * H, **kw))
+        bound = 1.0 / math.sqrt(H)  # nn.LSTM's initialisation
+        with torch.no_grad():
+            for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0):
+                p.uniform_(-bound, bound)
+        self.head = nn.Linear(H, O, **kw)
+        self.requested_backend = backend
+        dev_type = self.weight_hh_l0.device.type
+        self.backend, opt_backend = _resolve_segment_backend(backend, dev_type, (I, H, O))
+        if check_inputs is None:  # reading the values is a host sync on a GPU
+            self.check_inputs = dev_type == "cpu"
+        self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,
+                                weight_decay=weight_decay, momentum=momentum, dampening=dampening,
+                                nesterov=nesterov, alpha=alpha, beta=beta, rho=rho, c=c, clip=clip,
+                                nonfinite=nonfinite, backend=opt_backend)
+        self.optimizer = FPTT(self.fptt_parameters(), **self._opt_kwargs)
+        self._grads = None      # gradient buffers of the cpu backend, allocated once
+        self._workspace = None  # its scratch memory, grown on demand and reused
+        # cpu backend: True uses the torch-free built-in OpenMP GEMM instead of at::mm
+        self.cpu_builtin_gemm = False
+
+    # -- parameters and state dicts ---------------------------------------------------
+    def fptt_parameters(self):
+        """The six parameters in the optimiser's order (PARAM_NAMES)."""
+        return [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
+                self.head.weight, self.head.bias]
+
+    def lstm_state_dict(self):
+        """{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, head.weight, head.bias}
+        (copies). The first four load into nn.LSTM(I, H) as is; head.* (without the prefix)
+        into nn.Linear(H, O)."""
+        return {n: p.detach().clone() for n, p in zip(PARAM_NAMES, self.fptt_parameters())}
+
+    @torch.no_grad()
+    def load_lstm_state_dict(self, state_dict, head=None):
+        """Load an nn.LSTM(I, H) state dict (single layer, with biases; keys may carry an
+        'lstm.' prefix, as in reference.LSTMWithHead), optionally with head.weight/head.bias,
+        or the head from `head` (an nn.Linear(H, O) state dict). Everything is checked before
+        anything is written. The FPTT state starts afresh (w_bar = w, lam = 0, optimiser
+        buffers zero), as for a new module."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        sd = {(k[5:] if k.startswith("lstm.") else k): v for k, v in state_dict.items()}
+        if head is not None:
+            sd.update({"head." + k: v for k, v in head.items()})
+        unknown = sorted(set(sd) - set(PARAM_NAMES))
+        if unknown:
+            raise ValueError(f"unexpected keys {unknown} (a single-layer nn.LSTM with biases "
+                             f"and an nn.Linear head have {list(PARAM_NAMES)})")
+        params = dict(zip(PARAM_NAMES, self.fptt_parameters()))
+        todo = []
+        for name in PARAM_NAMES:
+            if name not in sd:
+                if name in HEAD_KEYS:
+                    continue
+                raise ValueError(f"state_dict misses {name!r}")
+            t = torch.as_tensor(sd[name])
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(params[name].shape)}")
+            if not t.is_floating_point():
+                raise TypeError(f"{name} has dtype {t.dtype}, expected a floating dtype")
+            todo.append((params[name], t))
+        for p, t in todo:
+            p.copy_(t)
+        self.optimizer = FPTT(self.fptt_parameters(), **self._opt_kwargs)
+
+    # -- input checks -------------------------------------------------------------------
+    def _device(self):
+        return self.weight_hh_l0.device
+
+    def _check_device(self):
+        if self.optimizer.flat_state["lam"].device != self._device():
+            raise RuntimeError("the parameters moved to another device after construction; the "
+                               "FPTT state did not: build the module with device=...")
+        for n, p in zip(PARAM_NAMES, self.fptt_parameters()):
+            if p.dtype != torch.float32 or not p.is_contiguous():
+                raise TypeError(f"parameter {n} must stay a contiguous float32 tensor, got "
+                                f"{p.dtype} (FPTTLSTM supports float32 only)")
+
+    def _check_finite(self, t, name):
+        if self.check_inputs and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} holds NaN or inf")
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[2] != self.input_size or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"x must be time-major [omega >= 1, B >= 1, I={self.input_size}], "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != torch.float32:
+            raise TypeError(f"x must be float32, got {x.dtype}")
+        if x.device != self._device():
+            raise ValueError(f"x is on {x.device}, the module on {self._device()}")
+        self._check_finite(x, "x")
+        return x.contiguous()
+
+    def _check_state(self, state, B):
+        H = self.hidden_size
+        if state is None:
+            z = torch.zeros(B, H, device=self._device(), dtype=torch.float32)
+            return z, z.clone()
+        if not (isinstance(state, (tuple, list)) and len(state) == 2):
+            raise ValueError("state must be a pair (h, c) of [B, H] tensors")
+        out = []
+        for name, t in zip(("h", "c"), state):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"state {name} must be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (B, H):
+                raise ValueError(f"state {name} must have shape [B={B}, H={H}], got {tuple(t.shape)}")
+            if t.dtype != torch.float32:
+                raise TypeError(f"state {name} must be float32, got {t.dtype}")
+            if t.device != self._device():
+                raise ValueError(f"state {name} is on {t.device}, the module on {self._device()}")
+            self._check_finite(t, f"state {name}")
+            out.append(t.detach().contiguous())
+        return tuple(out)
+
+    def _check_target(self, target, omega, B):
+        O = self.output_size
+        if not isinstance(target, torch.Tensor):
+            raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+        lead = (omega, B) if self.per_step else (B,)
+        what = "[omega, B]" if self.per_step else "[B]"
+        if target.device != self._device():
+            raise ValueError(f"target is on {target.device}, the module on {self._device()}")
+        if self.loss == "mse":
+            if tuple(target.shape) != lead + (O,):
+                raise ValueError(f"mse target must have shape {what[:-1]}, O] = {list(lead + (O,))}, "
+                                 f"got {tuple(target.shape)}")
+            if target.dtype != torch.float32:
+                raise TypeError(f"mse target must be float32, got {target.dtype}")
+            self._check_finite(target, "target")
+            return target.contiguous()
+        if tuple(target.shape) != lead:
+            raise ValueError(f"ce target must hold class indices of shape {what} = {list(lead)}, "
+                             f"got {tuple(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"ce target must hold integer class indices, got {target.dtype}")
+        target = target.to(torch.int64).contiguous()
+        if self.check_inputs and target.numel():
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= O:
+                raise ValueError(f"ce target classes must be in [0, {O - 1}] (output_size={O}), "
+                                 f"got values in [{lo}, {hi}]")
+        return target
+
+    @staticmethod
+    def _check_weight(weight):
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError(f"weight must be a number, got {weight!r}") from None
+        if not math.isfinite(w):
+            raise ValueError(f"weight must be finite, got {weight!r}")
+        return w
+
+    def _inputs(self, x, target, state, weight):
+        self._check_device()
+        x = self._check_x(x)
+        omega, B = x.shape[0], x.shape[1]
+        return (x, self._check_target(target, omega, B), self._check_state(state, B),
+                self._check_weight(weight))
+
+    # -- evaluation -----------------------------------------------------------------------
+    def forward(self, x, state=None):
+        """Head outputs at every step [omega, B, O] and the final (h, c). Differentiable
+        (plain torch ops: ReferenceLSTM's math on this module's parameters)."""
+        self._check_device()
+        x = self._check_x(x)
+        state = self._check_state(state, x.shape[1])
+        outs, state = reference.ReferenceLSTM.forward(self, x, state)
+        return self.head(outs), state
+
+    # -- training -------------------------------------------------------------------------
+    def _reference_loss(self, x, target, state):
+        outs, new_state = reference.ReferenceLSTM.forward(self, x, state)
+        pred = self.head(outs) if self.per_step else self.head(outs[-1])
+        return reference.task_loss(pred, target, self.loss), new_state
+
+    def _cpu_call(self, x, target, state, weight, update):
+        ext = backends.extension()
+        params = [p.detach() for p in self.fptt_parameters()]
+        if self._grads is None:
+            self._grads = [torch.zeros_like(p) for p in params]
+            self._workspace = torch.empty(0, dtype=torch.float32)
+        opt = self.optimizer
+        sts = [opt.state[p] for p in self.fptt_parameters()]
+        sgd = opt.base == "sgd"
+        res = ext.lstm_segment_step_cpu(
+            x, target, state[0], state[1], params, self._grads, self._workspace,
+            LOSS_CODE[self.loss], self.per_step, weight, update,
+            [s["w_bar"] for s in sts], [s["lam"] for s in sts],
+            [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+            [] if sgd else [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
+            opt._hyper_table(params[0].device), [0] * len(params), OPT_CODE[opt.base],
+            float(opt.clip or 0.0), self.cpu_builtin_gemm)
+        loss, h, c, norm, skipped = res
+        if update:
+            opt._record(norm, skipped)
+        return torch.tensor(loss, dtype=torch.float32), (h, c)
+
+    def _launch(self, x, target, state, weight):
+        """The one-launch GPU segment step (triton or cuda): no host sync."""
+        opt = self.optimizer
+        opt._raise_pending()
+        params = [p.detach() for p in self.fptt_parameters()]
+        if self._grads is None:
+            self._grads = [torch.zeros_like(p) for p in params]
+        sts = [opt.state[p] for p in self.fptt_parameters()]
+        sgd = opt.base == "sgd"
+        h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
+        loss_out = torch.empty((), dtype=torch.float32, device=x.device)
+        args = (x, target, state[0], state[1], weight, LOSS_CODE[self.loss], self.per_step,
+                params, self._grads, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
+                [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+                [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
+                [s["step"].view(1) for s in sts], opt._hyper_table(x.device), [0] * len(params),
+                OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status, h_out, c_out, loss_out,
+                self.allow_tf32)
+        if self.backend == "triton":
+            from .kernels import lstm_segment
+            lstm_segment.train_segment(*args)
+        else:
+            backends.extension().lstm_segment_step_cuda(*args)
+        opt._after_device_step()
+        return loss_out, (h_out, c_out)
+
+    def loss_and_grads(self, x, target, state=None, weight=1.0):
+        """The segment's loss, new state and the task gradients of weight * loss, as
+        {name: tensor} (PARAM_NAMES), without any update. For tests and diagnostics."""
+        x, target, state, weight = self._inputs(x, target, state, weight)
+        if self.backend == "cpu":
+            loss, state = self._cpu_call(x, target, state, weight, False)
+            return loss, state, {n: g.clone() for n, g in zip(PARAM_NAMES, self._grads)}
+        # triton/cuda launches always update: their gradients here come from autograd
+        with torch.enable_grad():
+            loss, new_state = self._reference_loss(x, target, state)
+            grads = torch.autograd.grad(weight * loss, self.fptt_parameters())
+        return (loss.detach(), (new_state[0].detach(), new_state[1].detach()),
+                dict(zip(PARAM_NAMES, grads)))
+
+    def train_segment(self, x, target, state=None, weight=1.0):
+        """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
+        x, target, state, weight = self._inputs(x, target, state, weight)
+        if self.backend == "cpu":
+            return self._cpu_call(x, target, state, weight, True)
+        if self.backend in ("triton", "cuda"):
+            return self._launch(x, target, state, weight)
+        params = self.fptt_parameters()
+        with torch.enable_grad():
+            loss, new_state = self._reference_loss(x, target, state)
+            grads = torch.autograd.grad(weight * loss, params)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.optimizer.step()
+        return loss.detach(), (new_state[0].detach(), new_state[1].detach())
+
+    def train_sequence(self, x, target, K, state=None):
+        """FPTT over one batch of sequences x [T, B, I]: K segments of ceil(T/K) steps,
+        state carried (detached) from `state` (zeros if None), one update per segment.
+        Terminal: segment p predicts `target` from its last state, weight (p+1)/K;
+        per-step: each segment takes its own targets, weight 1. Returns the K unweighted
+        segment losses as a tensor [K]."""
+        self._check_device()
+        x = self._check_x(x)
+        if self.per_step:
+            target = self._check_target(target, x.shape[0], x.shape[1])
+        bounds = reference.segment_bounds(x.shape[0], int(K))
+        losses = []
+        for p, (a, b) in enumerate(bounds):
+            tgt = target[a:b] if self.per_step else target
+            weight = 1.0 if self.per_step else (p + 1) / len(bounds)
+            loss, state = self.train_segment(x[a:b], tgt, state, weight)
+            losses.append(loss)
+        return torch.stack(losses)
+
+    def extra_repr(self):
+        return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+                f"output_size={self.output_size}, loss={self.loss!r}, per_step={self.per_step}, "
+                f"backend={self.backend!r}")
