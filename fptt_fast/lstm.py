@@ -81,8 +81,16 @@ def _cuda_segment_reason(device_type: str):
     return reason
 
 
-def _size_limit_error(backend: str, I: int, H: int, O: int):
-    """Why the one-launch kernel of `backend` cannot take these sizes, or None."""
+def _size_limit_error(backend: str, I: int, H: int, O: int, tf32: bool = False):
+    """Why the one-launch kernel of `backend` cannot take these sizes (or TF32), or None."""
+    if backend == "cuda":
+        lim = getattr(backends.extension(), "cuda_lstm_max_hidden", None)
+        if lim is not None and H > lim:
+            return (f"hidden_size={H} exceeds the CUDA one-launch segment kernel's limit "
+                    f"{lim} (csrc/cuda/lstm_segment.cu)")
+        if tf32:
+            return "the CUDA one-launch segment kernel has no TF32 mode (allow_tf32=True)"
+        return None
     if backend != "triton":
         return None
     from .kernels import lstm_segment as ks
@@ -91,20 +99,25 @@ def _size_limit_error(backend: str, I: int, H: int, O: int):
         lim = getattr(ks, limit, None)
         if lim is not None and v > lim:
             return (f"{name}={v} exceeds the Triton one-launch segment kernel's limit "
-                    f"{limit}={lim} (kernels/lstm_segment.py); backend='auto' falls back to the "
-                    "reference segment math with the fused FPTT update")
+                    f"{limit}={lim} (kernels/lstm_segment.py)")
     return None
 
 
-def _resolve_segment_backend(backend: str, device_type: str, sizes=None):
+def _resolve_segment_backend(backend: str, device_type: str, sizes=None, tf32=False):
     """(segment backend, FPTT optimiser backend) for `backend` on `device_type`;
-    sizes = (I, H, O) for the one-launch kernels' limits."""
-    if sizes is not None and backend in ("auto", "triton"):
+    sizes = (I, H, O) for the one-launch kernels' limits. 'auto' passes over a kernel
+    that cannot take the sizes (or TF32): cuda, then triton, then the reference
+    segment math with the fused FPTT update; an explicit backend raises, naming the limit."""
+    if sizes is not None:
+        if backend == "auto" and device_type == "cuda":
+            for b in ("cuda", "triton"):
+                reason = (_cuda_segment_reason if b == "cuda" else _triton_segment_reason)(device_type)
+                if reason is None and _size_limit_error(b, *sizes, tf32=tf32) is None:
+                    return b, b
+            return "reference", "auto"
         chosen = _resolve_segment_backend(backend, device_type)
-        err = _size_limit_error(chosen[0], *sizes)
+        err = _size_limit_error(chosen[0], *sizes, tf32=tf32)
         if err is not None:
-            if backend == "auto":
-                return "reference", "auto"
             raise ValueError(err)
         return chosen
     if backend not in SEGMENT_BACKENDS + ("auto",):
@@ -183,7 +196,7 @@ class FPTTLSTM(nn.Module):
         self.head = nn.Linear(H, O, **kw)
         self.requested_backend = backend
         dev_type = self.weight_hh_l0.device.type
-        self.backend, opt_backend = _resolve_segment_backend(backend, dev_type, (I, H, O))
+        self.backend, opt_backend = _resolve_segment_backend(backend, dev_type, (I, H, O), self.allow_tf32)
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
         self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,

@@ -67,7 +67,8 @@ class FPTT(torch.optim.Optimizer):
                         nesterov=nesterov)
         super().__init__(params, defaults)
         self._hyper_key, self._hyper = None, None
-        self._pending = None  # (event, pinned flag) of a CUDA step not yet checked
+        self._pending = None  # (event, pinned skipped count) of a CUDA step not yet checked
+        self._seen_skipped = 0  # skipped steps already reported
         self._build_state()
 
     # -- construction --------------------------------------------------------
@@ -114,15 +115,26 @@ class FPTT(torch.optim.Optimizer):
             self.state[p] = st
             offset += p.numel()
         self.flat_state = flat
+        old_status = getattr(self, "_status", None)
         self._status = torch.zeros(3, device=device)
+        if old_status is not None:  # a group added later keeps the counts
+            self._status.copy_(old_status)
 
     # -- the update -------------------------------------------------------------
     def _hyper_table(self, device):
+        """The per-group hyper-parameter rows on the device, validated when they change
+        (e.g. by an lr scheduler). Refreshed in place with a non-blocking copy, so the
+        tensor keeps its address (kernel tables stay valid) and step() never syncs."""
         key = tuple(_hyper_row(g) for g in self.param_groups)
         if key != self._hyper_key:
             for g in self.param_groups:
                 reference.validate_hyper(g, self.base)
-            self._hyper = torch.tensor(key, dtype=torch.float32).to(device)
+            host = torch.tensor(key, dtype=torch.float32)
+            if device.type == "cuda":
+                host = host.pin_memory()
+            if self._hyper is None or self._hyper.shape != host.shape or self._hyper.device != device:
+                self._hyper = torch.empty(host.shape, device=device)
+            self._hyper.copy_(host, non_blocking=True)
             self._hyper_key = key
         return self._hyper
 
@@ -163,10 +175,10 @@ class FPTT(torch.optim.Optimizer):
         L = self._gather()
         if not L["params"]:
             return loss
+        hyper = self._hyper_table(L["params"][0].device)  # validates changed hyper-parameters
         if self.backend == "reference":
             self._step_reference(L)
             return loss
-        hyper = self._hyper_table(L["params"][0].device)
         args = (L["params"], L["grads"], L["w_bars"], L["lams"], L["s1s"], L["s2s"], L["steps"],
                 hyper, L["group_of"], OPT_CODE[self.base], float(self.clip or 0.0))
         if self.backend == "cpu":
@@ -194,41 +206,44 @@ class FPTT(torch.optim.Optimizer):
         self._status[STATUS_LAST_SKIPPED] = float(skipped)
         if skipped:
             self._status[STATUS_SKIPPED] += 1
-            if self.nonfinite == "raise":
-                raise FloatingPointError(
-                    f"FPTT step: the gradient holds inf or NaN (global norm {norm}); nothing was "
-                    "updated. Use nonfinite='skip' to skip such steps instead.")
+        self._raise_new_skips(int(self._status[STATUS_SKIPPED].item()))
 
     def _after_device_step(self):
-        """Queue a non-blocking look at the skip flag (nonfinite='raise' on a GPU)."""
-        if self.nonfinite != "raise" or self._status.device.type != "cuda":
-            if self._status.device.type == "cpu" and self.nonfinite == "raise":
-                self._raise_if(self._status[STATUS_LAST_SKIPPED].item())
+        """Queue a non-blocking look at the skipped-step count (nonfinite='raise').
+        The count is cumulative, so the newest snapshot covers every earlier step even
+        when the host runs several steps ahead of the GPU."""
+        if self.nonfinite != "raise":
+            return
+        if self._status.device.type == "cpu":  # the interpreter: the result is here already
+            self._raise_new_skips(int(self._status[STATUS_SKIPPED].item()))
             return
         if torch.cuda.is_current_stream_capturing():
             return
-        flag = torch.empty(1, pin_memory=True)
-        flag.copy_(self._status[STATUS_LAST_SKIPPED:STATUS_LAST_SKIPPED + 1], non_blocking=True)
+        count = torch.empty(1, pin_memory=True)
+        count.copy_(self._status[STATUS_SKIPPED:STATUS_SKIPPED + 1], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        self._pending = (ev, flag)
+        self._pending = (ev, count)
 
     def _raise_pending(self, wait=False):
         if self._pending is None:
             return
-        ev, flag = self._pending
+        ev, count = self._pending
         if wait:
             ev.synchronize()
         elif not ev.query():
             return
         self._pending = None
-        self._raise_if(flag.item())
+        self._raise_new_skips(int(count.item()))
 
-    def _raise_if(self, skipped):
-        if skipped:
+    def _raise_new_skips(self, count):
+        """Raise (nonfinite='raise') if steps were skipped since the last report."""
+        new = count - self._seen_skipped
+        self._seen_skipped = count
+        if new > 0 and self.nonfinite == "raise":
             raise FloatingPointError(
-                f"FPTT step on {self.backend}: the gradient held inf or NaN; nothing was updated. "
-                "Use nonfinite='skip' to skip such steps instead.")
+                f"FPTT step on {self.backend}: {new} step(s) had a gradient holding inf or NaN; "
+                "they updated nothing. Use nonfinite='skip' to skip such steps silently.")
 
     def check_finite(self):
         """Wait for the last step and raise if its gradient was not finite ('raise')."""
@@ -287,9 +302,11 @@ class FPTT(torch.optim.Optimizer):
             for n, t in self.state[p].items():
                 t.copy_(torch.as_tensor(state_dict["state"][i][n]).reshape(t.shape))
         self._status.copy_(torch.as_tensor(state_dict["fptt"]["status"]))
-        self.clip = state_dict["fptt"]["clip"]
+        self.clip = reference.validate_clip(state_dict["fptt"]["clip"])
         self.nonfinite = state_dict["fptt"]["nonfinite"]
         self._hyper_key = None
+        self._pending = None  # a report pending from before the load no longer applies
+        self._seen_skipped = int(self._status[STATUS_SKIPPED].item())
 
     def _check_state_dict(self, sd):
         if not isinstance(sd, dict):
@@ -297,6 +314,10 @@ class FPTT(torch.optim.Optimizer):
         for key in ("state", "param_groups", "fptt"):
             if key not in sd:
                 raise ValueError(f"state_dict misses {key!r}")
+            if not isinstance(sd[key], (dict, list)):
+                raise ValueError(f"state_dict[{key!r}] must be a dict or list, got {type(sd[key]).__name__}")
+        if not isinstance(sd["fptt"], dict):
+            raise ValueError("state_dict['fptt'] must be a dict")
         if sd["fptt"].get("optimizer") != self.base:
             raise ValueError(f"state_dict['fptt']['optimizer'] is {sd['fptt'].get('optimizer')!r}, "
                              f"this optimiser uses {self.base!r}")

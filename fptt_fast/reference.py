@@ -162,18 +162,6 @@ def dual_average_(w, w_bar, lam, h: Hyper):
     w_bar.mul_(1.0 - h.beta).add_(h.beta * w - (h.beta / h.alpha) * lam)
 
 
-def init_state(p, optimizer: str, h: Hyper | None = None) -> dict:
-    """FPTT state of one parameter: w_bar = w, lam = 0, plus the base optimiser's."""
-    z = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
-    st = {"w_bar": p.detach().clone(memory_format=torch.contiguous_format), "lam": z(),
-          "step": torch.zeros((), dtype=torch.float32, device=p.device)}
-    if optimizer == "sgd":
-        st["momentum_buffer"] = z()
-    else:
-        st["exp_avg"], st["exp_avg_sq"] = z(), z()
-    return st
-
-
 @torch.no_grad()
 def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfinite="raise"):
     """One FPTT update (steps 2-6) of `params` in place.

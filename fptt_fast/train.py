@@ -26,6 +26,7 @@ import torch
 
 from . import backends, reference, tasks
 from .optim import FPTT
+from .lstm import FPTTLSTM
 
 TASKS = ("add", "digits")
 ALGOS = ("fptt", "bptt")
@@ -178,9 +179,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 def _final_hidden(model, x):
     """The LSTM's last hidden state, run in chunks of time so memory stays bounded."""
+    run = model.lstm if hasattr(model, "lstm") else model  # LSTMWithHead or FPTTLSTM
     state = None
     for a in range(0, x.shape[0], EVAL_CHUNK):
-        _, state = model.lstm(x[a:a + EVAL_CHUNK], state)
+        _, state = run(x[a:a + EVAL_CHUNK], state)
     return state[0]
 
 
@@ -245,6 +247,8 @@ class Trainer:
         self.model, self.opt, self.cfg, self.loss, self.backend = model, opt, cfg, loss, backend
 
     def train_batch(self, x, y) -> torch.Tensor:
+        if isinstance(self.model, FPTTLSTM):  # the fused segment step
+            return self.model.train_sequence(x, y, self.cfg.K)[-1]
         if self.cfg.algo == "fptt":
             return reference.train_sequence_fptt(self.model, self.opt, x, y, self.cfg.K, loss=self.loss)[-1]
         return reference.train_sequence_bptt(self.model, self.opt, x, y, loss=self.loss, clip=self.cfg.clip)
@@ -253,15 +257,19 @@ class Trainer:
 def make_trainer(cfg: Config, task, device: torch.device) -> Trainer:
     """The one place that creates the model+optimiser pair (seeded with cfg.seed).
 
-    FPTT: reference.LSTMWithHead + fptt_fast.FPTT on the requested backend. BPTT:
-    the same model + torch.optim.Adam with global-norm clipping. A fused LSTM trainer
-    (fptt_fast.FPTTLSTM) can be picked here later without touching the loop, as long
-    as it offers train_batch, state_dict-able model and optimiser, and model.lstm/head
-    for evaluation."""
+    FPTT on a fused backend (cpu, triton, cuda): fptt_fast.FPTTLSTM, whose
+    train_segment is one fused step (one kernel launch on a GPU). FPTT on the
+    reference backend: reference.LSTMWithHead + fptt_fast.FPTT. BPTT: the same model
+    + torch.optim.Adam with global-norm clipping."""
     backend = resolve_backend(cfg.backend, device)
     torch.manual_seed(cfg.seed)
-    model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
     try:
+        if cfg.algo == "fptt" and backend != "reference":
+            model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
+                             lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho, clip=cfg.clip,
+                             backend=backend, device=device)
+            return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)")
+        model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
         if cfg.algo == "fptt":
             opt = FPTT(model.parameters(), lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
                        clip=cfg.clip, backend=backend)

@@ -203,10 +203,11 @@ def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_
         pi = p0 + plan
         sacc += tl.load(partial_ptr + pi, mask=pi < n_chunks, other=0.0, cache_modifier=".cg")
     norm = tl.sqrt(tl.sum(sacc, axis=0))
-    # isfinite on the bits (immune to any fast-math folding of x != x).
-    bits = norm.to(tl.int64, bitcast=True)
-    finite = (bits & 0x7FF0000000000000) != 0x7FF0000000000000
+    # isfinite on the bits (immune to any fast-math folding of x != x), of the norm as
+    # the float32 the reference computes: a double norm beyond FLT_MAX is not finite.
     norm32 = norm.to(tl.float32)
+    bits = norm32.to(tl.int32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
     # Step 3, fptt::clip_coefficient: clip <= 0 means no clipping.
     q = tl.div_rn(clip, norm32 + 1e-6)
     coef = tl.where(clip > 0.0, tl.where(q < 1.0, q, 1.0), 1.0)

@@ -230,10 +230,13 @@ def _batch_tile_forward_backward(
             se = tl.sum(e, axis=1)
             onehot = ocols[None, :] == y[:, None]
             picked = tl.sum(tl.where(onehot, z, 0.0), axis=1)
-            lrow = mx + tl.log(se) - picked
+            # a class index out of [0, O) poisons its row with NaN, as the CUDA kernel
+            # does: the update sees a non-finite norm and skips (no host sync to check)
+            bad = (y < 0) | (y >= O)
+            lrow = tl.where(bad, float("nan"), mx + tl.log(se) - picked)
             lsum += tl.sum(tl.where(rm, lrow, 0.0), axis=0)
             dp = dscale * (e / se[:, None] - tl.where(onehot, 1.0, 0.0))
-            dp = tl.where(m2, dp, 0.0)
+            dp = tl.where(m2, tl.where(bad[:, None], float("nan"), dp), 0.0)
         tl.store(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :], dp, mask=m2)
     tl.store(lpart_ptr + tile, lsum)
 

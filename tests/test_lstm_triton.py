@@ -361,3 +361,16 @@ def test_hidden_limit():
         ls.train_segment(torch.zeros(1, 1, 1), torch.zeros(1, 1), None, None, 1.0, 0, False,
                          params, params, [], [], [], [], [], None, [], 1, 1.0, None,
                          None, None, torch.zeros(1))
+
+
+def test_out_of_range_class_skips_the_update():
+    """The kernel cannot check class indices without a host sync: an index outside
+    [0, O) poisons its row, so the update is skipped and counted, as on CUDA."""
+    m = fptt_fast.FPTTLSTM(2, 8, 3, loss="ce", backend="triton", check_inputs=False,
+                           nonfinite="skip")
+    before = [p.detach().clone() for p in m.fptt_parameters()]
+    x = torch.randn(4, 2, 2)
+    m.train_segment(x, torch.tensor([0, 7]))
+    assert m.optimizer.skipped_steps == 1
+    for p, q in zip(m.fptt_parameters(), before):
+        assert torch.equal(p.detach(), q)

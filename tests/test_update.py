@@ -234,3 +234,71 @@ def test_cpu_binding_rejects_bad_input(fresh_seed):
         ext.fused_update_cpu(*args(group=[3]))
     with pytest.raises(RuntimeError, match="hyper"):
         ext.fused_update_cpu(*args(hyper=torch.rand(1, 5)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_raise_reports_a_skip_even_after_later_steps(backend, fresh_seed):
+    """nonfinite='raise' must not lose a bad step when more steps follow before the
+    host looks (the GPU case): the report counts every skipped step."""
+    dev = _require(backend)
+    p = torch.randn(64, device=dev, requires_grad=True)
+    opt = fptt_fast.FPTT([p], backend=backend, nonfinite="raise")
+    p.grad = torch.randn_like(p)
+    p.grad[0] = float("inf")
+    raised = 0
+    for k in range(3):  # the bad step, then two good ones
+        try:
+            opt.step()
+        except FloatingPointError:
+            raised += 1
+        p.grad = torch.randn_like(p)
+    try:
+        opt.check_finite()
+    except FloatingPointError:
+        raised += 1
+    assert raised == 1 and opt.skipped_steps == 1
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+def test_loaded_clip_zero_means_no_clipping(backend, fresh_seed):
+    """clip=0 means no clipping everywhere, also when it comes from a state_dict."""
+    dev = "cpu" if backend == "reference" else _require(backend)
+    w = torch.randn(30, device=dev)
+    ps = [w.clone().requires_grad_(), w.clone().requires_grad_()]
+    a = fptt_fast.FPTT([ps[0]], backend=backend, clip=0)
+    b = fptt_fast.FPTT([ps[1]], backend=backend, clip=5.0)
+    sd = a.state_dict()
+    b.load_state_dict(sd)
+    for p in ps:
+        p.grad = 100 * torch.randn_like(p)
+    ps[1].grad = ps[0].grad.clone()
+    a.step()
+    b.step()
+    assert torch.equal(ps[0], ps[1])
+    assert not torch.equal(ps[0], w)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_lr_changed_every_step_follows_reference(backend, fresh_seed):
+    """An lr scheduler changing lr each step: the hyper table is refreshed in place."""
+    dev = _require(backend)
+    ps, qs, fused, ref = make_pair(backend, dev, [(100,), (7,)], lr=0.02, clip=1.0)
+    hyper_ptr = None
+    for k in range(20):
+        for o in (fused, ref):
+            o.param_groups[0]["lr"] = 0.02 * (0.9 ** k)
+        run_steps(ps, qs, fused, ref, 1)
+        if hyper_ptr is None:
+            hyper_ptr = fused._hyper.data_ptr()
+        assert fused._hyper.data_ptr() == hyper_ptr
+    assert_match(ps, qs, fused, ref)
+
+
+def test_hyper_parameters_changed_later_are_validated(fresh_seed):
+    for backend in ("reference", "cpu"):
+        p = torch.randn(5, requires_grad=True)
+        opt = fptt_fast.FPTT([p], backend=backend)
+        opt.param_groups[0]["alpha"] = 0.0
+        p.grad = torch.randn(5)
+        with pytest.raises(ValueError, match="alpha"):
+            opt.step()

@@ -88,7 +88,8 @@ UpdateResult fused_update(const UpdateSlot* slots, int n_slots, int optimizer, f
   double sumsq = 0.0;
   for (int64_t k = 0; k < n_chunks; ++k) sumsq += partial[k];
   const double norm = sqrt(sumsq);
-  if (!isfinite(norm)) return {norm, true};
+  // finite as the float32 the reference computes: a double norm beyond FLT_MAX is not
+  if (!isfinite(float(norm))) return {norm, true};
   const float coef = clip_coefficient(norm, clip);
   switch (optimizer) {
     case OPT_SGD: update_pass<OPT_SGD>(slots, n_slots, chunks, coef); break;

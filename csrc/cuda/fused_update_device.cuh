@@ -197,7 +197,9 @@ __device__ __forceinline__ void fused_update_phases(const UpdateTable& t, float 
   __syncthreads();
   const double norm = sh.norm;
   const bool first_thread = blockIdx.x == 0 && threadIdx.x == 0;
-  if (!isfinite(norm)) {  // the same decision in every block: nothing is written
+  // Finite as the float32 the reference computes (a double norm beyond FLT_MAX is not);
+  // the same decision in every block: nothing is written.
+  if (!isfinite(float(norm))) {
     if (first_thread) {
       status[0] = float(norm);
       status[1] = 1.f;
