@@ -14,6 +14,15 @@ namespace {
 // size makes the summation order (and so the result) independent of threads.
 constexpr int64_t kChunk = 8192;
 
+// The two element loops are built twice, for AVX2 and for baseline x86-64, and picked
+// at load time (GCC function multiversioning): 8-wide sqrt/div where the CPU has it,
+// the same IEEE results either way (no -ffast-math, no FMA contraction under -std=c++17).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FPTT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FPTT_CPU_CLONES
+#endif
+
 struct Chunk {
   int slot;
   int64_t begin, end;
@@ -29,7 +38,7 @@ std::vector<Chunk> make_chunks(const UpdateSlot* slots, int n_slots) {
 
 // Sum of squares of the regularised gradient over [begin, end), in double. Eight
 // fixed lanes, summed in a fixed order: vectorisable yet independent of threads.
-double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t end) {
+FPTT_CPU_CLONES double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t end) {
   constexpr int kLanes = 8;
   double lane[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = begin;
@@ -50,7 +59,7 @@ double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t end) {
 }
 
 template <int OPT>
-void chunk_update(const UpdateSlot& t, int64_t begin, int64_t end, const StepScalars& s) {
+FPTT_CPU_CLONES void chunk_update(const UpdateSlot& t, int64_t begin, int64_t end, const StepScalars& s) {
   float* __restrict w = t.w;
   const float* __restrict g = t.g;
   float* __restrict w_bar = t.w_bar;
