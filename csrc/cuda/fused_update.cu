@@ -62,6 +62,7 @@
 #include <mutex>
 
 #include "fptt_fast/cuda_kernels.h"
+#include "coresident.cuh"
 #include "fptt_fast/fptt_math.h"
 #include "fused_update_device.cuh"
 
@@ -94,36 +95,14 @@ const void* kernel_for(int optimizer) {
   }
 }
 
-// Max co-resident blocks per device and optimizer, queried once (a host-side query,
-// no stream work; later calls, e.g. while capturing a graph, use the cached value).
-constexpr int kMaxDevices = 64;
-std::mutex g_cap_mutex;
-int64_t g_cap[kMaxDevices][3] = {};
-
-int64_t max_coresident_blocks(int optimizer, int device) {
-  if (device < 0 || device >= kMaxDevices) return -int64_t(cudaErrorInvalidDevice);
-  std::lock_guard<std::mutex> lock(g_cap_mutex);
-  int64_t& cap = g_cap[device][optimizer];
-  if (cap > 0) return cap;
-  int coop = 0, sms = 0, per_sm = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (e != cudaSuccess) return -int64_t(e);
-  if (!coop) return -int64_t(cudaErrorNotSupported);
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) return -int64_t(e);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(optimizer), kThreads, 0);
-  if (e != cudaSuccess) return -int64_t(e);
-  if (per_sm < 1 || sms < 1) return -int64_t(cudaErrorLaunchOutOfResources);
-  cap = int64_t(per_sm) * int64_t(sms);
-  return cap;
-}
+CoresidentCap g_cap;  // co-resident blocks per device and optimizer (coresident.cuh)
 
 }  // namespace
 
 int64_t fused_update_grid_size(int64_t n_chunks, int optimizer, int device) {
   if (optimizer < OPT_SGD || optimizer > OPT_ADAMW || n_chunks < 1)
     return -int64_t(cudaErrorInvalidValue);
-  const int64_t cap = max_coresident_blocks(optimizer, device);
+  const int64_t cap = g_cap.get(kernel_for(optimizer), optimizer, device, kThreads);
   if (cap < 0) return cap;
   return n_chunks < cap ? n_chunks : cap;
 }
@@ -139,19 +118,8 @@ int launch_fused_update(const UpdateTable& table, int optimizer, float clip, flo
   float c = clip;
   float* st = status;
   void* args[] = {&t, &c, &st};
-  for (;;) {
-    const cudaError_t e = cudaLaunchCooperativeKernel(kernel_for(optimizer), dim3(unsigned(grid)),
-                                                      dim3(kThreads), args, 0,
-                                                      static_cast<cudaStream_t>(stream));
-    if (e != cudaErrorCooperativeLaunchTooLarge || grid == 1) return int(e);
-    // Fewer SMs usable than the device has (MPS, a partitioned context): clear the
-    // (non-sticky) error, halve the grid and remember the smaller cap. The results do
-    // not depend on the grid size (fixed chunks), so this changes no bit of them.
-    (void)cudaGetLastError();
-    grid = (grid + 1) / 2;
-    std::lock_guard<std::mutex> lock(g_cap_mutex);
-    g_cap[device][optimizer] = grid;
-  }
+  return g_cap.launch(kernel_for(optimizer), optimizer, device, grid, kThreads, args,
+                      static_cast<cudaStream_t>(stream));
 }
 
 const char* launch_error_string(int code) {

@@ -61,6 +61,7 @@
 
 #include "fptt_fast/cuda_kernels.h"
 #include "fptt_fast/cuda_lstm.h"
+#include "coresident.cuh"
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/lstm_math.h"
 #include "fused_update_device.cuh"
@@ -376,29 +377,7 @@ const void* kernel_for(int optimizer) {
   }
 }
 
-// Max co-resident blocks per device and optimizer, queried once (cached; later calls,
-// e.g. while capturing a graph, do no query).
-constexpr int kMaxDevices = 64;
-std::mutex g_cap_mutex;
-int64_t g_cap[kMaxDevices][3] = {};
-
-int64_t max_coresident_blocks(int optimizer, int device) {
-  if (device < 0 || device >= kMaxDevices) return -int64_t(cudaErrorInvalidDevice);
-  std::lock_guard<std::mutex> lock(g_cap_mutex);
-  int64_t& cap = g_cap[device][optimizer];
-  if (cap > 0) return cap;
-  int coop = 0, sms = 0, per_sm = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
-  if (e != cudaSuccess) return -int64_t(e);
-  if (!coop) return -int64_t(cudaErrorNotSupported);
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) return -int64_t(e);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel_for(optimizer), kThreads, 0);
-  if (e != cudaSuccess) return -int64_t(e);
-  if (per_sm < 1 || sms < 1) return -int64_t(cudaErrorLaunchOutOfResources);
-  cap = int64_t(per_sm) * int64_t(sms);
-  return cap;
-}
+CoresidentCap g_cap;  // co-resident blocks per device and optimizer (coresident.cuh)
 
 }  // namespace
 
@@ -410,7 +389,7 @@ int64_t lstm_scratch_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t 
 
 int64_t lstm_segment_grid_size(int optimizer, int device) {
   if (optimizer < OPT_SGD || optimizer > OPT_ADAMW) return -int64_t(cudaErrorInvalidValue);
-  return max_coresident_blocks(optimizer, device);
+  return g_cap.get(kernel_for(optimizer), optimizer, device, kThreads);
 }
 
 int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
@@ -433,18 +412,8 @@ int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, i
   float c = clip;
   float* st = status;
   void* kargs[] = {&ka, &t, &c, &st};
-  for (;;) {
-    const cudaError_t e = cudaLaunchCooperativeKernel(kernel_for(optimizer), dim3(unsigned(grid)),
-                                                      dim3(kThreads), kargs, 0,
-                                                      static_cast<cudaStream_t>(stream));
-    if (e != cudaErrorCooperativeLaunchTooLarge || grid == 1) return int(e);
-    // Fewer SMs usable than the device has (MPS, partitioned SMs): halve the grid and
-    // remember the smaller cap. Results do not depend on the grid size.
-    (void)cudaGetLastError();
-    grid = (grid + 1) / 2;
-    std::lock_guard<std::mutex> lock(g_cap_mutex);
-    g_cap[device][optimizer] = grid;
-  }
+  return g_cap.launch(kernel_for(optimizer), optimizer, device, grid, kThreads, kargs,
+                      static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace cuda
