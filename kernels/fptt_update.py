@@ -363,7 +363,9 @@ class _Plan:
         chunk_size, block, pblock, num_warps = _config(device)
         chunk_rows = []
         for ti, n in enumerate(numels):
-            for start in range(0, n, chunk_size):
+            # an empty tensor still gets one (empty) chunk: its owner advances its step
+            # count, as the cpu and cuda backends and torch do
+            for start in range(0, max(n, 1), chunk_size):
                 chunk_rows.append((ti, start))
         self.n_chunks = len(chunk_rows)
         tab = torch.tensor([list(a) + [n, gi] for a, n, gi in zip(addr_rows, numels, group_of)],

@@ -302,3 +302,14 @@ def test_hyper_parameters_changed_later_are_validated(fresh_seed):
         p.grad = torch.randn(5)
         with pytest.raises(ValueError, match="alpha"):
             opt.step()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_empty_parameter_steps_like_reference(backend, fresh_seed):
+    """A zero-element parameter with a (zero-element) gradient: its step count
+    advances as with the reference (and torch), nothing else is touched."""
+    dev = _require(backend)
+    ps, qs, fused, ref = make_pair(backend, dev, [(0,), (33,)], clip=1.0)
+    run_steps(ps, qs, fused, ref, 3)
+    assert fused.state[ps[0]]["step"].item() == ref.state[qs[0]]["step"].item() == 3
+    assert_match(ps[1:], qs[1:], fused, ref)
