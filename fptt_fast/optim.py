@@ -69,6 +69,7 @@ class FPTT(torch.optim.Optimizer):
         self._hyper_key, self._hyper = None, None
         self._pending = None  # (event, pinned skipped count) of a CUDA step not yet checked
         self._seen_skipped = 0  # skipped steps already reported
+        self._count_host = None  # (event, pinned float) for the non-blocking look
         self._build_state()
 
     # -- construction --------------------------------------------------------
@@ -219,9 +220,10 @@ class FPTT(torch.optim.Optimizer):
             return
         if torch.cuda.is_current_stream_capturing():
             return
-        count = torch.empty(1, pin_memory=True)
+        if self._count_host is None:  # one pinned slot and one event, reused every step
+            self._count_host = (torch.cuda.Event(), torch.empty(1, pin_memory=True))
+        ev, count = self._count_host
         count.copy_(self._status[STATUS_SKIPPED:STATUS_SKIPPED + 1], non_blocking=True)
-        ev = torch.cuda.Event()
         ev.record()
         self._pending = (ev, count)
 
