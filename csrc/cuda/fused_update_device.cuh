@@ -62,6 +62,9 @@ __device__ __forceinline__ int find_slot(const UpdateSlot* __restrict__ slots, i
 
 // Phase 1 on one chunk: this thread's part of the sum of squares of the regularised
 // gradient (FPTT.md step 2), elements in a fixed order whatever the path.
+// Loads go through L2 (__ldcg), never the non-coherent read-only path: a kernel that runs
+// several updates (lstm_persistent.cu: one per segment) rewrites g (from other blocks)
+// and w, w_bar, lam between them, and a line cached by an earlier read could be stale.
 __device__ __forceinline__ double chunk_sumsq(const UpdateSlot& s, int64_t base, int len) {
   const float* __restrict__ w = s.w + base;
   const float* __restrict__ g = s.g + base;
@@ -75,10 +78,10 @@ __device__ __forceinline__ double chunk_sumsq(const UpdateSlot& s, int64_t base,
     const int e = 4 * (int(threadIdx.x) + j * kThreads);
     if (e >= len) break;
     if (vec && e + 4 <= len) {
-      const float4 w4 = *reinterpret_cast<const float4*>(w + e);
-      const float4 g4 = *reinterpret_cast<const float4*>(g + e);
-      const float4 b4 = *reinterpret_cast<const float4*>(wb + e);
-      const float4 l4 = *reinterpret_cast<const float4*>(lam + e);
+      const float4 w4 = __ldcg(reinterpret_cast<const float4*>(w + e));
+      const float4 g4 = __ldcg(reinterpret_cast<const float4*>(g + e));
+      const float4 b4 = __ldcg(reinterpret_cast<const float4*>(wb + e));
+      const float4 l4 = __ldcg(reinterpret_cast<const float4*>(lam + e));
       const float r0 = regularised_grad(g4.x, w4.x, b4.x, l4.x, h);
       const float r1 = regularised_grad(g4.y, w4.y, b4.y, l4.y, h);
       const float r2 = regularised_grad(g4.z, w4.z, b4.z, l4.z, h);
@@ -89,7 +92,8 @@ __device__ __forceinline__ double chunk_sumsq(const UpdateSlot& s, int64_t base,
       acc += double(r3) * double(r3);
     } else {
       for (int c = 0; c < 4 && e + c < len; ++c) {
-        const float r = regularised_grad(g[e + c], w[e + c], wb[e + c], lam[e + c], h);
+        const float r = regularised_grad(__ldcg(g + e + c), __ldcg(w + e + c),
+                                         __ldcg(wb + e + c), __ldcg(lam + e + c), h);
         acc += double(r) * double(r);
       }
     }
@@ -116,7 +120,7 @@ __device__ __forceinline__ void chunk_update(const UpdateSlot& s, int64_t base, 
     if (e >= len) break;
     if (vec && e + 4 <= len) {
       float4 w4 = *reinterpret_cast<const float4*>(w + e);
-      const float4 g4 = *reinterpret_cast<const float4*>(g + e);
+      const float4 g4 = __ldcg(reinterpret_cast<const float4*>(g + e));
       float4 b4 = *reinterpret_cast<const float4*>(wb + e);
       float4 l4 = *reinterpret_cast<const float4*>(lam + e);
       float4 m4 = *reinterpret_cast<const float4*>(s1 + e);
@@ -136,7 +140,7 @@ __device__ __forceinline__ void chunk_update(const UpdateSlot& s, int64_t base, 
         const int i = e + c;
         float wi = w[i], bi = wb[i], li = lam[i], mi = s1[i];
         float vi = OPT == OPT_SGD ? 0.f : s2[i];
-        update_element<OPT>(wi, g[i], bi, li, mi, vi, h, sc);
+        update_element<OPT>(wi, __ldcg(g + i), bi, li, mi, vi, h, sc);
         w[i] = wi;
         wb[i] = bi;
         lam[i] = li;

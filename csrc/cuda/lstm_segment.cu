@@ -188,40 +188,13 @@ __device__ void column_sums(const float* A, int64_t rows, int64_t cols, float* o
   }
 }
 
-// H2 for head row p: its loss term (rowloss[p]) and d(weight * loss)/d pred (in place).
-// The same formulas as the CPU step (csrc/cpu/lstm_segment.cpp).
+// H2 for head row p: its loss term (rowloss[p]) and d(weight * loss)/d pred (in place),
+// with the row math shared by the CUDA kernels (lstm_math.h).
 __device__ void loss_row(const LstmSegmentArgs& a, int64_t p, int64_t P, float* z,
                          double* rowloss) {
-  const int64_t O = a.O;
-  if (a.loss == LSTM_LOSS_MSE) {
-    const float scale = float(2.0 * double(a.weight) / double(P * O));
-    const float* y = a.target_f + p * O;
-    double total = 0.0;
-    for (int64_t k = 0; k < O; ++k) {
-      const float d = z[k] - y[k];
-      total += double(d) * double(d);
-      z[k] = scale * d;
-    }
-    rowloss[p] = total;
-    return;
-  }
-  const float scale = float(double(a.weight) / double(P));
-  const int64_t y = a.target_i[p];
-  if (y < 0 || y >= O) {  // no host-side check on the GPU path: poison the step instead
-    for (int64_t k = 0; k < O; ++k) z[k] = nanf("");
-    rowloss[p] = double(nanf(""));
-    return;
-  }
-  float m = z[0];
-  for (int64_t k = 1; k < O; ++k) m = fmaxf(m, z[k]);
-  double s = 0.0;
-  for (int64_t k = 0; k < O; ++k) s += exp(double(z[k] - m));
-  const double lse = double(m) + log(s);
-  rowloss[p] = lse - double(z[y]);
-  for (int64_t k = 0; k < O; ++k) {
-    const float q = float(exp(double(z[k]) - lse));
-    z[k] = scale * (q - (k == y ? 1.f : 0.f));
-  }
+  rowloss[p] = a.loss == LSTM_LOSS_MSE
+                   ? lstm::mse_row(z, a.target_f + p * a.O, a.O, lstm::mse_scale(a.weight, P, a.O))
+                   : lstm::ce_row(z, a.target_i[p], a.O, lstm::ce_scale(a.weight, P));
 }
 
 template <int OPT>

@@ -93,5 +93,49 @@ int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, i
 // cudaError_t code. For tests and benchmarks.
 int64_t lstm_segment_grid_size(int optimizer, int device);
 
+
+// ---- The weight-stationary persistent kernel (csrc/cuda/lstm_persistent.cu) ---------------
+// A whole batch of n_segs FPTT segments in ONE cooperative launch of thread-block clusters
+// (sm_90+): W_hh stays in registers across each segment, one cluster barrier per time step,
+// gradients accumulated on chip, the FPTT update between segments. For the shapes below;
+// the general kernel above takes the rest.
+constexpr int64_t kPersistMaxHidden = 128;  // a cluster of 8 CTAs x 16 hidden units
+constexpr int kPersistMaxInput = 32;        // 2 inputs per k-slice thread
+constexpr int kPersistMaxOutput = 32;       // head outputs held in shared memory
+
+// How a batch is laid out on the device, or why it cannot be (error != 0).
+struct PersistentPlan {
+  int ok;                // 1: the persistent kernel takes this shape on this device
+  int cluster;           // CTAs per cluster (1, 2, 4, 8): 16 hidden units each
+  int max_rows;          // the kernel variant's batch rows per cluster (8 or 16)
+  int rows_per_cluster;  // batch rows each cluster runs
+  int clusters;          // clusters launched (all co-resident)
+  int error;             // a cudaError_t code when !ok
+};
+
+// The plan for batch B, sizes I, H, O and an optimizer on `device` (cached queries; no
+// work on any stream). !ok when a size exceeds the limits above, the device has no
+// clusters or cooperative launch, or B exceeds 16 rows x the co-resident clusters.
+PersistentPlan lstm_persistent_plan(int64_t B, int64_t I, int64_t H, int64_t O, int optimizer,
+                                    int device);
+
+// Floats of scratch a launch with segments of `omega` steps needs under `plan`.
+int64_t lstm_persistent_scratch_floats(const PersistentPlan& plan, int64_t omega, int64_t B,
+                                       int64_t I, int64_t H, int64_t O, int per_step);
+
+// n_segs FPTT segments over args.T steps (segments of omega = ceil(T / n_segs) steps; it
+// must hold that ceil(T / omega) == n_segs), each: forward from the carried state, head
+// and loss, backward through the segment, gradients (written to args.g_*), clip and the
+// FPTT update of `table` (as launch_lstm_segment), then the next segment from the updated
+// weights. args.x is [T, B, I]; targets are args' terminal [B, ...] (every segment
+// predicts it from its last state) or per-step [T, B, ...]; args.loss_out is [n_segs]
+// (each segment's unweighted loss); h_out/c_out the state after the last segment.
+// Segment p's loss is weighted (p + 1) / n_segs if weight_ramp, else args.weight.
+// args.scratch holds lstm_persistent_scratch_floats(plan, omega, ...) floats.
+// Asynchronous, no allocation or host sync (graph capturable). Returns 0 or a cudaError_t.
+int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weight_ramp,
+                           const PersistentPlan& plan, const UpdateTable& table, int optimizer,
+                           float clip, float* status, int device, void* stream);
+
 }  // namespace cuda
 }  // namespace fptt

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
 
 #if defined(__CUDACC__)
 #define FPTT_LSTM_HD __host__ __device__ __forceinline__
@@ -56,6 +57,50 @@ FPTT_LSTM_HD CellBackward cell_backward(float i, float f, float g, float o, floa
   r.dc_prev = dc * f;
   return r;
 }
+
+
+// One head row's loss term and, in place, the gradient of weight * (mean loss) with
+// respect to its outputs z[0..O). The mean is over P head rows (and over the O outputs
+// for MSE), so scale is 2 weight / (P O) for MSE and weight / P for cross-entropy.
+// Shared by the CUDA kernels (lstm_segment.cu, lstm_persistent.cu).
+
+// MSE: returns sum_k (z_k - y_k)^2 (double); z_k <- scale (z_k - y_k).
+FPTT_LSTM_HD double mse_row(float* z, const float* y, int64_t O, float scale) {
+  double total = 0.0;
+  for (int64_t k = 0; k < O; ++k) {
+    const float d = z[k] - y[k];
+    total += double(d) * double(d);
+    z[k] = scale * d;
+  }
+  return total;
+}
+
+// Cross-entropy of class y: returns logsumexp(z) - z_y (double); z_k <- scale
+// (softmax_k - [k == y]). A class outside [0, O) poisons the row with NaN (no host-side
+// check on the GPU paths: the non-finite gradient makes the FPTT update skip the step).
+FPTT_LSTM_HD double ce_row(float* z, int64_t y, int64_t O, float scale) {
+  if (y < 0 || y >= O) {
+    for (int64_t k = 0; k < O; ++k) z[k] = nanf("");
+    return double(nanf(""));
+  }
+  float m = z[0];
+  for (int64_t k = 1; k < O; ++k) m = fmaxf(m, z[k]);
+  double s = 0.0;
+  for (int64_t k = 0; k < O; ++k) s += exp(double(z[k] - m));
+  const double lse = double(m) + log(s);
+  const double row = lse - double(z[y]);
+  for (int64_t k = 0; k < O; ++k) {
+    const float q = float(exp(double(z[k]) - lse));
+    z[k] = scale * (q - (k == y ? 1.f : 0.f));
+  }
+  return row;
+}
+
+// The scales above, from the segment's weight and its number of head rows P.
+FPTT_LSTM_HD float mse_scale(float weight, int64_t P, int64_t O) {
+  return float(2.0 * double(weight) / double(P * O));
+}
+FPTT_LSTM_HD float ce_scale(float weight, int64_t P) { return float(double(weight) / double(P)); }
 
 }  // namespace lstm
 }  // namespace fptt

@@ -1,0 +1,765 @@
+// The weight-stationary persistent FPTT LSTM kernel: a whole batch of K FPTT segments
+// (forward, head and loss, backward through the segment, gradients, clip and the FPTT
+// update, then the next segment from the updated weights) in ONE launch.
+// No torch headers: this file builds with plain
+//   nvcc -c -arch=sm_90 -I csrc/include csrc/cuda/lstm_persistent.cu
+// API: csrc/include/fptt_fast/cuda_lstm.h (lstm_persistent_*). The general kernel
+// (lstm_segment.cu) stays the path for shapes this one cannot hold.
+//
+// Design (why it is fast where lstm_segment.cu is not)
+//
+// * Thread-block clusters (Hopper). A cluster of CL CTAs (CL = 1, 2, 4, 8) holds one
+//   copy of W_hh, sliced by hidden unit: CTA `rank` owns hidden units
+//   [16 rank, 16 rank + 16) and their 4 gate rows each. The cluster covers HP = 16 CL >= H
+//   units (units >= H are padding: zero weights, h = c = 0). Batch rows are dealt to the
+//   clusters (bpc rows each, bpc <= MAXB); clusters advance independently: there is NO
+//   grid-wide barrier per time step.
+// * Weights stay in registers for a whole segment. A CTA has 256 threads = 16 units x 16
+//   k-slices; thread (u, s) keeps W_hh[g*H + j][k] for its unit j, the 4 gates g and its
+//   slice of k (KH = CL values), and W_ih likewise (up to 2 inputs per slice). A forward
+//   step is, per thread, MAXB x 4 x (KH + 2) FMAs against h_{t-1} read from shared memory
+//   (one float4 feeds 16 FMAs), then a fixed-order shuffle tree over the 16 slices
+//   (recursive halving) that leaves lane s holding the 4 gate sums of batch row b(s): the
+//   cell runs right there, c stays in a register.
+// * One cluster barrier per step. h_t is written into every CTA's shared memory of the
+//   cluster (distributed shared memory), double-buffered by step parity, then
+//   cluster.sync(). The backward is symmetric: thread (u, s) keeps W_hh[r][j] for its unit
+//   j and a slice of the 4H rows r; dG_t is broadcast the same way, and the recurrent
+//   gradient dh_{t-1} = dG_t W_hh comes out of the same shuffle tree.
+// * Gradients on chip. dW_hh, dW_ih and the bias gradients accumulate in registers over
+//   the segment's steps and the cluster's batch rows (thread (u, s) owns the same W_hh
+//   entries as in the forward), the head's in registers too. Each cluster writes its
+//   partial sums once per segment; they are summed over the clusters in a fixed order.
+// * Grid-wide barriers only between segments (cooperative launch): partials -> gradient
+//   buffers and loss, the fused FPTT update (fused_update_device.cuh, 2 phases), and the
+//   reload of the updated weights: 4 per segment.
+// * Determinism: every sum has a fixed order (per-thread register accumulation in time and
+//   batch order, a fixed shuffle tree, clusters summed in index order, fixed-order double
+//   sums for the loss): the same inputs give the same bits run to run on one device (the
+//   number of clusters, hence the partial sums, depends on the device's size).
+// * Coherence: data another CTA wrote in this launch (h rows, partials, parameters after
+//   an update, row losses) is read with __ldcg (L2), never through the read-only path.
+// * fp32 IEEE FMA throughout.
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include <mutex>
+
+#include "fptt_fast/cuda_kernels.h"
+#include "fptt_fast/cuda_lstm.h"
+#include "fptt_fast/fptt_math.h"
+#include "fptt_fast/lstm_math.h"
+#include "fused_update_device.cuh"
+
+namespace cg = cooperative_groups;
+
+namespace fptt {
+namespace cuda {
+namespace {
+
+constexpr int kUnits = 16;   // hidden units per CTA
+constexpr int kSlices = 16;  // threads per unit (k-slices)
+static_assert(kUnits * kSlices == kThreads, "a CTA is 16 units x 16 slices = kThreads");
+constexpr int kXPer = kPersistMaxInput / kSlices;  // inputs per slice (2)
+static_assert(kPersistMaxInput % kSlices == 0, "inputs are dealt evenly to the slices");
+
+// Index of a thread's m-th element (of N) in a row dealt to 16 slices. With N a multiple
+// of 4 the thread's elements come in float4 groups (16 lanes read 256 contiguous bytes:
+// conflict-free); otherwise they are interleaved (lane s reads element m*16 + s).
+template <int N>
+__device__ __forceinline__ int slice_index(int s, int m) {
+  return (N % 4 == 0) ? ((m >> 2) * 64 + s * 4 + (m & 3)) : (m * 16 + s);
+}
+
+// v[m] = row[slice_index<N>(s, m)], row in shared memory, 16-byte aligned.
+template <int N>
+__device__ __forceinline__ void load_slice(const float* row, int s, float (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int m4 = 0; m4 < N / 4; ++m4) {
+      const float4 q = *reinterpret_cast<const float4*>(row + m4 * 64 + s * 4);
+      v[4 * m4] = q.x;
+      v[4 * m4 + 1] = q.y;
+      v[4 * m4 + 2] = q.z;
+      v[4 * m4 + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < N; ++m) v[m] = row[m * 16 + s];
+  }
+}
+
+// Sum over the 16 lanes of a half-warp of v[b * W + w] (b < MAXB, w < W), in a fixed tree.
+// Levels xor 8, 4, 2, 1: while a lane holds several batch rows it keeps half of them
+// (recursive halving: the upper lane of each pair keeps the upper half), then the pair
+// exchanges everything (butterfly). Afterwards v[0..W) of lane s holds the complete sums of
+// batch row s >> (4 - log2 MAXB); both lanes of a butterfly pair hold the same bits.
+// (Template recursion rather than a loop over the levels: with a loop nvcc keeps v in
+// local memory.)
+template <int ROWS, int W, int OFF>
+struct SliceLevel {
+  template <int N>
+  __device__ __forceinline__ static void run(float (&v)[N], int s) {
+    if constexpr (ROWS >= 2) {
+      constexpr int half = ROWS / 2 * W;
+      const bool up = (s & OFF) != 0;
+#pragma unroll
+      for (int i = 0; i < half; ++i) {
+        const float send = up ? v[i] : v[i + half];
+        const float keep = up ? v[i + half] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < W; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], OFF);
+    }
+    if constexpr (OFF > 1) SliceLevel<(ROWS >= 2 ? ROWS / 2 : 1), W, OFF / 2>::run(v, s);
+  }
+};
+
+template <int MAXB, int W>
+__device__ __forceinline__ void slice_reduce(float (&v)[MAXB * W], int s) {
+  SliceLevel<MAXB, W, 8>::run(v, s);
+}
+
+template <int MAXB>
+__device__ __forceinline__ int row_of_lane(int s) {
+  return MAXB == 16 ? s : (MAXB == 8 ? s >> 1 : -1);
+}
+// The lane that writes batch row row_of_lane(s) (the lower lane of a butterfly pair).
+template <int MAXB>
+__device__ __forceinline__ bool lane_writes(int s) {
+  return MAXB == 16 ? true : (s & 1) == 0;
+}
+
+// Shared memory of one CTA, in floats (all offsets multiples of 4: float4 aligned).
+template <int CL, int MAXB>
+struct Smem {
+  static constexpr int HP = 16 * CL;
+  static constexpr int hbuf = 0;                                  // [2][MAXB][HP]  h_{t-1}
+  static constexpr int dgbuf = hbuf + 2 * MAXB * HP;              // [2][MAXB][4 HP] dG_t
+  static constexpr int hprev = dgbuf + 2 * MAXB * 4 * HP;         // [2][MAXB][HP] backward h_{t-1}
+  static constexpr int xbuf = hprev + 2 * MAXB * HP;              // [2][MAXB][kPersistMaxInput]
+  static constexpr int wo = xbuf + 2 * MAXB * kPersistMaxInput;   // [kPersistMaxOutput][HP]
+  static constexpr int dpred = wo + kPersistMaxOutput * HP;       // [MAXB][kPersistMaxOutput]
+  static constexpr int total = dpred + MAXB * kPersistMaxOutput;
+  static constexpr size_t bytes = sizeof(float) * size_t(total);
+};
+
+// Global scratch of one launch, in floats; 16-float aligned parts.
+struct PScratch {
+  int64_t gates;    // [omega][B][H] float4 (i, f, g, o activated)   (4 floats each)
+  int64_t cs;       // [omega + 1][B][H]  c_{t-1} at index t
+  int64_t hs;       // [omega + 1][B][H]  h_{t-1} at index t
+  int64_t dhh;      // [omega][B][H]      head gradient on h_t (per-step loss)
+  int64_t part;     // [n_clusters][NP]   per-cluster gradient partial sums
+  int64_t rowloss;  // [omega * B] doubles (2 floats each)
+  int64_t total;
+};
+
+// Offsets of the parameters in a partial-gradient row (the update's slot order).
+struct PartLayout {
+  int64_t w_ih, w_hh, b, w_o, b_o, n;
+};
+__host__ __device__ inline PartLayout part_layout(int64_t I, int64_t H, int64_t O) {
+  PartLayout p;
+  const int64_t G = 4 * H;
+  p.w_ih = 0;
+  p.w_hh = p.w_ih + G * I;
+  p.b = p.w_hh + G * H;
+  p.w_o = p.b + G;
+  p.b_o = p.w_o + O * H;
+  p.n = p.b_o + O;
+  return p;
+}
+
+__host__ __device__ inline PScratch pscratch_layout(int64_t omega, int64_t B, int64_t I,
+                                                   int64_t H, int64_t O, int per_step,
+                                                   int64_t n_clusters) {
+  PScratch l;
+  int64_t off = 0;
+  auto take = [&off](int64_t n) {
+    const int64_t at = off;
+    off += (n + 15) / 16 * 16;
+    return at;
+  };
+  l.gates = take(omega * B * H * 4);
+  l.cs = take((omega + 1) * B * H);
+  l.hs = take((omega + 1) * B * H);
+  l.dhh = take(per_step ? omega * B * H : 0);
+  l.part = take(n_clusters * part_layout(I, H, O).n);
+  l.rowloss = take(2 * (per_step ? omega * B : B));
+  l.total = off;
+  return l;
+}
+
+struct PKArgs {
+  LstmSegmentArgs a;  // T = all steps; loss_out = [n_segs]; scratch: pscratch_layout
+  int64_t n_segs, omega;
+  int weight_ramp;    // 1: segment p weighs (p + 1) / n_segs; 0: a.weight
+  int bpc;            // batch rows per cluster
+  int n_clusters;
+  int optimizer;
+};
+
+template <int CL, int MAXB>
+__global__ void __launch_bounds__(kThreads, 1)
+lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restrict__ status) {
+  using S = Smem<CL, MAXB>;
+  constexpr int HP = S::HP, KH = CL, KR = 4 * CL;
+  extern __shared__ float4 smem4[];
+  float* sm = reinterpret_cast<float*>(smem4);
+  __shared__ UpdateShared ush;
+  cg::grid_group grid = cg::this_grid();
+  cg::cluster_group cluster = cg::this_cluster();
+
+  const LstmSegmentArgs& a = k.a;
+  const int B = int(a.B), I = int(a.I), H = int(a.H), O = int(a.O);
+  const int rank = int(cluster.block_rank());
+  const int q = int(blockIdx.x) / CL;
+  const int tid = int(threadIdx.x), u = tid >> 4, s = tid & 15;
+  const int j = rank * kUnits + u;  // this thread's hidden unit (>= H: padding)
+  const bool jvalid = j < H;
+  const int b0 = q * k.bpc;
+  const int nb = max(0, min(k.bpc, B - b0));  // batch rows of this cluster
+  const int rb = row_of_lane<MAXB>(s);        // the batch row this lane's cell handles
+  const bool owner = lane_writes<MAXB>(s) && rb < nb && jvalid;
+  const PScratch L = pscratch_layout(k.omega, B, I, H, O, a.per_step, k.n_clusters);
+  const PartLayout PL = part_layout(I, H, O);
+  float4* gates = reinterpret_cast<float4*>(a.scratch + L.gates);
+  float* cs = a.scratch + L.cs;
+  float* hs = a.scratch + L.hs;
+  float* dhh = a.scratch + L.dhh;
+  float* part = a.scratch + L.part + int64_t(q) * PL.n;
+  double* rowloss = reinterpret_cast<double*>(a.scratch + L.rowloss);
+  float* hbuf = sm + S::hbuf;
+  float* dgbuf = sm + S::dgbuf;
+  float* hprev = sm + S::hprev;
+  float* xbuf = sm + S::xbuf;
+  float* wo = sm + S::wo;
+  float* dpred = sm + S::dpred;
+  const int64_t BH = int64_t(B) * H;
+
+  // Zero this CTA's shared memory once: padding units and rows stay zero for good.
+  for (int e = tid; e < S::total; e += kThreads) sm[e] = 0.f;
+  __syncthreads();
+  // The state entering the sequence: h into hbuf[0] (all units of the cluster's rows),
+  // c and h of this lane's (row, unit) in registers.
+  float c_reg = 0.f, h_reg = 0.f;
+  for (int e = tid; e < nb * HP; e += kThreads) {
+    const int b = e / HP, jj = e % HP;
+    hbuf[b * HP + jj] = jj < H ? a.h0[int64_t(b0 + b) * H + jj] : 0.f;
+  }
+  if (rb < nb && jvalid) {
+    c_reg = a.c0[int64_t(b0 + rb) * H + j];
+    h_reg = a.h0[int64_t(b0 + rb) * H + j];
+  }
+  cluster.sync();  // every CTA's zeroing is done before any remote write lands
+
+  const int64_t T = a.T;
+  for (int64_t p = 0; p < k.n_segs; ++p) {
+    const int64_t t0 = p * k.omega;
+    const int Tp = int(min(k.omega, T - t0));  // steps of this segment
+    const float weight =
+        k.weight_ramp ? float(double(p + 1) / double(k.n_segs)) : a.weight;
+    const int64_t P = a.per_step ? int64_t(Tp) * B : B;  // head rows of the segment
+    const float scale = a.loss == LSTM_LOSS_MSE ? lstm::mse_scale(weight, P, O)
+                                                : lstm::ce_scale(weight, P);
+
+    // ---- segment prologue: parameters into registers / shared memory -------------------
+    float wf[4][KH], wx[4][kXPer], bias[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const int64_t r = int64_t(g) * H + j;
+#pragma unroll
+      for (int m = 0; m < KH; ++m) {
+        const int kk = slice_index<KH>(s, m);
+        wf[g][m] = (jvalid && kk < H) ? __ldcg(a.w_hh + r * H + kk) : 0.f;
+      }
+#pragma unroll
+      for (int m = 0; m < kXPer; ++m) {
+        const int i = s + 16 * m;
+        wx[g][m] = (jvalid && i < I) ? __ldcg(a.w_ih + r * I + i) : 0.f;
+      }
+      bias[g] = jvalid ? __ldcg(a.b_ih + r) + __ldcg(a.b_hh + r) : 0.f;
+    }
+    for (int e = tid; e < O * HP; e += kThreads) {
+      const int o = e / HP, jj = e % HP;
+      wo[o * HP + jj] = jj < H ? __ldcg(a.w_o + int64_t(o) * H + jj) : 0.f;
+    }
+    // x of the segment's first step into xbuf[t0 & 1]
+    {
+      float* xb = xbuf + (t0 & 1) * MAXB * kPersistMaxInput;
+      for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
+        const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+        xb[e] = i < I ? __ldg(a.x + (t0 * B + b0 + b) * I + i) : 0.f;
+      }
+    }
+    // h_{-1}, c_{-1} of the segment, for the backward
+    if (owner) {
+      hs[int64_t(b0 + rb) * H + j] = h_reg;
+      cs[int64_t(b0 + rb) * H + j] = c_reg;
+    }
+    float dwo[2] = {0.f, 0.f}, dbo = 0.f;  // head gradient partials (o = s + 16 m; tid)
+    float dh_head = 0.f;                    // terminal loss: dL/dh_{T-1} of this lane's cell
+    __syncthreads();
+
+    // The head on h_t (hbuf row buffer hb) of the cluster's rows: outputs, loss rows,
+    // d(weight * loss)/d pred into dpred; returns this lane's dL/dh_t[rb][j]; accumulates the
+    // head's gradient partials. Every CTA of the cluster computes the same dpred (same
+    // code, same order), so no exchange is needed; only rank 0 keeps the row losses and
+    // the head bias gradient.
+    auto head = [&](const float* hb, int64_t tt, int t_local) -> float {
+      for (int e = tid; e < nb * O; e += kThreads) {
+        const int b = e / O, o = e % O;
+        const float* hrow = hb + b * HP;
+        const float* wrow = wo + o * HP;
+        float z = 0.f;
+        for (int kk = 0; kk < H; ++kk) z = fmaf(hrow[kk], wrow[kk], z);
+        dpred[b * kPersistMaxOutput + o] = z + __ldcg(a.b_o + o);
+      }
+      __syncthreads();
+      if (tid < nb) {
+        const int64_t row = a.per_step ? tt * B + b0 + tid : b0 + tid;  // target row
+        float* z = dpred + tid * kPersistMaxOutput;
+        const double r = a.loss == LSTM_LOSS_MSE
+                             ? lstm::mse_row(z, a.target_f + row * O, O, scale)
+                             : lstm::ce_row(z, a.target_i[row], O, scale);
+        if (rank == 0) rowloss[(a.per_step ? int64_t(t_local) * B : 0) + b0 + tid] = r;
+      }
+      __syncthreads();
+      float dh = 0.f;
+      if (rb < nb && jvalid) {
+        const float* d = dpred + rb * kPersistMaxOutput;
+        for (int o = 0; o < O; ++o) dh = fmaf(d[o], wo[o * HP + j], dh);
+      }
+      if (jvalid) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int o = s + 16 * m;
+          if (o < O)
+            for (int b = 0; b < nb; ++b)
+              dwo[m] = fmaf(dpred[b * kPersistMaxOutput + o], hb[b * HP + j], dwo[m]);
+        }
+      }
+      if (rank == 0 && tid < O)
+        for (int b = 0; b < nb; ++b) dbo += dpred[b * kPersistMaxOutput + tid];
+      __syncthreads();  // dpred is rewritten by the next head
+      return dh;
+    };
+
+    // ---- forward ---------------------------------------------------------------------------
+    for (int t = 0; t < Tp; ++t) {
+      const int64_t tt = t0 + t;
+      const float* hb = hbuf + (tt & 1) * MAXB * HP;
+      const float* xb = xbuf + (tt & 1) * MAXB * kPersistMaxInput;
+      if (a.per_step && t > 0) {  // the head of step t-1 (its h rows arrived at the last barrier)
+        const float dh = head(hb, tt - 1, t - 1);
+        if (owner) dhh[(int64_t(t - 1) * B + b0 + rb) * H + j] = dh;
+      }
+      // prefetch x_{t+1} into registers (stored after the product)
+      float xn[2] = {0.f, 0.f};
+      const bool more = t + 1 < Tp;
+      if (more) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int e = tid + m * kThreads;
+          const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+          if (b < nb && i < I) xn[m] = __ldg(a.x + ((tt + 1) * B + b0 + b) * I + i);
+        }
+      }
+      float v[MAXB * 4];
+#pragma unroll
+      for (int e = 0; e < MAXB * 4; ++e) v[e] = 0.f;
+      // All MAXB rows, unconditionally: rows >= nb are zero in shared memory (a run-time
+      // bound would stop the unrolling and move v to local memory).
+#pragma unroll
+      for (int b = 0; b < MAXB; ++b) {
+        float hv[KH];
+        load_slice<KH>(hb + b * HP, s, hv);
+#pragma unroll
+        for (int m = 0; m < KH; ++m)
+#pragma unroll
+          for (int g = 0; g < 4; ++g) v[b * 4 + g] = fmaf(wf[g][m], hv[m], v[b * 4 + g]);
+#pragma unroll
+        for (int m = 0; m < kXPer; ++m) {
+          const float xv = xb[b * kPersistMaxInput + s + 16 * m];
+#pragma unroll
+          for (int g = 0; g < 4; ++g) v[b * 4 + g] = fmaf(wx[g][m], xv, v[b * 4 + g]);
+        }
+      }
+      slice_reduce<MAXB, 4>(v, s);
+      float h_new = 0.f;
+      if (rb < nb && jvalid) {
+        const lstm::CellForward f = lstm::cell_forward(v[0] + bias[0], v[1] + bias[1],
+                                                       v[2] + bias[2], v[3] + bias[3], c_reg);
+        c_reg = f.c;
+        h_reg = f.h;
+        h_new = f.h;
+        if (owner) {
+          const int64_t e = (int64_t(t) * B + b0 + rb) * H + j;
+          gates[e] = make_float4(f.i, f.f, f.g, f.o);
+          cs[BH + e] = f.c;
+          hs[BH + e] = f.h;
+        }
+      }
+      if (lane_writes<MAXB>(s) && rb < nb) {
+        float* dst = hbuf + ((tt + 1) & 1) * MAXB * HP + rb * HP + j;  // j < HP always
+#pragma unroll
+        for (int r = 0; r < CL; ++r) *cluster.map_shared_rank(dst, r) = h_new;
+      }
+      if (more) {
+        float* xn_b = xbuf + ((tt + 1) & 1) * MAXB * kPersistMaxInput;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int e = tid + m * kThreads;
+          if (e / kPersistMaxInput < nb) xn_b[e] = xn[m];
+        }
+      }
+      cluster.sync();
+    }
+    {  // the head of the last step
+      const int64_t tl = t0 + Tp;
+      const float* hb = hbuf + (tl & 1) * MAXB * HP;
+      const float dh = head(hb, tl - 1, Tp - 1);
+      if (a.per_step) {
+        if (owner) dhh[(int64_t(Tp - 1) * B + b0 + rb) * H + j] = dh;
+      } else {
+        dh_head = dh;
+      }
+    }
+
+    // ---- backward --------------------------------------------------------------------------
+    float wt[KR];  // W_hh[r][j] for this slice's rows r (rho = g * HP + unit)
+#pragma unroll
+    for (int m = 0; m < KR; ++m) {
+      const int rho = slice_index<KR>(s, m);
+      const int g = rho / HP, jj = rho % HP;
+      wt[m] = (jvalid && jj < H) ? __ldcg(a.w_hh + (int64_t(g) * H + jj) * H + j) : 0.f;
+    }
+    float dwh[4][KH], dwx[4][kXPer], db[4];
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      db[g] = 0.f;
+#pragma unroll
+      for (int m = 0; m < KH; ++m) dwh[g][m] = 0.f;
+#pragma unroll
+      for (int m = 0; m < kXPer; ++m) dwx[g][m] = 0.f;
+    }
+    float dc_reg = 0.f, dh_rec = 0.f;
+    for (int t = Tp - 1; t >= 0; --t) {
+      const int64_t tt = t0 + t;
+      const int par = int(t & 1);
+      // stage h_{t-1} (other CTAs wrote parts of it: __ldcg) and x_t for the weight gradients
+      {
+        float* hp = hprev + par * MAXB * HP;
+        for (int e = tid; e < nb * HP; e += kThreads) {
+          const int b = e / HP, jj = e % HP;
+          hp[e] = jj < H ? __ldcg(hs + (int64_t(t) * B + b0 + b) * H + jj) : 0.f;
+        }
+        float* xp = xbuf + par * MAXB * kPersistMaxInput;
+        for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
+          const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+          xp[e] = i < I ? __ldg(a.x + (tt * B + b0 + b) * I + i) : 0.f;
+        }
+      }
+      float dg4[4] = {0.f, 0.f, 0.f, 0.f};
+      if (rb < nb && jvalid) {
+        const int64_t e = (int64_t(t) * B + b0 + rb) * H + j;
+        float dh = dh_rec;
+        if (a.per_step) dh += dhh[e];
+        else if (t == Tp - 1) dh += dh_head;
+        const float4 gt = gates[e];
+        const lstm::CellBackward d =
+            lstm::cell_backward(gt.x, gt.y, gt.z, gt.w, cs[BH + e], cs[e], dh, dc_reg);
+        dc_reg = d.dc_prev;
+        dg4[0] = d.d_ai;
+        dg4[1] = d.d_af;
+        dg4[2] = d.d_ag;
+        dg4[3] = d.d_ao;
+      }
+      if (lane_writes<MAXB>(s) && rb < nb) {
+        float* dst = dgbuf + par * MAXB * 4 * HP + rb * 4 * HP + j;
+#pragma unroll
+        for (int r = 0; r < CL; ++r) {
+          float* d = cluster.map_shared_rank(dst, r);
+#pragma unroll
+          for (int g = 0; g < 4; ++g) d[g * HP] = dg4[g];
+        }
+      }
+      cluster.sync();
+      const float* dgb = dgbuf + par * MAXB * 4 * HP;
+      const float* hp = hprev + par * MAXB * HP;
+      const float* xp = xbuf + par * MAXB * kPersistMaxInput;
+      // weight gradients: dW[g*H + j][k] += dG_t[b][g, j] h_{t-1}[b][k]
+      // (all MAXB rows: rows >= nb of dgbuf, hprev and xbuf are zero)
+#pragma unroll
+      for (int b = 0; b < MAXB; ++b) {
+        float dgv[4];
+#pragma unroll
+        for (int g = 0; g < 4; ++g) dgv[g] = dgb[b * 4 * HP + g * HP + j];
+        float hv[KH];
+        load_slice<KH>(hp + b * HP, s, hv);
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+#pragma unroll
+          for (int m = 0; m < KH; ++m) dwh[g][m] = fmaf(dgv[g], hv[m], dwh[g][m]);
+#pragma unroll
+          for (int m = 0; m < kXPer; ++m)
+            dwx[g][m] = fmaf(dgv[g], xp[b * kPersistMaxInput + s + 16 * m], dwx[g][m]);
+          db[g] += dgv[g];
+        }
+      }
+      // the recurrent gradient for step t-1: dh_{t-1}[b][j] = sum_r dG_t[b][r] W_hh[r][j]
+      if (t > 0) {
+        float v[MAXB];
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) {
+          v[b] = 0.f;
+          float dv[KR];
+          load_slice<KR>(dgb + b * 4 * HP, s, dv);
+#pragma unroll
+          for (int m = 0; m < KR; ++m) v[b] = fmaf(dv[m], wt[m], v[b]);
+        }
+        slice_reduce<MAXB, 1>(v, s);
+        dh_rec = v[0];
+      }
+    }
+
+    // ---- this cluster's partial gradients ------------------------------------------------
+    if (jvalid) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const int64_t r = int64_t(g) * H + j;
+#pragma unroll
+        for (int m = 0; m < KH; ++m) {
+          const int kk = slice_index<KH>(s, m);
+          if (kk < H) part[PL.w_hh + r * H + kk] = dwh[g][m];
+        }
+#pragma unroll
+        for (int m = 0; m < kXPer; ++m) {
+          const int i = s + 16 * m;
+          if (i < I) part[PL.w_ih + r * I + i] = dwx[g][m];
+        }
+        if (s == 0) part[PL.b + r] = db[g];
+      }
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int o = s + 16 * m;
+        if (o < O) part[PL.w_o + int64_t(o) * H + j] = dwo[m];
+      }
+    }
+    if (rank == 0 && tid < O) part[PL.b_o + tid] = dbo;
+    grid.sync();
+
+    // ---- gradients: the clusters' partials summed in cluster order; the loss --------------
+    {
+      const float* part0 = a.scratch + L.part;
+      const int64_t stride = int64_t(gridDim.x) * kThreads;
+      for (int64_t e = int64_t(blockIdx.x) * kThreads + tid; e < PL.n; e += stride) {
+        float acc = 0.f;
+        for (int c = 0; c < k.n_clusters; ++c) acc += __ldcg(part0 + int64_t(c) * PL.n + e);
+        if (e < PL.w_hh) a.g_w_ih[e - PL.w_ih] = acc;
+        else if (e < PL.b) a.g_w_hh[e - PL.w_hh] = acc;
+        else if (e < PL.w_o) {
+          a.g_b_ih[e - PL.b] = acc;
+          a.g_b_hh[e - PL.b] = acc;
+        } else if (e < PL.b_o) a.g_w_o[e - PL.w_o] = acc;
+        else a.g_b_o[e - PL.b_o] = acc;
+      }
+      if (blockIdx.x == 0) {
+        double acc = 0.0;
+        for (int64_t r = tid; r < P; r += kThreads) acc += __ldcg(rowloss + r);
+        const double tot = block_sum(acc, ush.warp);
+        if (tid == 0)
+          a.loss_out[p] = float(a.loss == LSTM_LOSS_MSE ? tot / double(P * O) : tot / double(P));
+      }
+    }
+    grid.sync();
+
+    // ---- the fused FPTT update (clip + steps 2-6), then the next segment's weights ---------
+    switch (k.optimizer) {  // uniform: one variant per launch
+      case OPT_SGD: fused_update_phases<OPT_SGD>(table, clip, status, ush); break;
+      case OPT_ADAM: fused_update_phases<OPT_ADAM>(table, clip, status, ush); break;
+      default: fused_update_phases<OPT_ADAMW>(table, clip, status, ush); break;
+    }
+    grid.sync();
+  }
+
+  if (rb < nb && jvalid && lane_writes<MAXB>(s)) {
+    a.h_out[int64_t(b0 + rb) * H + j] = h_reg;
+    a.c_out[int64_t(b0 + rb) * H + j] = c_reg;
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------
+
+template <int MAXB>
+const void* pkernel_for(int cl) {
+  switch (cl) {
+    case 1: return reinterpret_cast<const void*>(&lstm_persistent_kernel<1, MAXB>);
+    case 2: return reinterpret_cast<const void*>(&lstm_persistent_kernel<2, MAXB>);
+    case 4: return reinterpret_cast<const void*>(&lstm_persistent_kernel<4, MAXB>);
+    case 8: return reinterpret_cast<const void*>(&lstm_persistent_kernel<8, MAXB>);
+    default: return nullptr;
+  }
+}
+
+const void* kernel_for(int cl, int maxb) {
+  return maxb == 8 ? pkernel_for<8>(cl) : pkernel_for<16>(cl);
+}
+
+size_t smem_bytes(int cl, int maxb) {
+  switch (cl * 100 + maxb) {
+    case 108: return Smem<1, 8>::bytes;
+    case 116: return Smem<1, 16>::bytes;
+    case 208: return Smem<2, 8>::bytes;
+    case 216: return Smem<2, 16>::bytes;
+    case 408: return Smem<4, 8>::bytes;
+    case 416: return Smem<4, 16>::bytes;
+    case 808: return Smem<8, 8>::bytes;
+    default: return Smem<8, 16>::bytes;
+  }
+}
+
+int cluster_size_for(int64_t H) {
+  int cl = 1;
+  while (16 * cl < H) cl *= 2;
+  return cl;
+}
+
+// Clusters of one (cl, maxb, optimizer) kernel that can be resident at once on `device`,
+// cached (the queries put no work on a stream). Negative: a cudaError_t code.
+struct ClusterCap {
+  std::mutex mutex;
+  int cap[64][4][2] = {};  // device, log2 cl, maxb 8/16
+
+  int get(int device, int cl, int maxb) {
+    if (device < 0 || device >= 64) return -int(cudaErrorInvalidDevice);
+    const void* fn = kernel_for(cl, maxb);
+    if (fn == nullptr) return -int(cudaErrorInvalidValue);
+    int lc = cl == 1 ? 0 : cl == 2 ? 1 : cl == 4 ? 2 : 3;
+    std::lock_guard<std::mutex> lock(mutex);
+    int& c = cap[device][lc][maxb == 16];
+    if (c != 0) return c;
+    int major = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e != cudaSuccess) return -int(e);
+    if (major < 9) return c = -int(cudaErrorNotSupported);  // clusters: sm_90 and newer
+    int coop = 0;
+    e = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device);
+    if (e != cudaSuccess) return -int(e);
+    if (!coop) return c = -int(cudaErrorNotSupported);
+    const size_t bytes = smem_bytes(cl, maxb);
+    e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (e != cudaSuccess) return -int(e);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(unsigned(cl));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = bytes;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = unsigned(cl);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    e = cudaOccupancyMaxActiveClusters(&n, fn, &cfg);
+    if (e != cudaSuccess) return -int(e);
+    if (n < 1) return c = -int(cudaErrorLaunchOutOfResources);
+    return c = n;
+  }
+};
+ClusterCap g_ccap;
+
+}  // namespace
+
+PersistentPlan lstm_persistent_plan(int64_t B, int64_t I, int64_t H, int64_t O, int optimizer,
+                                    int device) {
+  PersistentPlan plan = {};
+  if (B < 1 || I < 1 || H < 1 || O < 1 || H > kPersistMaxHidden || I > kPersistMaxInput ||
+      O > kPersistMaxOutput || optimizer < OPT_SGD || optimizer > OPT_ADAMW) {
+    plan.error = int(cudaErrorInvalidValue);
+    return plan;
+  }
+  const int cl = cluster_size_for(H);
+  for (int maxb : {8, 16}) {
+    const int cap = g_ccap.get(device, cl, maxb);
+    if (cap < 0) {
+      plan.error = -cap;
+      return plan;
+    }
+    const int64_t want = B < cap ? B : cap;          // clusters to use
+    const int64_t bpc = (B + want - 1) / want;       // rows per cluster
+    if (bpc > maxb) continue;
+    plan.ok = 1;
+    plan.cluster = cl;
+    plan.max_rows = maxb;
+    plan.rows_per_cluster = int(bpc);
+    plan.clusters = int((B + bpc - 1) / bpc);
+    plan.error = 0;
+    return plan;
+  }
+  plan.error = int(cudaErrorInvalidValue);  // more rows than the resident clusters hold
+  return plan;
+}
+
+int64_t lstm_persistent_scratch_floats(const PersistentPlan& plan, int64_t omega, int64_t B,
+                                       int64_t I, int64_t H, int64_t O, int per_step) {
+  return pscratch_layout(omega, B, I, H, O, per_step, plan.clusters).total;
+}
+
+int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weight_ramp,
+                           const PersistentPlan& plan, const UpdateTable& table, int optimizer,
+                           float clip, float* status, int device, void* stream) {
+  const LstmSegmentArgs& a = args;
+  if (!plan.ok || n_segs < 1 || a.T < n_segs || a.B < 1 || a.I < 1 || a.H < 1 || a.O < 1 ||
+      a.H > kPersistMaxHidden || a.I > kPersistMaxInput || a.O > kPersistMaxOutput ||
+      (a.loss != LSTM_LOSS_MSE && a.loss != LSTM_LOSS_CE) ||
+      (a.loss == LSTM_LOSS_MSE ? a.target_f == nullptr : a.target_i == nullptr) ||
+      !a.x || !a.h0 || !a.c0 || !a.w_ih || !a.w_hh || !a.b_ih || !a.b_hh || !a.w_o || !a.b_o ||
+      !a.g_w_ih || !a.g_w_hh || !a.g_b_ih || !a.g_b_hh || !a.g_w_o || !a.g_b_o || !a.h_out ||
+      !a.c_out || !a.loss_out || !a.scratch || (reinterpret_cast<uintptr_t>(a.scratch) & 15u) ||
+      plan.rows_per_cluster * int64_t(plan.clusters) < a.B)
+    return int(cudaErrorInvalidValue);
+  if (table.n_slots < 1 || table.n_chunks < table.n_slots || table.slots == nullptr ||
+      table.scalars == nullptr || table.partials == nullptr || status == nullptr)
+    return int(cudaErrorInvalidValue);
+  const void* fn = kernel_for(plan.cluster, plan.max_rows);
+  if (fn == nullptr) return int(cudaErrorInvalidValue);
+  PKArgs k;
+  k.a = a;
+  k.n_segs = n_segs;
+  k.omega = (a.T + n_segs - 1) / n_segs;
+  k.weight_ramp = weight_ramp;
+  k.bpc = plan.rows_per_cluster;
+  k.n_clusters = plan.clusters;
+  k.optimizer = optimizer;
+  if ((a.T + k.omega - 1) / k.omega != n_segs) return int(cudaErrorInvalidValue);
+  UpdateTable t = table;
+  float c = clip;
+  float* st = status;
+  void* kargs[] = {&k, &t, &c, &st};
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(plan.clusters * plan.cluster));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem_bytes(plan.cluster, plan.max_rows);
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(plan.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeCooperative;
+  attr[1].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  (void)device;
+  return int(cudaLaunchKernelExC(&cfg, fn, kargs));
+}
+
+}  // namespace cuda
+}  // namespace fptt
