@@ -5,7 +5,11 @@
     fptt-fast compare add --T 500                     FPTT and BPTT, same seeds and data
     fptt-fast bench                                   FPTT.step per backend vs reference
 
-Bad input gives one line on stderr and exit code 2, before any file is written.
+Bad input gives one line on stderr and exit code 2, before any file is written:
+every path is checked before training starts. A run never writes over another run's
+files: a fresh run's default folder is numbered past those that hold a run, and a
+resumed run continues in its checkpoint's own folder and file unless --out says
+otherwise. Ctrl-C saves a checkpoint after the step under way and exits with 130.
 """
 from __future__ import annotations
 
@@ -27,53 +31,98 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message.splitlines()[0] if message else 'bad arguments'}\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help shows its default: argparse's "(default: X)" for a value,
+    the option's own words where it says "default" itself (the run options' defaults
+    are None, "not given", and depend on the task, --paper or the checkpoint)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _task_default(name: str) -> str:
+    """'(default: add 30, digits 64; --paper: 1000)', from train.DEFAULTS, PAPER and
+    Config, so the help cannot drift from what make_config does."""
+    from .train import DEFAULTS, PAPER, Config
+
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    per_task = {task: d.get(name, getattr(Config, name)) for task, d in DEFAULTS.items()}
+    if len(set(per_task.values())) == 1:
+        text = show(per_task["add"])
+    else:
+        text = ", ".join(f"{task} {show(v)}" for task, v in per_task.items())
+    paper = PAPER["add"].get(name)
+    if paper is not None and paper != per_task["add"]:
+        text += f"; --paper: {show(paper)}"
+    return f"(default: {text})"
+
+
 def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     """Options shared by train and compare. Defaults are None: "not given" (see
     train.make_config: task defaults, --paper, or the checkpoint fill them in)."""
+    d = _task_default
     p.add_argument("task", help="add or digits")
-    p.add_argument("--T", type=int, help="sequence length (digits: 64)")
-    p.add_argument("--K", type=int, help="FPTT segments per sequence")
-    p.add_argument("--hidden", type=int, help="LSTM hidden size")
-    p.add_argument("--batch", type=int, help="sequences per batch")
-    p.add_argument("--steps", type=int, help="sequence batches to train (in total, when resuming)")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--alpha", type=float, help="FPTT alpha (proximal weight, dual step)")
-    p.add_argument("--beta", type=float, help="FPTT beta (running-average step)")
-    p.add_argument("--rho", type=float, help="FPTT rho (0: authors' code, 0.5: paper's Alg. 1)")
-    p.add_argument("--clip", type=float, help="global gradient-norm clip (0: none)")
+    p.add_argument("--T", type=int, help=f"sequence length {d('T')}")
+    p.add_argument("--K", type=int, help=f"FPTT segments per sequence {d('K')}")
+    p.add_argument("--hidden", type=int, help=f"LSTM hidden size {d('hidden')}")
+    p.add_argument("--batch", type=int, help=f"sequences per batch {d('batch')}")
+    p.add_argument("--steps", type=int, help=f"sequence batches to train, in total when resuming {d('steps')}")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate {d('lr')}")
+    p.add_argument("--alpha", type=float, help=f"FPTT alpha (proximal weight, dual step) {d('alpha')}")
+    p.add_argument("--beta", type=float, help=f"FPTT beta (running-average step) {d('beta')}")
+    p.add_argument("--rho", type=float, help=f"FPTT rho (0: authors' code, 0.5: paper's Alg. 1) {d('rho')}")
+    p.add_argument("--clip", type=float, help=f"global gradient-norm clip, 0: none {d('clip')}")
     if algo:
-        p.add_argument("--algo", help="fptt (default) or bptt")
-    p.add_argument("--seed", type=int, help="seed of the model and the training batches")
-    p.add_argument("--backend", help="FPTT backend: auto (default), reference, cpu, triton, cuda")
-    p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evaluations")
+        p.add_argument("--algo", help="fptt or bptt (default: fptt)")
+    p.add_argument("--seed", type=int, help=f"seed of the model and the training batches {d('seed')}")
+    p.add_argument("--backend", help="FPTT backend: auto, reference, cpu, triton, cuda (default: auto)")
+    p.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--eval-every", dest="eval_every", type=int,
+                   help=f"steps between evaluations {d('eval_every')}")
     p.add_argument("--permute", action="store_const", const=True,
-                   help="digits: fixed seeded pixel permutation")
+                   help="digits: fixed seeded pixel permutation (default: off)")
     p.add_argument("--paper", action="store_true",
                    help="the paper's Add settings: H=128, Adam 1e-3, alpha=beta=0.5, clip 1, batch 128, "
-                        "T=1000, K=10 (options given override them)")
-    p.add_argument("--out", help="output folder (default runs/<task>-<algo>-T<T>)")
+                        "T=1000, K=10; options given override them (default: off)")
+    kind = "<algo>" if algo else "compare"
+    p.add_argument("--out", help=f"output folder (default: runs/<task>-{kind}-T<T>, or -2, -3, ... "
+                                 f"if that holds a run" + ("; with --resume: the checkpoint's folder)"
+                                                           if algo else ")"))
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch and the fused kernels (default 1: the per-step "
                         "matrix products are small; a 2nd thread mostly adds synchronisation, and "
                         "on a busy machine spinning OpenMP threads slow it by 10x or more)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="FPTT training with fused kernels (fptt_fast).")
+    parser = _Parser(prog=PROG, description="FPTT training with fused kernels (fptt_fast).",
+                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train an LSTM with FPTT (or BPTT) on a task")
+    resumed = " With --resume, options left out take the checkpoint's values."
+    t = sub.add_parser("train", help="train an LSTM with FPTT (or BPTT) on a task",
+                       formatter_class=_HelpFormatter,
+                       description="Train an LSTM with FPTT (or BPTT) on a task." + resumed)
     _run_options(t, algo=True)
-    t.add_argument("--save", help="checkpoint path (default OUT/checkpoint.pt); written at each "
-                                  "evaluation and at the end, atomically")
-    t.add_argument("--resume", help="continue the run of this checkpoint (bitwise identically)")
-    c = sub.add_parser("compare", help="FPTT and BPTT on the same seeds and data, one figure")
+    t.add_argument("--save", help="checkpoint path (default: OUT/checkpoint.pt; with --resume and "
+                                  "no --out: the resumed checkpoint); written atomically at each "
+                                  "evaluation, at the end and on Ctrl-C, never over another run's file")
+    t.add_argument("--resume", help="continue the run of this checkpoint, bitwise identically "
+                                    "(default: none, a fresh run)")
+    c = sub.add_parser("compare", help="FPTT and BPTT on the same seeds and data, one figure",
+                       formatter_class=_HelpFormatter,
+                       description="FPTT and BPTT on the same seeds and data, one figure.")
     _run_options(c, algo=False)
-    b = sub.add_parser("bench", help="FPTT.step throughput per backend vs the reference")
-    b.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    b = sub.add_parser("bench", help="FPTT.step throughput per backend vs the reference",
+                       formatter_class=_HelpFormatter,
+                       description="FPTT.step throughput per backend vs the reference.")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
-    b.add_argument("--budget", type=float, default=0.6, help="seconds per measurement (default 0.6)")
+    b.add_argument("--budget", type=float, default=0.6, help="seconds per measurement")
     return parser
 
 
@@ -86,6 +135,91 @@ def _given(args) -> dict:
 def _default_out(cfg, kind: str) -> str:
     task = cfg.task + ("-permuted" if cfg.permute else "")
     return os.path.join("runs", f"{task}-{kind}-T{cfg.T}")
+
+
+def _compare_files():
+    """What a compare writes under its folder: its own files and a run in each of fptt/, bptt/."""
+    from .train import ALGOS, RUN_FILES
+
+    return ("compare.csv", "compare.png") + tuple(os.path.join(a, n) for a in ALGOS for n in RUN_FILES)
+
+
+def _unused_folder(base: str, names) -> str:
+    """base, or base-2, base-3, ...: the first that holds none of `names`, so that running
+    the same command twice does not write over the first run."""
+    from .train import run_files_in
+
+    folder, n = base, 1
+    while os.path.lexists(folder) and (not os.path.isdir(folder) or run_files_in(folder, names)):
+        n += 1
+        folder = f"{base}-{n}"
+    return folder
+
+
+def _refuse_other_run(out: str, names, own: str | None = None) -> None:
+    """UsageError if folder `out` holds another run's files (those of `names` it has);
+    `own` is the resumed checkpoint's folder, whose files are the same run's."""
+    from .train import CHECKPOINT, UsageError, run_files_in
+
+    if not os.path.isdir(out) or (own is not None and os.path.samefile(out, own)):
+        return
+    found = run_files_in(out, names)
+    if found:
+        hint = (f", or continue that run with --resume {os.path.join(out, CHECKPOINT)}"
+                if CHECKPOINT in found else "")
+        raise UsageError(f"--out {out} already holds a run ({', '.join(found)}), and a run never "
+                         f"overwrites another run's files: choose a new folder{hint}")
+
+
+def _refuse_empty(args, options) -> None:
+    """An empty path would quietly mean the current folder (--out) or fail at the first
+    save (--save): refuse it."""
+    from .train import UsageError
+
+    for option in options:
+        if getattr(args, option.lstrip("-"), None) == "":
+            raise UsageError(f"{option} needs a path, got an empty one")
+
+
+def _train_paths(args, cfg) -> tuple:
+    """(output folder, checkpoint path) of a train run, checked, and created, before it
+    trains. A resumed run continues in its checkpoint's own folder and file unless
+    --out/--save say otherwise: a copy of a checkpoint must not write over the
+    original run, wherever that is."""
+    from .train import (CHECKPOINT, LOG_CSV, LOSS_PNG, RUN_FILES, UsageError, check_folder,
+                        check_new_file, prepare_folders)
+
+    own = (os.path.dirname(args.resume) or ".") if args.resume is not None else None
+    if args.out is not None:
+        out = args.out
+    elif own is not None:
+        out = own
+    else:
+        out = _unused_folder(_default_out(cfg, cfg.algo), RUN_FILES)
+    if args.save is not None:
+        save = args.save
+    elif args.resume is not None and args.out is None:
+        save = args.resume
+    else:
+        save = os.path.join(out, CHECKPOINT)
+    check_folder(out, "--out")
+    _refuse_other_run(out, RUN_FILES, own)
+    if os.path.abspath(save) in {os.path.abspath(os.path.join(out, n)) for n in (LOG_CSV, LOSS_PNG)}:
+        raise UsageError(f"--save {save} is this run's own {os.path.basename(save)}")
+    check_new_file(save, "--save", may_replace=args.resume)
+    prepare_folders([(out, "--out"), (os.path.dirname(save) or ".", "--save")])
+    return out, save
+
+
+def _compare_out(args, cfg) -> str:
+    """The compare's folder, checked and created (with fptt/ and bptt/) before training."""
+    from .train import ALGOS, check_folder, prepare_folders
+
+    out = args.out if args.out is not None else _unused_folder(_default_out(cfg, "compare"), _compare_files())
+    check_folder(out, "--out")
+    _refuse_other_run(out, _compare_files())
+    prepare_folders([(os.path.join(out, a), "--out") for a in ALGOS])
+    return out
 
 
 def _backend_line(run) -> str:
@@ -105,34 +239,35 @@ def _final_line(run) -> str:
 
 
 def cmd_train(args) -> int:
-    from .train import Run, UsageError, load_checkpoint, make_config
+    from .train import LOG_CSV, LOSS_PNG, Run, UsageError, load_checkpoint, make_config
 
+    _refuse_empty(args, ("--out", "--save", "--resume"))
     ckpt = None
-    if args.resume:
+    if args.resume is not None:
         if args.paper:
             raise UsageError("--paper cannot be combined with --resume (the checkpoint fixes the settings)")
         ckpt = load_checkpoint(args.resume)
     cfg = make_config(args.task, _given(args), paper=args.paper, checkpoint=ckpt)
     run = Run(cfg, ckpt)
-    out = args.out or _default_out(cfg, cfg.algo)
+    out, save = _train_paths(args, cfg)
     print(cfg.describe() + (f"  (resumed at step {run.step})" if ckpt else ""))
     print(_backend_line(run))
-    run.fit(out, save_path=args.save, progress=not args.no_progress)
+    run.fit(out, save_path=save, progress=not args.no_progress)
     print(_final_line(run))
-    save = args.save or os.path.join(out, "checkpoint.pt")
-    print(f"wrote {os.path.join(out, 'log.csv')}, {os.path.join(out, 'loss.png')}, {save}")
+    print(f"wrote {os.path.join(out, LOG_CSV)}, {os.path.join(out, LOSS_PNG)}, {save}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from .train import Run, make_config, plot_curves, write_compare_csv
 
+    _refuse_empty(args, ("--out",))
     runs = {}
     for algo in ("fptt", "bptt"):  # build (and validate) both before writing anything
         cfg = make_config(args.task, {**_given(args), "algo": algo}, paper=args.paper)
         runs[algo] = Run(cfg)
     cfg = runs["fptt"].cfg
-    out = args.out or _default_out(cfg, "compare")
+    out = _compare_out(args, cfg)
     print(cfg.describe().replace(" fptt ", " fptt vs bptt "))
     for algo, run in runs.items():
         print(_backend_line(run))
@@ -158,7 +293,7 @@ def cmd_bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .train import UsageError
+    from .train import Interrupted, UsageError
 
     args = build_parser().parse_args(argv)
     try:
@@ -170,7 +305,11 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted as e:  # SIGINT, handled by the run: a checkpoint of this very step
+        print(f"{PROG}: interrupted at step {e.step}; saved {e.save_path} "
+              f"(continue with --resume {e.save_path})", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training, or a second Ctrl-C
         print(f"{PROG}: interrupted (a training run's checkpoint is the one of its last evaluation)",
               file=sys.stderr)
         return 130

@@ -6,19 +6,27 @@ a torch.Generator seeded with `seed` (its state is checkpointed), the evaluation
 from fixed seeds of their own. So a run resumed from a checkpoint draws exactly the
 batches the uninterrupted run would have drawn, and continues bitwise identically.
 
-Bad input (unknown names, impossible shapes, unreadable or mismatching checkpoints)
-raises UsageError before any file is written; the CLI turns it into one line on
-stderr and exit code 2.
+Bad input (unknown names, impossible shapes, unreadable or mismatching checkpoints,
+unusable paths) raises UsageError before training starts and before any file is
+written; the CLI turns it into one line on stderr and exit code 2.
+
+Faults lose at most the steps since the last checkpoint: every file is written
+atomically (a SIGKILL leaves the previous checkpoint whole), and a SIGINT (Ctrl-C)
+stops at the next step boundary, saves a checkpoint there and raises Interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import math
 import os
+import pickle
 import random
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -40,6 +48,9 @@ DATA_SEED_OFFSET = 2**62
 ADD_EVAL_SEED = 2**63 + 271828
 ADD_EVAL_SIZE = 1000
 EVAL_CHUNK = 100          # time steps per forward chunk in evaluation (bounded memory)
+# The files a run writes into its output folder (the checkpoint may go elsewhere: --save).
+LOG_CSV, LOSS_PNG, CHECKPOINT = "log.csv", "loss.png", "checkpoint.pt"
+RUN_FILES = (LOG_CSV, LOSS_PNG, CHECKPOINT)
 
 
 class UsageError(ValueError):
@@ -48,6 +59,15 @@ class UsageError(ValueError):
 
 class CheckpointError(UsageError):
     """A checkpoint that cannot be read or does not fit the requested run."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT stopped training at a step boundary, after a checkpoint was saved there.
+    A KeyboardInterrupt, so that code not expecting it still stops."""
+
+    def __init__(self, step: int, save_path: str):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.save_path = step, save_path
 
 
 # ----------------------------------------------------------------------------
@@ -108,12 +128,12 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
     if checkpoint is not None:
         saved = checkpoint["config"]
-        if saved["task"] != task:
-            raise CheckpointError(f"the checkpoint holds a {saved['task']!r} run, not {task!r}")
+        _check_checkpoint_kind(checkpoint, task, given.get("algo", Config.algo))
         for k, v in given.items():
             if k in RUN_FIELDS and v != saved[k]:
-                raise CheckpointError(f"the checkpoint was trained with {k}={saved[k]!r}; "
-                                      f"{k}={v!r} was given (leave it out to resume)")
+                option = "--" + k.replace("_", "-")
+                raise CheckpointError(f"the checkpoint has {FIELD_WORDS.get(k, k)} {_show(saved[k])}, "
+                                      f"this run asks for {_show(v)} (leave {option} out to resume it)")
         values = {**saved, **given}
     else:
         if paper and task not in PAPER:
@@ -122,6 +142,35 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
     cfg = Config(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Config)}})
     validate(cfg)
     return cfg
+
+
+# A checkpoint's settings in the words of the options that set them.
+FIELD_WORDS = {"T": "sequence length T", "K": "segment count K", "hidden": "hidden size",
+               "batch": "batch size"}
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe_checkpoint(checkpoint: dict) -> str:
+    """What a (loaded) checkpoint is, e.g. 'add bptt T=12 K=3 H=8 batch=8 lr=0.02 seed=0
+    at step 3 of 3'."""
+    saved = checkpoint["config"]
+    cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
+    return f"{cfg.describe()} at step {checkpoint['step']} of {cfg.steps}"
+
+
+def _check_checkpoint_kind(checkpoint: dict, task: str, algo: str) -> None:
+    """The task and algorithm decide what a checkpoint's tensors mean: resuming a BPTT
+    (or other-task) checkpoint as this run would train something else, so refuse it,
+    saying what it is. `algo` is fptt unless given, as for a fresh run."""
+    saved = checkpoint["config"]
+    if saved["task"] == task and saved["algo"] == algo:
+        return
+    hint = f" (give --algo {saved['algo']} to resume it)" if saved["task"] == task else ""
+    raise CheckpointError(f"the checkpoint holds the run '{describe_checkpoint(checkpoint)}'; "
+                          f"this run asks for {task} {algo}{hint}")
 
 
 def validate(cfg: Config) -> None:
@@ -311,22 +360,144 @@ def save_checkpoint(path: str, payload: dict) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of an error, unless it advises weights_only=False: loading a file
+    of unknown origin that way runs whatever code it holds."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return type(e).__name__ if not first or "weights_only" in first else first
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read and sanity-check a checkpoint (on the CPU); CheckpointError if unusable."""
+    """Read and sanity-check a checkpoint (on the CPU, with torch's weights-only
+    unpickler only); CheckpointError saying what the file is if it is no usable one."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint file at {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    if head != ZIP_MAGIC:
+        raise CheckpointError(f"{path} is not a fptt_fast checkpoint (not a file written by torch.save)")
+    try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt/truncated files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): {first}") from None
+    except pickle.UnpicklingError:
+        # objects other than tensors and plain containers: never ours, and not loaded
+        # (torch's message suggests weights_only=False, which would run the file's code)
+        raise CheckpointError(f"{path} is not a fptt_fast checkpoint (it holds Python objects that "
+                              f"a checkpoint never does; not loaded, as that could run code)") from None
+    except Exception as e:  # torch raises many types for corrupt/truncated archives
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated?): "
+                              f"{_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not an fptt_fast training checkpoint ({CKPT_FORMAT})")
+        raise CheckpointError(f"{path} is not a fptt_fast checkpoint (a torch file holding "
+                              f"{_what_is(ckpt)}, without the {CKPT_FORMAT!r} format mark)")
+    _check_layout(path, ckpt)
+    return ckpt
+
+
+def _what_is(obj) -> str:
+    """A few words on what a torch file holds, to name a foreign file."""
+    if isinstance(obj, dict):
+        keys = [str(k) for k in list(obj)[:4]]
+        return f"a dict with keys {', '.join(keys)}{', ...' if len(obj) > 4 else ''}" if keys else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def _check_layout(path: str, ckpt: dict) -> None:
+    """The keys and value types the rest of the code relies on, so that a damaged or
+    hand-edited checkpoint ends in CheckpointError, not in a TypeError mid-way."""
     missing = [k for k in ("config", "step", "model", "optimizer", "data_rng", "torch_rng",
                            "python_rng", "history", "elapsed") if k not in ckpt]
-    if missing or not set(RUN_FIELDS) <= set(ckpt["config"]):
+    if missing or not isinstance(ckpt["config"], dict) or not set(RUN_FIELDS) <= set(ckpt["config"]):
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing or 'config fields'})")
-    return ckpt
+    for f in dataclasses.fields(Config):
+        value, want = ckpt["config"].get(f.name, f.default), type(f.default)
+        if not (type(value) is want or (want is float and type(value) is int)):
+            raise CheckpointError(f"checkpoint {path} is damaged: config {f.name}={value!r}")
+    if not (type(ckpt["step"]) is int and isinstance(ckpt["elapsed"], (int, float))
+            and isinstance(ckpt["history"], list) and isinstance(ckpt["model"], dict)
+            and all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())
+            and isinstance(ckpt["optimizer"], dict)):
+        raise CheckpointError(f"checkpoint {path} is damaged (step, elapsed, history, model or optimizer)")
+
+
+# ----------------------------------------------------------------------------
+# Output paths: checked (and created) before training
+# ----------------------------------------------------------------------------
+
+
+def run_files_in(folder: str, names=RUN_FILES) -> list:
+    """Those of a run's files (`names`, relative to `folder`) that `folder` holds."""
+    return [n for n in names if os.path.lexists(os.path.join(folder, n))]
+
+
+def _missing_folders(folder: str, option: str, given: str | None = None) -> list:
+    """The folders to create for `folder`, outermost first; UsageError if the nearest
+    existing one on the way up is not a folder (e.g. --save README.md/ck.pt). `given`:
+    the path as the user gave it (a file in `folder`), for the message."""
+    given = given or folder
+    missing, p = [], os.path.normpath(folder)
+    while p not in ("", os.sep) and not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if p and not os.path.isdir(p):
+        what = option if p == os.path.normpath(given) else f"{option} {given}:"
+        raise UsageError(f"{what} {p} is not a folder")
+    return missing[::-1]
+
+
+def check_folder(folder: str, option: str) -> None:
+    """A folder the run will write into: it or its nearest existing parent is a folder.
+    Creates nothing; see prepare_folders."""
+    _missing_folders(folder, option)
+
+
+def check_new_file(path: str, option: str, may_replace: str | None = None) -> None:
+    """A file the run will write: a file name, not a folder, and not an existing file,
+    which would be another run's, unless it is `may_replace` (the checkpoint resumed:
+    the same run, continuing). Creates nothing; see prepare_folders."""
+    if not os.path.basename(path):
+        raise UsageError(f"{option} {path!r} names no file")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path} is a folder; give a file path")
+    if os.path.lexists(path) and not (may_replace and os.path.exists(path)
+                                      and os.path.samefile(path, may_replace)):
+        raise UsageError(f"{option} {path} already exists, and a run never overwrites another run's "
+                         f"files: choose a new path")
+    _missing_folders(os.path.dirname(path) or ".", option, given=path)
+
+
+def prepare_folders(folders: list) -> None:
+    """Create each (folder, option) with its missing parents and write and remove a
+    probe file in it: proof, before minutes of training, that the run's files can be
+    written there (/proc, a read-only mount, a full disk fail here, not at the first
+    checkpoint). On failure the folders created here are removed, then UsageError."""
+    created = []
+    try:
+        for folder, option in folders:
+            for d in _missing_folders(folder, option):
+                try:
+                    os.mkdir(d)
+                except OSError as e:
+                    raise UsageError(f"{option}: cannot create folder {d} ({e.strerror})") from None
+                created.append(d)
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".fptt-fast-probe.", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise UsageError(f"{option}: cannot write in folder {folder} ({e.strerror})") from None
+    except UsageError:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
 
 
 def write_csv(path: str, history: list, metric: str) -> None:
@@ -391,6 +562,57 @@ def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _model_layout(state: dict):
+    """(kind, sizes) of a model state dict: kind 'reference' for reference.LSTMWithHead
+    (keys 'lstm.*'), 'fused' for FPTTLSTM; sizes {input, hidden, output} from the
+    shapes of weight_ih_l0 (4H x I) and head.weight (O x H), or None if keys are missing."""
+    kind = "reference" if any(k.startswith("lstm.") for k in state) else "fused"
+    w_ih = state.get("lstm.weight_ih_l0", state.get("weight_ih_l0"))
+    head = state.get("head.weight")
+    if w_ih is None or head is None or w_ih.dim() != 2 or head.dim() != 2:
+        return kind, None
+    return kind, {"input": w_ih.shape[1], "hidden": head.shape[1], "output": head.shape[0]}
+
+
+def _check_model_fits(saved: dict, ours: dict) -> None:
+    """Say why a checkpoint's model cannot load into this run's in the user's terms
+    (sizes, backend), rather than as load_state_dict's tensor names and shapes."""
+    (saved_kind, saved_sizes), (our_kind, our_sizes) = _model_layout(saved), _model_layout(ours)
+    if saved_kind != our_kind:
+        if saved_kind == "fused":
+            raise CheckpointError("the checkpoint holds the fused FPTTLSTM model; --backend reference "
+                                  "trains another one: resume with --backend auto, cpu, triton or cuda")
+        raise CheckpointError("the checkpoint holds the reference backend's model; resume it with "
+                              "--backend reference")
+    if saved_sizes and our_sizes and saved_sizes != our_sizes:
+        raise CheckpointError("; ".join(f"the checkpoint has {name} size {saved_sizes[name]}, this run "
+                                        f"asks for {our_sizes[name]}" for name in ("input", "hidden", "output")
+                                        if saved_sizes[name] != our_sizes[name]))
+
+
+@contextlib.contextmanager
+def _sigint_at_step_boundary():
+    """Yields a function saying whether SIGINT arrived. A checkpoint taken in the middle
+    of a step (a sequence's segments half applied) could not resume bitwise, so the
+    first SIGINT only sets a flag that the loop reads between steps; a second one
+    interrupts at once (KeyboardInterrupt), losing only the steps since the last save.
+    Signals can only be handled in the main thread: elsewhere, nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 class Run:
     """A configured run: built (and, with a checkpoint, restored) without writing files.
 
@@ -405,6 +627,10 @@ class Run:
         self.step, self.elapsed, self.history = 0, 0.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
+        if checkpoint is not None and self.cfg.steps == self.step:
+            # resuming would train nothing: say so instead of exiting 0
+            raise UsageError(f"the checkpoint's run is complete (step {self.step} of {cfg.steps}); "
+                             f"give --steps above {self.step} to train on")
         if self.cfg.steps < self.step:
             raise UsageError(f"steps={cfg.steps} but the checkpoint is already at step {self.step}")
 
@@ -422,6 +648,7 @@ class Run:
                 "python_rng": random.getstate()}
 
     def _restore(self, ckpt: dict) -> None:
+        _check_model_fits(ckpt["model"], self.trainer.model.state_dict())
         try:
             self.trainer.model.load_state_dict(ckpt["model"])
             self.trainer.opt.load_state_dict(ckpt["optimizer"])
@@ -437,18 +664,32 @@ class Run:
         self.history = [tuple(r) for r in ckpt["history"]]
 
     # -- the loop --
+    def save(self, csv_path: str, save_path: str) -> None:
+        write_csv(csv_path, self.history, self.task.metric)
+        save_checkpoint(save_path, self.state())
+
     def fit(self, out_dir: str, save_path: str | None = None, progress: bool = True) -> list:
         """Train up to cfg.steps, evaluating every eval_every steps and at the end; each
-        evaluation rewrites the CSV and the checkpoint; the plot is drawn at the end."""
+        evaluation rewrites the CSV and the checkpoint; the plot is drawn at the end.
+        SIGINT: the CSV and checkpoint are written after the step under way, then
+        Interrupted is raised."""
         from tqdm import tqdm
 
         cfg, trainer = self.cfg, self.trainer
-        csv_path = os.path.join(out_dir, "log.csv")
-        save_path = save_path or os.path.join(out_dir, "checkpoint.pt")
+        csv_path = os.path.join(out_dir, LOG_CSV)
+        save_path = save_path or os.path.join(out_dir, CHECKPOINT)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=f"{cfg.task} {cfg.algo}",
                    disable=not progress, dynamic_ncols=True, smoothing=0.1)
         start = time.perf_counter() - self.elapsed
-        test = None
+        with _sigint_at_step_boundary() as interrupted:
+            self._loop(bar, start, csv_path, save_path, interrupted)
+            self.save(csv_path, save_path)  # a SIGINT from here on lets the run finish
+            plot_curves(os.path.join(out_dir, LOSS_PNG), {cfg.algo: self.history}, self.task.metric,
+                        cfg.describe())
+        return self.history
+
+    def _loop(self, bar, start, csv_path, save_path, interrupted) -> None:
+        cfg, trainer = self.cfg, self.trainer
         try:
             while self.step < cfg.steps:
                 x, y = self.task.batch(cfg.batch, self.gen, self.device)
@@ -464,18 +705,15 @@ class Run:
                 bar.update(1)
                 if test is not None:
                     bar.set_postfix_str(f"loss={loss:.4g} {self.task.metric}={test:.4g}")
-                    if self.step < cfg.steps:  # the last step's files are written below
-                        write_csv(csv_path, self.history, self.task.metric)
-                        save_checkpoint(save_path, self.state())
+                    if self.step < cfg.steps:  # the last step's files are written by fit
+                        self.save(csv_path, save_path)
                 elif self.step % 10 == 0:
                     bar.set_postfix_str(f"loss={loss:.4g}")
+                if interrupted() and self.step < cfg.steps:
+                    self.save(csv_path, save_path)
+                    raise Interrupted(self.step, save_path)
         finally:
             bar.close()
-        write_csv(csv_path, self.history, self.task.metric)
-        save_checkpoint(save_path, self.state())
-        plot_curves(os.path.join(out_dir, "loss.png"), {cfg.algo: self.history}, self.task.metric,
-                    cfg.describe())
-        return self.history
 
     def final(self) -> tuple:
         """(step, train_loss, test metric) of the last evaluated step."""

@@ -113,10 +113,10 @@ BAD = [
     (["train", "add", "--T", "4", "--K", "5"], "need T >= K"),
     (["train", "add", "--T", "10", "--K", "6"], "choose K so that"),
     (["train", "add", "--resume", "truncated.pt"], "corrupt or truncated"),
-    (["train", "add", "--resume", "corrupt.pt"], "corrupt or truncated"),
+    (["train", "add", "--resume", "corrupt.pt"], "corrupt.pt is not a fptt_fast checkpoint"),
     (["train", "add", "--resume", "missing.pt"], "no checkpoint file"),
-    (["train", "digits", "--resume", "good.pt"], "'add' run, not 'digits'"),
-    (["train", "add", "--resume", "good.pt", "--hidden", "16"], "trained with hidden=8"),
+    (["train", "digits", "--resume", "good.pt"], "holds the run 'add fptt T=12"),
+    (["train", "add", "--resume", "good.pt", "--hidden", "16"], "has hidden size 8, this run asks for 16"),
     (["train", "add", "--steps", "abc"], "invalid int value"),
 ]
 

@@ -61,7 +61,7 @@ def test_resume_is_bitwise_identical(tmp_path, task, algo):
     ckpt = load_checkpoint(str(tmp_path / "ck.pt"))
     assert ckpt["step"] == 7
     torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
-    resumed = Run(make_config(task, {"steps": 13}, checkpoint=ckpt), ckpt)
+    resumed = Run(make_config(task, {"steps": 13, "algo": algo}, checkpoint=ckpt), ckpt)
     resumed.fit(str(tmp_path / "resumed"), progress=False)
 
     _tensors_equal(full.trainer.model.state_dict(), resumed.trainer.model.state_dict(), "model")
@@ -142,9 +142,123 @@ def test_unknown_task_and_mismatching_checkpoint(tmp_path):
     path = str(tmp_path / "ck.pt")
     Run(make_config("add", dict(TINY, steps=2))).fit(str(tmp_path), save_path=path, progress=False)
     ckpt = load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="'add' run, not 'digits'"):
+    with pytest.raises(CheckpointError, match="holds the run 'add fptt T=12 .* at step 2 of 2'; "
+                                              "this run asks for digits fptt$"):
         make_config("digits", {}, checkpoint=ckpt)
-    with pytest.raises(CheckpointError, match="hidden=8"):
+    with pytest.raises(CheckpointError, match="has hidden size 8, this run asks for 16 .leave --hidden out"):
         make_config("add", {"hidden": 16}, checkpoint=ckpt)
     with pytest.raises(UsageError, match="already at step 2"):
         Run(make_config("add", {"steps": 1}, checkpoint=ckpt), ckpt)
+    with pytest.raises(UsageError, match=r"complete \(step 2 of 2\); give --steps above 2"):
+        Run(make_config("add", {}, checkpoint=ckpt), ckpt)  # would train nothing
+
+
+def test_checkpoint_of_another_algorithm_is_refused(tmp_path):
+    """A BPTT checkpoint is not resumed as FPTT (the default algo), and the error names
+    what it is and how to resume it."""
+    path = str(tmp_path / "ck.pt")
+    Run(make_config("add", dict(TINY, algo="bptt", steps=2))).fit(str(tmp_path), save_path=path, progress=False)
+    ckpt = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="holds the run 'add bptt T=12 K=3 H=8 .*'; this run asks for "
+                                              "add fptt .give --algo bptt to resume it"):
+        make_config("add", {"steps": 4}, checkpoint=ckpt)
+    assert make_config("add", {"steps": 4, "algo": "bptt"}, checkpoint=ckpt).algo == "bptt"
+
+
+def test_model_mismatch_in_the_users_terms(tmp_path):
+    """Run(cfg, checkpoint) with another model: sizes (and the model kind), not
+    load_state_dict's tensor names and shapes."""
+    path = str(tmp_path / "ck.pt")
+    Run(make_config("add", dict(TINY, steps=2))).fit(str(tmp_path), save_path=path, progress=False)
+    ckpt = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="^the checkpoint has hidden size 8, this run asks for 16$"):
+        Run(make_config("add", dict(TINY, hidden=16, steps=4)), ckpt)
+    digits = make_config("digits", dict(K=4, hidden=8, batch=8, steps=4))
+    with pytest.raises(CheckpointError, match="^the checkpoint has input size 2, this run asks for 1; "
+                                              "the checkpoint has output size 1, this run asks for 10$"):
+        Run(digits, ckpt)
+    with pytest.raises(CheckpointError, match="fused FPTTLSTM model; --backend reference"):
+        Run(make_config("add", dict(TINY, backend="reference", steps=4)), ckpt)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "not a file written by torch.save"),
+    (b"garbage " * 100, "not a file written by torch.save"),
+    ({"weight": torch.zeros(3), "bias": torch.zeros(1)}, "a torch file holding a dict with keys weight, bias"),
+    (torch.zeros(2), "a torch file holding a Tensor"),
+    ({"x": __import__("fractions").Fraction(1, 3)}, "holds Python objects that a checkpoint never does"),
+])
+def test_not_a_checkpoint(tmp_path, content, match):
+    """Foreign files are named as such; nothing is unpickled beyond torch's weights-only
+    set, and torch's advice to load with weights_only=False is not passed on."""
+    path = tmp_path / "x.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(CheckpointError, match=match) as e:
+        load_checkpoint(str(path))
+    assert "not a fptt_fast checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_damaged_checkpoint_fields_are_refused(tmp_path):
+    path = tmp_path / "ck.pt"
+    Run(make_config("add", dict(TINY, steps=2))).fit(str(tmp_path), save_path=str(path), progress=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["hidden"] = "8"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="damaged: config hidden='8'"):
+        load_checkpoint(str(path))
+
+
+def test_sigint_mid_step_saves_at_the_step_boundary(tmp_path, monkeypatch):
+    """SIGINT arriving in the middle of a step (its batch drawn, its update not yet made)
+    stops the run after that step, with a checkpoint of it; resuming it ends bitwise
+    identical to an uninterrupted run."""
+    import signal
+
+    given = dict(TINY, steps=9, seed=5)
+    full = Run(make_config("add", given))
+    full.fit(str(tmp_path / "full"), progress=False)
+
+    run = Run(make_config("add", given))
+    train_batch, calls = run.trainer.train_batch, []
+
+    def signalled_mid_step(x, y):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before this step's update
+        return train_batch(x, y)
+
+    def not_deferred(signum, frame):  # a failure of this test, not pytest's own Ctrl-C
+        raise AssertionError("SIGINT reached the handler outside fit: not deferred")
+
+    monkeypatch.setattr(run.trainer, "train_batch", signalled_mid_step)
+    path = str(tmp_path / "ck.pt")
+    outside = signal.signal(signal.SIGINT, not_deferred)
+    try:
+        with pytest.raises(train.Interrupted) as e:
+            run.fit(str(tmp_path / "cut"), save_path=path, progress=False)
+        assert signal.getsignal(signal.SIGINT) is not_deferred  # fit restored the handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
+    assert (e.value.step, e.value.save_path) == (4, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 4 and len(ckpt["history"]) == 4
+    resumed = Run(make_config("add", {"steps": 9}, checkpoint=ckpt), ckpt)
+    resumed.fit(str(tmp_path / "cut"), save_path=path, progress=False)
+    _tensors_equal(full.trainer.model.state_dict(), resumed.trainer.model.state_dict(), "model")
+    _tensors_equal(full.trainer.opt.state_dict(), resumed.trainer.opt.state_dict(), "optimizer")
+    assert [r[:3] for r in full.history] == [r[:3] for r in resumed.history]
+
+
+def test_prepare_folders_creates_or_leaves_nothing(tmp_path, monkeypatch):
+    """An unusable folder in the list: UsageError, and the folders created for the
+    earlier ones are removed again."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="--save afile/x: afile is not a folder"):
+        train.prepare_folders([("a/b/c", "--out"), ("afile/x", "--save")])
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+    train.prepare_folders([("a/b/c", "--out")])
+    assert os.listdir("a/b/c") == []  # the probe file is gone
