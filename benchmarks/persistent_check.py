@@ -222,6 +222,49 @@ def timings(quick):
     return res
 
 
+PHASES = ("forward", "head", "backward", "partials+sync", "reduce+sync", "update+sync")
+
+
+def phase_profile(label, fn, omega):
+    """Block 0's phase times (clock64 stamps written by the kernel), in us per segment."""
+    ext = fptt_fast.backends.extension()
+    n = ext._lstm_persistent_profile_slots
+    stamps = torch.zeros(n, dtype=torch.int64, device=DEV)
+    fn()
+    torch.cuda.synchronize()
+    ext._lstm_persistent_profile(stamps)
+    fn()
+    torch.cuda.synchronize()
+    ext._lstm_persistent_profile(None)
+    st = stamps.cpu().tolist()
+    gt0, c0, gt1, c1 = st[-4:]
+    ghz = (c1 - c0) / max(gt1 - gt0, 1)  # clock ticks per ns
+    segs = [st[i * 8:(i + 1) * 8] for i in range(8)]
+    segs = [sg for sg in segs if sg[0] and sg[6]]
+    out = {}
+    for i, name in enumerate(PHASES):
+        out[name] = sum((sg[i + 1] - sg[i]) for sg in segs) / len(segs) / ghz / 1000.0
+    out["total_us_launch"] = (c1 - c0) / ghz / 1000.0
+    out["clock_ghz"] = ghz
+    line = "  ".join(f"{k} {v:.1f}" for k, v in out.items() if k in PHASES)
+    print(f"profile {label}: per segment (us): {line}; per step fwd "
+          f"{out['forward'] / omega:.2f} bwd {out['backward'] / omega:.2f}; clock {ghz:.2f} GHz",
+          flush=True)
+    return out
+
+
+def profiles():
+    I, H, O, B = 2, 128, 1, 128
+    g = torch.Generator(device=DEV).manual_seed(9)
+    res = {}
+    for omega in (1, 10, 100):
+        x = torch.randn(omega, B, I, device=DEV, generator=g)
+        y = torch.randn(B, O, device=DEV, generator=g)
+        m = model(I, H, O, "mse", False, "adam", "cuda", "persistent")
+        res[f"add_w{omega}"] = phase_profile(f"add w={omega}", lambda: m.train_segment(x, y), omega)
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -251,11 +294,12 @@ def main():
             cases = cases[:4]
         rows = correctness(cases)
     print(f"correctness: {time.time() - t0:.1f} s", flush=True)
+    prof = profiles()
     res = timings(args.quick)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "persistent.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                       date=time.strftime("%Y-%m-%d"), correctness=rows, timings=res), f, indent=1)
+                       date=time.strftime("%Y-%m-%d"), correctness=rows, timings=res, profile=prof), f, indent=1)
     bad = [r for r in rows if not r["ok"]]
     print(f"persistent_check: {len(rows) - len(bad)}/{len(rows)} correctness cases passed")
     sys.exit(1 if bad else 0)

@@ -46,6 +46,7 @@
 #include <stdint.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include "fptt_fast/cuda_kernels.h"
 #include "fptt_fast/cuda_lstm.h"
@@ -124,6 +125,28 @@ __device__ __forceinline__ void slice_reduce(float (&v)[MAXB * W], int s) {
   SliceLevel<MAXB, W, 8>::run(v, s);
 }
 
+// f(std::integral_constant<int, b>) for the compile-time rows b in [LO, HI): the row
+// loops stay unrolled (register arrays indexed by constants) while a caller can skip
+// whole ranges of rows with a run-time test around the call.
+template <int LO, int HI, class F>
+__device__ __forceinline__ void for_rows(F&& f) {
+  if constexpr (LO < HI) {
+    f(std::integral_constant<int, LO>{});
+    for_rows<LO + 1, HI>(f);
+  }
+}
+
+// f over the rows [0, MAXB) that can hold data when the cluster has nb rows: the first
+// half always, the third and last quarters only when nb reaches into them (rows >= nb
+// hold zeros, so skipping them changes nothing; it saves their FMAs when B does not fill
+// every cluster, e.g. 9 rows of 16).
+template <int MAXB, class F>
+__device__ __forceinline__ void for_live_rows(int nb, F&& f) {
+  for_rows<0, MAXB / 2>(f);
+  if (nb > MAXB / 2) for_rows<MAXB / 2, 3 * MAXB / 4>(f);
+  if (nb > 3 * MAXB / 4) for_rows<3 * MAXB / 4, MAXB>(f);
+}
+
 template <int MAXB>
 __device__ __forceinline__ int row_of_lane(int s) {
   return MAXB == 16 ? s : (MAXB == 8 ? s >> 1 : -1);
@@ -140,8 +163,8 @@ struct Smem {
   static constexpr int HP = 16 * CL;
   static constexpr int hbuf = 0;                                  // [2][MAXB][HP]  h_{t-1}
   static constexpr int dgbuf = hbuf + 2 * MAXB * HP;              // [2][MAXB][4 HP] dG_t
-  static constexpr int hprev = dgbuf + 2 * MAXB * 4 * HP;         // [2][MAXB][HP] backward h_{t-1}
-  static constexpr int xbuf = hprev + 2 * MAXB * HP;              // [2][MAXB][kPersistMaxInput]
+  static constexpr int hown = dgbuf + 2 * MAXB * 4 * HP;          // [2][MAXB][kUnits] h_{t-1}, own units
+  static constexpr int xbuf = hown + 2 * MAXB * kUnits;           // [2][MAXB][kPersistMaxInput]
   static constexpr int wo = xbuf + 2 * MAXB * kPersistMaxInput;   // [kPersistMaxOutput][HP]
   static constexpr int dpred = wo + kPersistMaxOutput * HP;       // [MAXB][kPersistMaxOutput]
   static constexpr int total = dpred + MAXB * kPersistMaxOutput;
@@ -202,7 +225,14 @@ struct PKArgs {
   int bpc;            // batch rows per cluster
   int n_clusters;
   int optimizer;
+  long long* prof;    // null, or [kProfSlots] clock64 stamps of block 0 (tuning only)
 };
+
+// Tuning stamps (clock64 of block 0, thread 0) of the first kProfSegs segments: segment
+// start, forward done, head done, backward done, partials written, gradients reduced,
+// update done; then globaltimer/clock64 at the start and the end (for the clock rate).
+constexpr int kProfSegs = 8, kProfPer = 8, kProfSlots = kProfSegs * kProfPer + 4;
+long long* g_prof = nullptr;
 
 template <int CL, int MAXB>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -236,7 +266,17 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   double* rowloss = reinterpret_cast<double*>(a.scratch + L.rowloss);
   float* hbuf = sm + S::hbuf;
   float* dgbuf = sm + S::dgbuf;
-  float* hprev = sm + S::hprev;
+  float* hown = sm + S::hown;
+  const bool stamp = k.prof != nullptr && blockIdx.x == 0 && tid == 0;
+  auto mark = [&](int64_t seg, int i) {
+    if (stamp && seg < kProfSegs) k.prof[seg * kProfPer + i] = clock64();
+  };
+  if (stamp) {
+    unsigned long long gt;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
+    k.prof[kProfSegs * kProfPer] = (long long)gt;
+    k.prof[kProfSegs * kProfPer + 1] = clock64();
+  }
   float* xbuf = sm + S::xbuf;
   float* wo = sm + S::wo;
   float* dpred = sm + S::dpred;
@@ -261,6 +301,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   const int64_t T = a.T;
   for (int64_t p = 0; p < k.n_segs; ++p) {
     const int64_t t0 = p * k.omega;
+    mark(p, 0);
     const int Tp = int(min(k.omega, T - t0));  // steps of this segment
     const float weight =
         k.weight_ramp ? float(double(p + 1) / double(k.n_segs)) : a.weight;
@@ -373,10 +414,10 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       float v[MAXB * 4];
 #pragma unroll
       for (int e = 0; e < MAXB * 4; ++e) v[e] = 0.f;
-      // All MAXB rows, unconditionally: rows >= nb are zero in shared memory (a run-time
-      // bound would stop the unrolling and move v to local memory).
-#pragma unroll
-      for (int b = 0; b < MAXB; ++b) {
+      // Rows by compile-time index (a run-time bound would stop the unrolling and move v
+      // to local memory); rows >= nb are zero in shared memory.
+      for_live_rows<MAXB>(nb, [&](auto bc) {
+        constexpr int b = decltype(bc)::value;
         float hv[KH];
         load_slice<KH>(hb + b * HP, s, hv);
 #pragma unroll
@@ -389,7 +430,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
 #pragma unroll
           for (int g = 0; g < 4; ++g) v[b * 4 + g] = fmaf(wx[g][m], xv, v[b * 4 + g]);
         }
-      }
+      });
       slice_reduce<MAXB, 4>(v, s);
       float h_new = 0.f;
       if (rb < nb && jvalid) {
@@ -420,6 +461,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       }
       cluster.sync();
     }
+    mark(p, 1);
     {  // the head of the last step
       const int64_t tl = t0 + Tp;
       const float* hb = hbuf + (tl & 1) * MAXB * HP;
@@ -431,49 +473,59 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       }
     }
 
+    mark(p, 2);
     // ---- backward --------------------------------------------------------------------------
-    float wt[KR];  // W_hh[r][j] for this slice's rows r (rho = g * HP + unit)
+    // Thread (u, s) keeps W_hh[r][j] for its unit j and the slice of the 4H rows r
+    // (rho = g * HP + unit, r = g * H + unit): the recurrent product dh_{t-1} = dG_t W_hh
+    // and the W_hh gradient column dW[r][j] += dG_t[b][r] h_{t-1}[b][j] both use the same
+    // dG_t values loaded from shared memory (two FMAs per load). h_{t-1}[b][j] of the own
+    // units comes from the owner lanes through `hown`; the owner lane's cell data for the
+    // next step is loaded one step ahead (its L2 latency hides behind the barrier).
+    float wt[KR];
 #pragma unroll
     for (int m = 0; m < KR; ++m) {
       const int rho = slice_index<KR>(s, m);
       const int g = rho / HP, jj = rho % HP;
       wt[m] = (jvalid && jj < H) ? __ldcg(a.w_hh + (int64_t(g) * H + jj) * H + j) : 0.f;
     }
-    float dwh[4][KH], dwx[4][kXPer], db[4];
+    float dwt[KR], dwx[4][kXPer], db[4];
+#pragma unroll
+    for (int m = 0; m < KR; ++m) dwt[m] = 0.f;
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       db[g] = 0.f;
 #pragma unroll
-      for (int m = 0; m < KH; ++m) dwh[g][m] = 0.f;
-#pragma unroll
       for (int m = 0; m < kXPer; ++m) dwx[g][m] = 0.f;
+    }
+    const bool cell = rb < nb && jvalid;  // this lane runs the cell of (rb, j)
+    auto cell_at = [&](int t) { return (int64_t(t) * B + b0 + rb) * H + j; };
+    // the cell data of step Tp - 1; c_cur = c_t, then per step the next one's
+    float4 gq = make_float4(0.f, 0.f, 0.f, 0.f);
+    float c_cur = 0.f, c_prev = 0.f, h_prev = 0.f, dh_step = 0.f;
+    if (cell) {
+      const int64_t e = cell_at(Tp - 1);
+      gq = gates[e];
+      c_cur = cs[BH + e];
+      c_prev = cs[e];
+      h_prev = hs[e];
+      if (a.per_step) dh_step = dhh[e];
+    }
+    // x of step Tp - 1 for the input-weight gradient
+    {
+      float* xp = xbuf + ((Tp - 1) & 1) * MAXB * kPersistMaxInput;
+      for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
+        const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+        xp[e] = i < I ? __ldg(a.x + ((t0 + Tp - 1) * B + b0 + b) * I + i) : 0.f;
+      }
     }
     float dc_reg = 0.f, dh_rec = 0.f;
     for (int t = Tp - 1; t >= 0; --t) {
-      const int64_t tt = t0 + t;
       const int par = int(t & 1);
-      // stage h_{t-1} (other CTAs wrote parts of it: __ldcg) and x_t for the weight gradients
-      {
-        float* hp = hprev + par * MAXB * HP;
-        for (int e = tid; e < nb * HP; e += kThreads) {
-          const int b = e / HP, jj = e % HP;
-          hp[e] = jj < H ? __ldcg(hs + (int64_t(t) * B + b0 + b) * H + jj) : 0.f;
-        }
-        float* xp = xbuf + par * MAXB * kPersistMaxInput;
-        for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
-          const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
-          xp[e] = i < I ? __ldg(a.x + (tt * B + b0 + b) * I + i) : 0.f;
-        }
-      }
       float dg4[4] = {0.f, 0.f, 0.f, 0.f};
-      if (rb < nb && jvalid) {
-        const int64_t e = (int64_t(t) * B + b0 + rb) * H + j;
-        float dh = dh_rec;
-        if (a.per_step) dh += dhh[e];
-        else if (t == Tp - 1) dh += dh_head;
-        const float4 gt = gates[e];
+      if (cell) {
+        float dh = dh_rec + (a.per_step ? dh_step : (t == Tp - 1 ? dh_head : 0.f));
         const lstm::CellBackward d =
-            lstm::cell_backward(gt.x, gt.y, gt.z, gt.w, cs[BH + e], cs[e], dh, dc_reg);
+            lstm::cell_backward(gq.x, gq.y, gq.z, gq.w, c_cur, c_prev, dh, dc_reg);
         dc_reg = d.dc_prev;
         dg4[0] = d.d_ai;
         dg4[1] = d.d_af;
@@ -488,45 +540,68 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
 #pragma unroll
           for (int g = 0; g < 4; ++g) d[g * HP] = dg4[g];
         }
+        hown[par * MAXB * kUnits + rb * kUnits + u] = h_prev;
+      }
+      // loads for step t - 1, in flight across the barrier and the products
+      float xr[2] = {0.f, 0.f};
+      if (t > 0) {
+        c_cur = c_prev;
+        if (cell) {
+          const int64_t e = cell_at(t - 1);
+          gq = gates[e];
+          c_prev = cs[e];
+          h_prev = hs[e];
+          if (a.per_step) dh_step = dhh[e];
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int e = tid + m * kThreads;
+          const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+          if (b < nb && i < I) xr[m] = __ldg(a.x + ((t0 + t - 1) * B + b0 + b) * I + i);
+        }
       }
       cluster.sync();
       const float* dgb = dgbuf + par * MAXB * 4 * HP;
-      const float* hp = hprev + par * MAXB * HP;
+      const float* ho = hown + par * MAXB * kUnits;
       const float* xp = xbuf + par * MAXB * kPersistMaxInput;
-      // weight gradients: dW[g*H + j][k] += dG_t[b][g, j] h_{t-1}[b][k]
-      // (all MAXB rows: rows >= nb of dgbuf, hprev and xbuf are zero)
+      float v[MAXB];
 #pragma unroll
-      for (int b = 0; b < MAXB; ++b) {
+      for (int b = 0; b < MAXB; ++b) v[b] = 0.f;
+      for_live_rows<MAXB>(nb, [&](auto bc) {
+        constexpr int b = decltype(bc)::value;
+        float dv[KR];
+        load_slice<KR>(dgb + b * 4 * HP, s, dv);
+        const float hk = ho[b * kUnits + u];
+#pragma unroll
+        for (int m = 0; m < KR; ++m) {
+          v[b] = fmaf(dv[m], wt[m], v[b]);
+          dwt[m] = fmaf(dv[m], hk, dwt[m]);
+        }
         float dgv[4];
 #pragma unroll
         for (int g = 0; g < 4; ++g) dgv[g] = dgb[b * 4 * HP + g * HP + j];
-        float hv[KH];
-        load_slice<KH>(hp + b * HP, s, hv);
 #pragma unroll
         for (int g = 0; g < 4; ++g) {
-#pragma unroll
-          for (int m = 0; m < KH; ++m) dwh[g][m] = fmaf(dgv[g], hv[m], dwh[g][m]);
 #pragma unroll
           for (int m = 0; m < kXPer; ++m)
             dwx[g][m] = fmaf(dgv[g], xp[b * kPersistMaxInput + s + 16 * m], dwx[g][m]);
           db[g] += dgv[g];
         }
-      }
-      // the recurrent gradient for step t-1: dh_{t-1}[b][j] = sum_r dG_t[b][r] W_hh[r][j]
+        asm volatile("" ::: "memory");  // keep the rows' loads apart: no hoisting into spills
+      });
       if (t > 0) {
-        float v[MAXB];
-#pragma unroll
-        for (int b = 0; b < MAXB; ++b) {
-          v[b] = 0.f;
-          float dv[KR];
-          load_slice<KR>(dgb + b * 4 * HP, s, dv);
-#pragma unroll
-          for (int m = 0; m < KR; ++m) v[b] = fmaf(dv[m], wt[m], v[b]);
-        }
-        slice_reduce<MAXB, 1>(v, s);
+        slice_reduce<MAXB, 1>(v, s);  // the recurrent gradient of step t - 1
         dh_rec = v[0];
+        // x_{t-1} into the other buffer (last read at step t + 1, before this barrier)
+        float* xn = xbuf + ((t - 1) & 1) * MAXB * kPersistMaxInput;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int e = tid + m * kThreads;
+          if (e / kPersistMaxInput < nb) xn[e] = xr[m];
+        }
       }
     }
+    mark(p, 3);
 
     // ---- this cluster's partial gradients ------------------------------------------------
     if (jvalid) {
@@ -534,16 +609,18 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       for (int g = 0; g < 4; ++g) {
         const int64_t r = int64_t(g) * H + j;
 #pragma unroll
-        for (int m = 0; m < KH; ++m) {
-          const int kk = slice_index<KH>(s, m);
-          if (kk < H) part[PL.w_hh + r * H + kk] = dwh[g][m];
-        }
 #pragma unroll
         for (int m = 0; m < kXPer; ++m) {
           const int i = s + 16 * m;
           if (i < I) part[PL.w_ih + r * I + i] = dwx[g][m];
         }
         if (s == 0) part[PL.b + r] = db[g];
+      }
+#pragma unroll
+      for (int m = 0; m < KR; ++m) {
+        const int rho = slice_index<KR>(s, m);
+        const int g = rho / HP, jj = rho % HP;
+        if (jj < H) part[PL.w_hh + (int64_t(g) * H + jj) * H + j] = dwt[m];
       }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
@@ -553,14 +630,24 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     }
     if (rank == 0 && tid < O) part[PL.b_o + tid] = dbo;
     grid.sync();
+    mark(p, 4);
 
     // ---- gradients: the clusters' partials summed in cluster order; the loss --------------
     {
       const float* part0 = a.scratch + L.part;
       const int64_t stride = int64_t(gridDim.x) * kThreads;
       for (int64_t e = int64_t(blockIdx.x) * kThreads + tid; e < PL.n; e += stride) {
+        // 16 loads in flight per batch (a plain loop would wait for each one in turn),
+        // summed in cluster order; out-of-range clusters add +0
         float acc = 0.f;
-        for (int c = 0; c < k.n_clusters; ++c) acc += __ldcg(part0 + int64_t(c) * PL.n + e);
+        for (int c0 = 0; c0 < k.n_clusters; c0 += 16) {
+          float pv[16];
+#pragma unroll
+          for (int i = 0; i < 16; ++i)
+            pv[i] = c0 + i < k.n_clusters ? __ldcg(part0 + int64_t(c0 + i) * PL.n + e) : 0.f;
+#pragma unroll
+          for (int i = 0; i < 16; ++i) acc += pv[i];
+        }
         if (e < PL.w_hh) a.g_w_ih[e - PL.w_ih] = acc;
         else if (e < PL.b) a.g_w_hh[e - PL.w_hh] = acc;
         else if (e < PL.w_o) {
@@ -578,6 +665,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       }
     }
     grid.sync();
+    mark(p, 5);
 
     // ---- the fused FPTT update (clip + steps 2-6), then the next segment's weights ---------
     switch (k.optimizer) {  // uniform: one variant per launch
@@ -586,6 +674,13 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       default: fused_update_phases<OPT_ADAMW>(table, clip, status, ush); break;
     }
     grid.sync();
+    mark(p, 6);
+  }
+  if (stamp) {
+    unsigned long long gt;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(gt));
+    k.prof[kProfSegs * kProfPer + 2] = (long long)gt;
+    k.prof[kProfSegs * kProfPer + 3] = clock64();
   }
 
   if (rb < nb && jvalid && lane_writes<MAXB>(s)) {
@@ -598,6 +693,13 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
 
 template <int MAXB>
 const void* pkernel_for(int cl) {
+#ifdef FPTT_PERSIST_ONLY_CL  // tuning builds of one variant: -DFPTT_PERSIST_ONLY_CL=8 -DFPTT_PERSIST_ONLY_MAXB=16
+  if constexpr (MAXB == FPTT_PERSIST_ONLY_MAXB)
+    return cl == FPTT_PERSIST_ONLY_CL
+               ? reinterpret_cast<const void*>(&lstm_persistent_kernel<FPTT_PERSIST_ONLY_CL, MAXB>)
+               : nullptr;
+  return nullptr;
+#else
   switch (cl) {
     case 1: return reinterpret_cast<const void*>(&lstm_persistent_kernel<1, MAXB>);
     case 2: return reinterpret_cast<const void*>(&lstm_persistent_kernel<2, MAXB>);
@@ -605,6 +707,7 @@ const void* pkernel_for(int cl) {
     case 8: return reinterpret_cast<const void*>(&lstm_persistent_kernel<8, MAXB>);
     default: return nullptr;
   }
+#endif
 }
 
 const void* kernel_for(int cl, int maxb) {
@@ -738,6 +841,7 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
   k.bpc = plan.rows_per_cluster;
   k.n_clusters = plan.clusters;
   k.optimizer = optimizer;
+  k.prof = g_prof;
   if ((a.T + k.omega - 1) / k.omega != n_segs) return int(cudaErrorInvalidValue);
   UpdateTable t = table;
   float c = clip;
@@ -760,6 +864,9 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
   (void)device;
   return int(cudaLaunchKernelExC(&cfg, fn, kargs));
 }
+
+int lstm_persistent_profile_slots() { return kProfSlots; }
+void lstm_persistent_set_profile(long long* stamps) { g_prof = stamps; }
 
 }  // namespace cuda
 }  // namespace fptt

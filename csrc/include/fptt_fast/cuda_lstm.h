@@ -137,5 +137,10 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
                            const PersistentPlan& plan, const UpdateTable& table, int optimizer,
                            float clip, float* status, int device, void* stream);
 
+// Tuning only: later launches write clock64 stamps of their phases (block 0) into
+// `stamps`, a device array of lstm_persistent_profile_slots() int64 (nullptr: off).
+int lstm_persistent_profile_slots();
+void lstm_persistent_set_profile(long long* stamps);
+
 }  // namespace cuda
 }  // namespace fptt
