@@ -15,7 +15,7 @@ fi
 echo "build: $(( $(date +%s) - t )) s"
 python3 -c "import fptt_fast.backends as b; print('cuda available:', b.available('cuda'))"
 args=()
-for a in "$@"; do [ "$a" = "--quick" ] && args+=(--quick); done
+for a in "$@"; do case "$a" in --quick|--experiments) args+=("$a");; esac; done
 timeout 420 python3 benchmarks/persistent_check.py --out "$OUTDIR" "${args[@]}" 2>&1 | tee "$OUTDIR/check.log"
 rc=${PIPESTATUS[0]}
 echo "persistent_check exit $rc after $(( $(date +%s) - t )) s"

@@ -265,11 +265,38 @@ def profiles():
     return res
 
 
+DEBUG_BITS = {"real": 0, "barrier x2": 1, "no global stores": 2, "no DSMEM": 4,
+              "no prefetch": 8, "aligned barrier": 16, "product x2": 32, "no cell": 64}
+
+
+def experiments():
+    """Timing experiments (kernel variants that mostly compute wrong results): what each
+    part of a time step costs, from the differences."""
+    ext = fptt_fast.backends.extension()
+    I, H, O, B, omega = 2, 128, 1, 128, 100
+    g = torch.Generator(device=DEV).manual_seed(11)
+    x = torch.randn(omega, B, I, device=DEV, generator=g)
+    y = torch.randn(B, O, device=DEV, generator=g)
+    out = {}
+    for name, bits in DEBUG_BITS.items():
+        m = model(I, H, O, "mse", False, "adam", "cuda", "persistent")
+        m.optimizer.nonfinite = "skip"
+        ext._lstm_persistent_debug(bits)
+        fn = lambda: m.train_segment(x, y)  # noqa: E731
+        us = median_us(fn, n=5, reps=5)
+        prof = phase_profile(f"exp {name}", fn, omega)
+        out[name] = dict(kernel_us=us, **prof)
+        print(f"experiment {name:18s} {us:8.1f} us", flush=True)
+    ext._lstm_persistent_debug(0)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--experiments", action="store_true", help="tuning variants instead of the timings")
     args = ap.parse_args()
     print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__, flush=True)
     ext = fptt_fast.backends.extension()
@@ -295,11 +322,12 @@ def main():
         rows = correctness(cases)
     print(f"correctness: {time.time() - t0:.1f} s", flush=True)
     prof = profiles()
-    res = timings(args.quick)
+    exps = experiments() if args.experiments else {}
+    res = [] if args.experiments else timings(args.quick)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "persistent.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                       date=time.strftime("%Y-%m-%d"), correctness=rows, timings=res, profile=prof), f, indent=1)
+                       date=time.strftime("%Y-%m-%d"), correctness=rows, timings=res, profile=prof, experiments=exps), f, indent=1)
     bad = [r for r in rows if not r["ok"]]
     print(f"persistent_check: {len(rows) - len(bad)}/{len(rows)} correctness cases passed")
     sys.exit(1 if bad else 0)

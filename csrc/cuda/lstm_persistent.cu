@@ -66,31 +66,14 @@ static_assert(kUnits * kSlices == kThreads, "a CTA is 16 units x 16 slices = kTh
 constexpr int kXPer = kPersistMaxInput / kSlices;  // inputs per slice (2)
 static_assert(kPersistMaxInput % kSlices == 0, "inputs are dealt evenly to the slices");
 
-// Index of a thread's m-th element (of N) in a row dealt to 16 slices. With N a multiple
-// of 4 the thread's elements come in float4 groups (16 lanes read 256 contiguous bytes:
-// conflict-free); otherwise they are interleaved (lane s reads element m*16 + s).
-template <int N>
-__device__ __forceinline__ int slice_index(int s, int m) {
-  return (N % 4 == 0) ? ((m >> 2) * 64 + s * 4 + (m & 3)) : (m * 16 + s);
-}
+// Thread (u, s) of a unit holds the m-th element k = m * 16 + s of a row dealt to its 16
+// slices (interleaved). The shared arrays the products read are stored "by element, then
+// batch row" ([k][b], row stride R = MAXB + 4 floats): a thread reads 4 batch rows of one
+// element as one float4 (16 FMAs: 4 gates x 4 rows), and the 16 lanes' rows k = m*16 + s
+// land, with the stride of R floats, on distinct banks (2 wavefronts per 256 bytes).
+__device__ __forceinline__ int slice_index(int s, int m) { return m * 16 + s; }
 
-// v[m] = row[slice_index<N>(s, m)], row in shared memory, 16-byte aligned.
-template <int N>
-__device__ __forceinline__ void load_slice(const float* row, int s, float (&v)[N]) {
-  if constexpr (N % 4 == 0) {
-#pragma unroll
-    for (int m4 = 0; m4 < N / 4; ++m4) {
-      const float4 q = *reinterpret_cast<const float4*>(row + m4 * 64 + s * 4);
-      v[4 * m4] = q.x;
-      v[4 * m4 + 1] = q.y;
-      v[4 * m4 + 2] = q.z;
-      v[4 * m4 + 3] = q.w;
-    }
-  } else {
-#pragma unroll
-    for (int m = 0; m < N; ++m) v[m] = row[m * 16 + s];
-  }
-}
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // Sum over the 16 lanes of a half-warp of v[b * W + w] (b < MAXB, w < W), in a fixed tree.
 // Levels xor 8, 4, 2, 1: while a lane holds several batch rows it keeps half of them
@@ -136,15 +119,16 @@ __device__ __forceinline__ void for_rows(F&& f) {
   }
 }
 
-// f over the rows [0, MAXB) that can hold data when the cluster has nb rows: the first
-// half always, the third and last quarters only when nb reaches into them (rows >= nb
-// hold zeros, so skipping them changes nothing; it saves their FMAs when B does not fill
-// every cluster, e.g. 9 rows of 16).
+// f(std::integral_constant<int, q>) for the quads of batch rows [4q, 4q + 4) that can hold
+// data when the cluster has nb rows (rows >= nb hold zeros, so skipping them changes
+// nothing; it saves their FMAs when B does not fill the clusters, e.g. 9 rows of 16).
+// Template recursion keeps the code unrolled; the test per quad is uniform in the CTA.
 template <int MAXB, class F>
-__device__ __forceinline__ void for_live_rows(int nb, F&& f) {
-  for_rows<0, MAXB / 2>(f);
-  if (nb > MAXB / 2) for_rows<MAXB / 2, 3 * MAXB / 4>(f);
-  if (nb > 3 * MAXB / 4) for_rows<3 * MAXB / 4, MAXB>(f);
+__device__ __forceinline__ void for_live_quads(int nb, F&& f) {
+  for_rows<0, MAXB / 4>([&](auto qc) {
+    constexpr int q = decltype(qc)::value;
+    if (q == 0 || nb > 4 * q) f(qc);
+  });
 }
 
 template <int MAXB>
@@ -157,15 +141,19 @@ __device__ __forceinline__ bool lane_writes(int s) {
   return MAXB == 16 ? true : (s & 1) == 0;
 }
 
-// Shared memory of one CTA, in floats (all offsets multiples of 4: float4 aligned).
+// Shared memory of one CTA, in floats (all offsets multiples of 4: float4 aligned). The
+// broadcast arrays are [element][batch row] with row stride R, so that the 16 lanes of a
+// unit, which hold 16 batch rows of one element, write 64 contiguous bytes into each CTA of
+// the cluster (one coalesced distributed-shared-memory store instead of 16 scattered ones).
 template <int CL, int MAXB>
 struct Smem {
   static constexpr int HP = 16 * CL;
-  static constexpr int hbuf = 0;                                  // [2][MAXB][HP]  h_{t-1}
-  static constexpr int dgbuf = hbuf + 2 * MAXB * HP;              // [2][MAXB][4 HP] dG_t
-  static constexpr int hown = dgbuf + 2 * MAXB * 4 * HP;          // [2][MAXB][kUnits] h_{t-1}, own units
-  static constexpr int xbuf = hown + 2 * MAXB * kUnits;           // [2][MAXB][kPersistMaxInput]
-  static constexpr int wo = xbuf + 2 * MAXB * kPersistMaxInput;   // [kPersistMaxOutput][HP]
+  static constexpr int R = MAXB + 4;                              // row stride (floats)
+  static constexpr int hbuf = 0;                                  // [2][HP][R]   h_{t-1}
+  static constexpr int dgbuf = hbuf + 2 * HP * R;                 // [2][4 HP][R] dG_t
+  static constexpr int hown = dgbuf + 2 * 4 * HP * R;             // [2][kUnits][R] h_{t-1}, own units
+  static constexpr int xbuf = hown + 2 * kUnits * R;              // [2][kPersistMaxInput][R]
+  static constexpr int wo = xbuf + 2 * kPersistMaxInput * R;      // [kPersistMaxOutput][HP]
   static constexpr int dpred = wo + kPersistMaxOutput * HP;       // [MAXB][kPersistMaxOutput]
   static constexpr int total = dpred + MAXB * kPersistMaxOutput;
   static constexpr size_t bytes = sizeof(float) * size_t(total);
@@ -226,7 +214,20 @@ struct PKArgs {
   int n_clusters;
   int optimizer;
   long long* prof;    // null, or [kProfSlots] clock64 stamps of block 0 (tuning only)
+  int debug;          // 0; tuning experiments only (kDbg* bits; most give wrong results)
 };
+
+// Tuning experiments (lstm_persistent_set_debug): time differences between variants.
+enum : int {
+  kDbgBarrier2 = 1,   // a second cluster barrier per step (what one barrier costs)
+  kDbgNoGStore = 2,   // forward: no global stores of the cell data (wrong backward)
+  kDbgNoDsmem = 4,    // broadcasts to the own CTA only (wrong)
+  kDbgNoPrefetch = 8, // backward: no loads of the next step's cell data (wrong)
+  kDbgAligned = 16,   // barrier.cluster.*.aligned instead of cluster.sync()
+  kDbgCompute2 = 32,  // forward product twice (what the product costs; wrong)
+  kDbgNoCell = 64,    // forward: no cell math (wrong)
+};
+int g_debug = 0;
 
 // Tuning stamps (clock64 of block 0, thread 0) of the first kProfSegs segments: segment
 // start, forward done, head done, backward done, partials written, gradients reduced,
@@ -238,7 +239,7 @@ template <int CL, int MAXB>
 __global__ void __launch_bounds__(kThreads, 1)
 lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restrict__ status) {
   using S = Smem<CL, MAXB>;
-  constexpr int HP = S::HP, KH = CL, KR = 4 * CL;
+  constexpr int HP = S::HP, R = S::R, KH = CL, KR = 4 * CL, Q = MAXB / 4;
   extern __shared__ float4 smem4[];
   float* sm = reinterpret_cast<float*>(smem4);
   __shared__ UpdateShared ush;
@@ -281,6 +282,14 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   float* wo = sm + S::wo;
   float* dpred = sm + S::dpred;
   const int64_t BH = int64_t(B) * H;
+  const int dbg = k.debug;
+  auto csync = [&]() {
+    if (dbg & kDbgAligned)
+      asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    else
+      cluster.sync();
+    if (dbg & kDbgBarrier2) cluster.sync();
+  };
 
   // Zero this CTA's shared memory once: padding units and rows stay zero for good.
   for (int e = tid; e < S::total; e += kThreads) sm[e] = 0.f;
@@ -290,7 +299,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   float c_reg = 0.f, h_reg = 0.f;
   for (int e = tid; e < nb * HP; e += kThreads) {
     const int b = e / HP, jj = e % HP;
-    hbuf[b * HP + jj] = jj < H ? a.h0[int64_t(b0 + b) * H + jj] : 0.f;
+    hbuf[jj * R + b] = jj < H ? a.h0[int64_t(b0 + b) * H + jj] : 0.f;
   }
   if (rb < nb && jvalid) {
     c_reg = a.c0[int64_t(b0 + rb) * H + j];
@@ -316,7 +325,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       const int64_t r = int64_t(g) * H + j;
 #pragma unroll
       for (int m = 0; m < KH; ++m) {
-        const int kk = slice_index<KH>(s, m);
+        const int kk = slice_index(s, m);
         wf[g][m] = (jvalid && kk < H) ? __ldcg(a.w_hh + r * H + kk) : 0.f;
       }
 #pragma unroll
@@ -332,10 +341,10 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     }
     // x of the segment's first step into xbuf[t0 & 1]
     {
-      float* xb = xbuf + (t0 & 1) * MAXB * kPersistMaxInput;
+      float* xb = xbuf + (t0 & 1) * kPersistMaxInput * R;
       for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
         const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
-        xb[e] = i < I ? __ldg(a.x + (t0 * B + b0 + b) * I + i) : 0.f;
+        xb[i * R + b] = i < I ? __ldg(a.x + (t0 * B + b0 + b) * I + i) : 0.f;
       }
     }
     // h_{-1}, c_{-1} of the segment, for the backward
@@ -355,10 +364,9 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     auto head = [&](const float* hb, int64_t tt, int t_local) -> float {
       for (int e = tid; e < nb * O; e += kThreads) {
         const int b = e / O, o = e % O;
-        const float* hrow = hb + b * HP;
         const float* wrow = wo + o * HP;
         float z = 0.f;
-        for (int kk = 0; kk < H; ++kk) z = fmaf(hrow[kk], wrow[kk], z);
+        for (int kk = 0; kk < H; ++kk) z = fmaf(hb[kk * R + b], wrow[kk], z);
         dpred[b * kPersistMaxOutput + o] = z + __ldcg(a.b_o + o);
       }
       __syncthreads();
@@ -382,7 +390,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
           const int o = s + 16 * m;
           if (o < O)
             for (int b = 0; b < nb; ++b)
-              dwo[m] = fmaf(dpred[b * kPersistMaxOutput + o], hb[b * HP + j], dwo[m]);
+              dwo[m] = fmaf(dpred[b * kPersistMaxOutput + o], hb[j * R + b], dwo[m]);
         }
       }
       if (rank == 0 && tid < O)
@@ -394,8 +402,8 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     // ---- forward ---------------------------------------------------------------------------
     for (int t = 0; t < Tp; ++t) {
       const int64_t tt = t0 + t;
-      const float* hb = hbuf + (tt & 1) * MAXB * HP;
-      const float* xb = xbuf + (tt & 1) * MAXB * kPersistMaxInput;
+      const float* hb = hbuf + (tt & 1) * HP * R;
+      const float* xb = xbuf + (tt & 1) * kPersistMaxInput * R;
       if (a.per_step && t > 0) {  // the head of step t-1 (its h rows arrived at the last barrier)
         const float dh = head(hb, tt - 1, t - 1);
         if (owner) dhh[(int64_t(t - 1) * B + b0 + rb) * H + j] = dh;
@@ -414,32 +422,51 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       float v[MAXB * 4];
 #pragma unroll
       for (int e = 0; e < MAXB * 4; ++e) v[e] = 0.f;
-      // Rows by compile-time index (a run-time bound would stop the unrolling and move v
-      // to local memory); rows >= nb are zero in shared memory.
-      for_live_rows<MAXB>(nb, [&](auto bc) {
-        constexpr int b = decltype(bc)::value;
-        float hv[KH];
-        load_slice<KH>(hb + b * HP, s, hv);
+      // h_{t-1}[b][k] for the thread's k, 4 batch rows per float4 (16 FMAs), then the
+      // inputs likewise; quads by compile-time index (a run-time loop bound would stop the
+      // unrolling and move v to local memory); rows >= nb are zero in shared memory.
+      for (int rep = 0; rep < ((dbg & kDbgCompute2) ? 2 : 1); ++rep)
 #pragma unroll
-        for (int m = 0; m < KH; ++m)
+      for (int m = 0; m < KH; ++m) {
+        const float* row = hb + slice_index(s, m) * R;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+          const float4 h4 = ld4(row + 4 * q4);
 #pragma unroll
-          for (int g = 0; g < 4; ++g) v[b * 4 + g] = fmaf(wf[g][m], hv[m], v[b * 4 + g]);
+          for (int g = 0; g < 4; ++g) {
+            v[(4 * q4 + 0) * 4 + g] = fmaf(wf[g][m], h4.x, v[(4 * q4 + 0) * 4 + g]);
+            v[(4 * q4 + 1) * 4 + g] = fmaf(wf[g][m], h4.y, v[(4 * q4 + 1) * 4 + g]);
+            v[(4 * q4 + 2) * 4 + g] = fmaf(wf[g][m], h4.z, v[(4 * q4 + 2) * 4 + g]);
+            v[(4 * q4 + 3) * 4 + g] = fmaf(wf[g][m], h4.w, v[(4 * q4 + 3) * 4 + g]);
+          }
+        });
+      }
 #pragma unroll
-        for (int m = 0; m < kXPer; ++m) {
-          const float xv = xb[b * kPersistMaxInput + s + 16 * m];
+      for (int m = 0; m < kXPer; ++m) {
+        const float* row = xb + (s + 16 * m) * R;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+          const float4 x4 = ld4(row + 4 * q4);
 #pragma unroll
-          for (int g = 0; g < 4; ++g) v[b * 4 + g] = fmaf(wx[g][m], xv, v[b * 4 + g]);
-        }
-      });
+          for (int g = 0; g < 4; ++g) {
+            v[(4 * q4 + 0) * 4 + g] = fmaf(wx[g][m], x4.x, v[(4 * q4 + 0) * 4 + g]);
+            v[(4 * q4 + 1) * 4 + g] = fmaf(wx[g][m], x4.y, v[(4 * q4 + 1) * 4 + g]);
+            v[(4 * q4 + 2) * 4 + g] = fmaf(wx[g][m], x4.z, v[(4 * q4 + 2) * 4 + g]);
+            v[(4 * q4 + 3) * 4 + g] = fmaf(wx[g][m], x4.w, v[(4 * q4 + 3) * 4 + g]);
+          }
+        });
+      }
       slice_reduce<MAXB, 4>(v, s);
       float h_new = 0.f;
-      if (rb < nb && jvalid) {
+      if (rb < nb && jvalid && (dbg & kDbgNoCell)) {
+        h_new = v[0] + v[1] + v[2] + v[3];
+      } else if (rb < nb && jvalid) {
         const lstm::CellForward f = lstm::cell_forward(v[0] + bias[0], v[1] + bias[1],
                                                        v[2] + bias[2], v[3] + bias[3], c_reg);
         c_reg = f.c;
         h_reg = f.h;
         h_new = f.h;
-        if (owner) {
+        if (owner && !(dbg & kDbgNoGStore)) {
           const int64_t e = (int64_t(t) * B + b0 + rb) * H + j;
           gates[e] = make_float4(f.i, f.f, f.g, f.o);
           cs[BH + e] = f.c;
@@ -447,24 +474,26 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
         }
       }
       if (lane_writes<MAXB>(s) && rb < nb) {
-        float* dst = hbuf + ((tt + 1) & 1) * MAXB * HP + rb * HP + j;  // j < HP always
+        float* dst = hbuf + ((tt + 1) & 1) * HP * R + j * R + rb;  // j < HP always
 #pragma unroll
-        for (int r = 0; r < CL; ++r) *cluster.map_shared_rank(dst, r) = h_new;
+        if (dbg & kDbgNoDsmem) *dst = h_new;
+        else
+          for (int r = 0; r < CL; ++r) *cluster.map_shared_rank(dst, r) = h_new;
       }
       if (more) {
-        float* xn_b = xbuf + ((tt + 1) & 1) * MAXB * kPersistMaxInput;
+        float* xn_b = xbuf + ((tt + 1) & 1) * kPersistMaxInput * R;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
           const int e = tid + m * kThreads;
-          if (e / kPersistMaxInput < nb) xn_b[e] = xn[m];
+          if (e / kPersistMaxInput < nb) xn_b[(e % kPersistMaxInput) * R + e / kPersistMaxInput] = xn[m];
         }
       }
-      cluster.sync();
+      csync();
     }
     mark(p, 1);
     {  // the head of the last step
       const int64_t tl = t0 + Tp;
-      const float* hb = hbuf + (tl & 1) * MAXB * HP;
+      const float* hb = hbuf + (tl & 1) * HP * R;
       const float dh = head(hb, tl - 1, Tp - 1);
       if (a.per_step) {
         if (owner) dhh[(int64_t(Tp - 1) * B + b0 + rb) * H + j] = dh;
@@ -484,7 +513,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     float wt[KR];
 #pragma unroll
     for (int m = 0; m < KR; ++m) {
-      const int rho = slice_index<KR>(s, m);
+      const int rho = slice_index(s, m);
       const int g = rho / HP, jj = rho % HP;
       wt[m] = (jvalid && jj < H) ? __ldcg(a.w_hh + (int64_t(g) * H + jj) * H + j) : 0.f;
     }
@@ -512,10 +541,10 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     }
     // x of step Tp - 1 for the input-weight gradient
     {
-      float* xp = xbuf + ((Tp - 1) & 1) * MAXB * kPersistMaxInput;
+      float* xp = xbuf + ((Tp - 1) & 1) * kPersistMaxInput * R;
       for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
         const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
-        xp[e] = i < I ? __ldg(a.x + ((t0 + Tp - 1) * B + b0 + b) * I + i) : 0.f;
+        xp[i * R + b] = i < I ? __ldg(a.x + ((t0 + Tp - 1) * B + b0 + b) * I + i) : 0.f;
       }
     }
     float dc_reg = 0.f, dh_rec = 0.f;
@@ -533,20 +562,25 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
         dg4[3] = d.d_ao;
       }
       if (lane_writes<MAXB>(s) && rb < nb) {
-        float* dst = dgbuf + par * MAXB * 4 * HP + rb * 4 * HP + j;
+        float* dst = dgbuf + par * 4 * HP * R + j * R + rb;
+        if (dbg & kDbgNoDsmem) {
 #pragma unroll
-        for (int r = 0; r < CL; ++r) {
-          float* d = cluster.map_shared_rank(dst, r);
+          for (int g = 0; g < 4; ++g) dst[g * HP * R] = dg4[g];
+        } else {
 #pragma unroll
-          for (int g = 0; g < 4; ++g) d[g * HP] = dg4[g];
+          for (int r = 0; r < CL; ++r) {
+            float* d = cluster.map_shared_rank(dst, r);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) d[g * HP * R] = dg4[g];
+          }
         }
-        hown[par * MAXB * kUnits + rb * kUnits + u] = h_prev;
+        hown[par * kUnits * R + u * R + rb] = h_prev;
       }
       // loads for step t - 1, in flight across the barrier and the products
       float xr[2] = {0.f, 0.f};
       if (t > 0) {
         c_cur = c_prev;
-        if (cell) {
+        if (cell && !(dbg & kDbgNoPrefetch)) {
           const int64_t e = cell_at(t - 1);
           gq = gates[e];
           c_prev = cs[e];
@@ -560,44 +594,64 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
           if (b < nb && i < I) xr[m] = __ldg(a.x + ((t0 + t - 1) * B + b0 + b) * I + i);
         }
       }
-      cluster.sync();
-      const float* dgb = dgbuf + par * MAXB * 4 * HP;
-      const float* ho = hown + par * MAXB * kUnits;
-      const float* xp = xbuf + par * MAXB * kPersistMaxInput;
+      csync();
+      const float* dgb = dgbuf + par * 4 * HP * R;
+      const float* ho = hown + par * kUnits * R + u * R;
+      const float* xp = xbuf + par * kPersistMaxInput * R;
       float v[MAXB];
 #pragma unroll
       for (int b = 0; b < MAXB; ++b) v[b] = 0.f;
-      for_live_rows<MAXB>(nb, [&](auto bc) {
-        constexpr int b = decltype(bc)::value;
-        float dv[KR];
-        load_slice<KR>(dgb + b * 4 * HP, s, dv);
-        const float hk = ho[b * kUnits + u];
+      float4 hq[Q];  // h_{t-1}[b][j] of this unit, 4 rows per float4
 #pragma unroll
-        for (int m = 0; m < KR; ++m) {
-          v[b] = fmaf(dv[m], wt[m], v[b]);
-          dwt[m] = fmaf(dv[m], hk, dwt[m]);
-        }
-        float dgv[4];
+      for (int q4 = 0; q4 < Q; ++q4) hq[q4] = ld4(ho + 4 * q4);
+      // dG_t rows rho of this slice: the recurrent product (x W_hh[rho][j]) and the W_hh
+      // gradient column (x h_{t-1}[b][j]), two FMAs per loaded value
 #pragma unroll
-        for (int g = 0; g < 4; ++g) dgv[g] = dgb[b * 4 * HP + g * HP + j];
+      for (int m = 0; m < KR; ++m) {
+        const float* row = dgb + slice_index(s, m) * R;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+          const float4 d4 = ld4(row + 4 * q4);
+          v[4 * q4 + 0] = fmaf(d4.x, wt[m], v[4 * q4 + 0]);
+          v[4 * q4 + 1] = fmaf(d4.y, wt[m], v[4 * q4 + 1]);
+          v[4 * q4 + 2] = fmaf(d4.z, wt[m], v[4 * q4 + 2]);
+          v[4 * q4 + 3] = fmaf(d4.w, wt[m], v[4 * q4 + 3]);
+          dwt[m] = fmaf(d4.x, hq[q4].x, dwt[m]);
+          dwt[m] = fmaf(d4.y, hq[q4].y, dwt[m]);
+          dwt[m] = fmaf(d4.z, hq[q4].z, dwt[m]);
+          dwt[m] = fmaf(d4.w, hq[q4].w, dwt[m]);
+        });
+      }
+      // this unit's gate rows (g, j): input-weight and bias gradients
 #pragma unroll
-        for (int g = 0; g < 4; ++g) {
+      for (int g = 0; g < 4; ++g) {
+        const float* row = dgb + (g * HP + j) * R;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+          const float4 d4 = ld4(row + 4 * q4);
+          db[g] += d4.x;
+          db[g] += d4.y;
+          db[g] += d4.z;
+          db[g] += d4.w;
 #pragma unroll
-          for (int m = 0; m < kXPer; ++m)
-            dwx[g][m] = fmaf(dgv[g], xp[b * kPersistMaxInput + s + 16 * m], dwx[g][m]);
-          db[g] += dgv[g];
-        }
-        asm volatile("" ::: "memory");  // keep the rows' loads apart: no hoisting into spills
-      });
+          for (int m = 0; m < kXPer; ++m) {
+            const float4 x4 = ld4(xp + (s + 16 * m) * R + 4 * q4);
+            dwx[g][m] = fmaf(d4.x, x4.x, dwx[g][m]);
+            dwx[g][m] = fmaf(d4.y, x4.y, dwx[g][m]);
+            dwx[g][m] = fmaf(d4.z, x4.z, dwx[g][m]);
+            dwx[g][m] = fmaf(d4.w, x4.w, dwx[g][m]);
+          }
+        });
+      }
       if (t > 0) {
         slice_reduce<MAXB, 1>(v, s);  // the recurrent gradient of step t - 1
         dh_rec = v[0];
         // x_{t-1} into the other buffer (last read at step t + 1, before this barrier)
-        float* xn = xbuf + ((t - 1) & 1) * MAXB * kPersistMaxInput;
+        float* xn = xbuf + ((t - 1) & 1) * kPersistMaxInput * R;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
           const int e = tid + m * kThreads;
-          if (e / kPersistMaxInput < nb) xn[e] = xr[m];
+          if (e / kPersistMaxInput < nb) xn[(e % kPersistMaxInput) * R + e / kPersistMaxInput] = xr[m];
         }
       }
     }
@@ -618,7 +672,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       }
 #pragma unroll
       for (int m = 0; m < KR; ++m) {
-        const int rho = slice_index<KR>(s, m);
+        const int rho = slice_index(s, m);
         const int g = rho / HP, jj = rho % HP;
         if (jj < H) part[PL.w_hh + (int64_t(g) * H + jj) * H + j] = dwt[m];
       }
@@ -842,6 +896,7 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
   k.n_clusters = plan.clusters;
   k.optimizer = optimizer;
   k.prof = g_prof;
+  k.debug = g_debug;
   if ((a.T + k.omega - 1) / k.omega != n_segs) return int(cudaErrorInvalidValue);
   UpdateTable t = table;
   float c = clip;
@@ -867,6 +922,7 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
 
 int lstm_persistent_profile_slots() { return kProfSlots; }
 void lstm_persistent_set_profile(long long* stamps) { g_prof = stamps; }
+void lstm_persistent_set_debug(int bits) { g_debug = bits; }
 
 }  // namespace cuda
 }  // namespace fptt

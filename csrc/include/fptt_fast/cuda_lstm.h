@@ -141,6 +141,8 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
 // `stamps`, a device array of lstm_persistent_profile_slots() int64 (nullptr: off).
 int lstm_persistent_profile_slots();
 void lstm_persistent_set_profile(long long* stamps);
+// Tuning only: experiment bits of lstm_persistent.cu (0: the real kernel).
+void lstm_persistent_set_debug(int bits);
 
 }  // namespace cuda
 }  // namespace fptt
