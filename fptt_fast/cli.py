@@ -2,6 +2,8 @@
 
     fptt-fast train add [--T 500 --steps 2000 ...]   FPTT (or --algo bptt) on the Add task
     fptt-fast train digits [--permute]               sequential 8x8 digits
+    fptt-fast train smnist --data-dir DIR            sequential MNIST, one pixel per step (T=784)
+    fptt-fast train psmnist --data-dir DIR           permuted sequential MNIST
     fptt-fast compare add --T 500                     FPTT and BPTT, same seeds and data
     fptt-fast bench                                   FPTT.step per backend vs reference
 
@@ -43,29 +45,41 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _task_default(name: str) -> str:
-    """'(default: add 30, digits 64; --paper: 1000)', from train.DEFAULTS, PAPER and
-    Config, so the help cannot drift from what make_config does."""
-    from .train import DEFAULTS, PAPER, Config
+    """'(default: add 30, digits 64; --paper: 1000) (smnist, psmnist: 784)', from
+    train.DEFAULTS, PAPER and Config, so the help cannot drift from what make_config
+    does. The first part is add's and digits' (--paper: add's), the second the MNIST
+    tasks', shown where it differs from the first."""
+    from .train import DEFAULTS, MNIST_TASKS, PAPER, Config
 
     def show(v):
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     per_task = {task: d.get(name, getattr(Config, name)) for task, d in DEFAULTS.items()}
-    if len(set(per_task.values())) == 1:
-        text = show(per_task["add"])
+    small = {task: v for task, v in per_task.items() if task not in MNIST_TASKS}
+    if len(set(small.values())) == 1:
+        text = show(small["add"])
     else:
-        text = ", ".join(f"{task} {show(v)}" for task, v in per_task.items())
+        text = ", ".join(f"{task} {show(v)}" for task, v in small.items())
     paper = PAPER["add"].get(name)
     if paper is not None and paper != per_task["add"]:
         text += f"; --paper: {show(paper)}"
-    return f"(default: {text})"
+    mnist, mnist_paper = per_task[MNIST_TASKS[0]], PAPER[MNIST_TASKS[0]].get(name)
+    assert all(per_task[t] == mnist and PAPER[t].get(name) == mnist_paper for t in MNIST_TASKS)
+    parts = []
+    if len(set(small.values())) > 1 or mnist != small["add"]:
+        parts.append(show(mnist))
+    if mnist_paper is not None and (mnist_paper != mnist or (parts and paper is not None
+                                                             and paper != per_task["add"])):
+        parts.append(f"--paper: {show(mnist_paper)}")  # said even when equal, if add's differs
+    mnist_text = f" ({', '.join(MNIST_TASKS)}: {'; '.join(parts)})" if parts else ""
+    return f"(default: {text}){mnist_text}"
 
 
 def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     """Options shared by train and compare. Defaults are None: "not given" (see
     train.make_config: task defaults, --paper, or the checkpoint fill them in)."""
     d = _task_default
-    p.add_argument("task", help="add or digits")
+    p.add_argument("task", help="add, digits, smnist (sequential MNIST) or psmnist (permuted)")
     p.add_argument("--T", type=int, help=f"sequence length {d('T')}")
     p.add_argument("--K", type=int, help=f"FPTT segments per sequence {d('K')}")
     p.add_argument("--hidden", type=int, help=f"LSTM hidden size {d('hidden')}")
@@ -85,9 +99,21 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
                    help=f"steps between evaluations {d('eval_every')}")
     p.add_argument("--permute", action="store_const", const=True,
                    help="digits: fixed seeded pixel permutation (default: off)")
+    p.add_argument("--data-dir", dest="data_dir",
+                   help=f"smnist/psmnist: folder of the four MNIST files (train-images-idx3-ubyte, "
+                        f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; raw "
+                        f"or .gz), also looked for in DIR/MNIST/raw {_task_default('data_dir')}")
+    p.add_argument("--download", action="store_true",
+                   help="smnist/psmnist: fetch missing MNIST files into --data-dir through torchvision "
+                        "(needs torchvision and a network) (default: off)")
+    p.add_argument("--limit-test", dest="limit_test", type=int,
+                   help=f"smnist/psmnist: evaluate on the first N test images only, 0: all 10000 "
+                        f"{_task_default('limit_test')}")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's Add settings: H=128, Adam 1e-3, alpha=beta=0.5, clip 1, batch 128, "
-                        "T=1000, K=10; options given override them (default: off)")
+                   help="the paper's settings. add: H=128, Adam 1e-3, alpha=beta=0.5, clip 1, batch 128, "
+                        "T=1000, K=10. smnist/psmnist: H=128, Adam 1e-3, alpha 0.1, beta 0.5, clip 1, "
+                        "batch 128, K=10, 23450 batches (50 epochs). Options given override them "
+                        "(default: off)")
     kind = "<algo>" if algo else "compare"
     p.add_argument("--out", help=f"output folder (default: runs/<task>-{kind}-T<T>, or -2, -3, ... "
                                  f"if that holds a run" + ("; with --resume: the checkpoint's folder)"
@@ -128,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _given(args) -> dict:
     keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "clip", "algo",
-            "seed", "backend", "device", "eval_every", "permute")
+            "seed", "backend", "device", "eval_every", "permute", "data_dir", "limit_test")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -182,12 +208,12 @@ def _refuse_empty(args, options) -> None:
 
 
 def _train_paths(args, cfg) -> tuple:
-    """(output folder, checkpoint path) of a train run, checked, and created, before it
-    trains. A resumed run continues in its checkpoint's own folder and file unless
+    """(output folder, checkpoint path, the folders to create) of a train run, checked
+    before anything is read or written (prepare_folders creates them once the run is
+    built). A resumed run continues in its checkpoint's own folder and file unless
     --out/--save say otherwise: a copy of a checkpoint must not write over the
     original run, wherever that is."""
-    from .train import (CHECKPOINT, LOG_CSV, LOSS_PNG, RUN_FILES, UsageError, check_folder,
-                        check_new_file, prepare_folders)
+    from .train import CHECKPOINT, LOG_CSV, LOSS_PNG, RUN_FILES, UsageError, check_folder, check_new_file
 
     own = (os.path.dirname(args.resume) or ".") if args.resume is not None else None
     if args.out is not None:
@@ -207,19 +233,25 @@ def _train_paths(args, cfg) -> tuple:
     if os.path.abspath(save) in {os.path.abspath(os.path.join(out, n)) for n in (LOG_CSV, LOSS_PNG)}:
         raise UsageError(f"--save {save} is this run's own {os.path.basename(save)}")
     check_new_file(save, "--save", may_replace=args.resume)
-    prepare_folders([(out, "--out"), (os.path.dirname(save) or ".", "--save")])
-    return out, save
+    return out, save, [(out, "--out"), (os.path.dirname(save) or ".", "--save")]
 
 
-def _compare_out(args, cfg) -> str:
-    """The compare's folder, checked and created (with fptt/ and bptt/) before training."""
-    from .train import ALGOS, check_folder, prepare_folders
+def _compare_out(args, cfg) -> tuple:
+    """The compare's folder and the folders to create (it, with fptt/ and bptt/), checked
+    before anything is read or written."""
+    from .train import ALGOS, check_folder
 
     out = args.out if args.out is not None else _unused_folder(_default_out(cfg, "compare"), _compare_files())
     check_folder(out, "--out")
     _refuse_other_run(out, _compare_files())
-    prepare_folders([(os.path.join(out, a), "--out") for a in ALGOS])
-    return out
+    return out, [(os.path.join(out, a), "--out") for a in ALGOS]
+
+
+def _check_download(args) -> None:
+    from .train import MNIST_TASKS, UsageError
+
+    if args.download and args.task not in MNIST_TASKS:
+        raise UsageError(f"--download applies to the MNIST tasks ({', '.join(MNIST_TASKS)}) only")
 
 
 def _backend_line(run) -> str:
@@ -239,17 +271,19 @@ def _final_line(run) -> str:
 
 
 def cmd_train(args) -> int:
-    from .train import LOG_CSV, LOSS_PNG, Run, UsageError, load_checkpoint, make_config
+    from .train import LOG_CSV, LOSS_PNG, Run, UsageError, load_checkpoint, make_config, prepare_folders
 
-    _refuse_empty(args, ("--out", "--save", "--resume"))
+    _refuse_empty(args, ("--out", "--save", "--resume", "--data-dir"))
+    _check_download(args)
     ckpt = None
     if args.resume is not None:
         if args.paper:
             raise UsageError("--paper cannot be combined with --resume (the checkpoint fixes the settings)")
         ckpt = load_checkpoint(args.resume)
     cfg = make_config(args.task, _given(args), paper=args.paper, checkpoint=ckpt)
-    run = Run(cfg, ckpt)
-    out, save = _train_paths(args, cfg)
+    out, save, folders = _train_paths(args, cfg)  # checked before a download or data read
+    run = Run(cfg, ckpt, download=args.download)
+    prepare_folders(folders)
     print(cfg.describe() + (f"  (resumed at step {run.step})" if ckpt else ""))
     print(_backend_line(run))
     run.fit(out, save_path=save, progress=not args.no_progress)
@@ -259,15 +293,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .train import Run, make_config, plot_curves, write_compare_csv
+    from .train import Run, make_config, plot_curves, prepare_folders, write_compare_csv
 
-    _refuse_empty(args, ("--out",))
-    runs = {}
-    for algo in ("fptt", "bptt"):  # build (and validate) both before writing anything
-        cfg = make_config(args.task, {**_given(args), "algo": algo}, paper=args.paper)
-        runs[algo] = Run(cfg)
-    cfg = runs["fptt"].cfg
-    out = _compare_out(args, cfg)
+    _refuse_empty(args, ("--out", "--data-dir"))
+    _check_download(args)
+    cfgs = {algo: make_config(args.task, {**_given(args), "algo": algo}, paper=args.paper)
+            for algo in ("fptt", "bptt")}
+    cfg = cfgs["fptt"]
+    out, folders = _compare_out(args, cfg)  # checked before a download or data read
+    # build (and validate) both before writing anything
+    runs = {algo: Run(c, download=args.download) for algo, c in cfgs.items()}
+    prepare_folders(folders)
     print(cfg.describe().replace(" fptt ", " fptt vs bptt "))
     for algo, run in runs.items():
         print(_backend_line(run))

@@ -36,7 +36,8 @@ from . import backends, reference, tasks
 from .optim import FPTT
 from .lstm import FPTTLSTM
 
-TASKS = ("add", "digits")
+TASKS = ("add", "digits", "smnist", "psmnist")
+MNIST_TASKS = ("smnist", "psmnist")
 ALGOS = ("fptt", "bptt")
 DEVICES = ("auto", "cpu", "cuda")
 CKPT_FORMAT = "fptt_fast.train/1"
@@ -48,6 +49,11 @@ DATA_SEED_OFFSET = 2**62
 ADD_EVAL_SEED = 2**63 + 271828
 ADD_EVAL_SIZE = 1000
 EVAL_CHUNK = 100          # time steps per forward chunk in evaluation (bounded memory)
+EVAL_BATCH = 1000         # MNIST: test sequences per evaluation batch (bounded memory)
+# psmnist's pixel order: one fixed permutation, the same for every run and seed (the
+# training seed varies the model, not the task); saved in each checkpoint and restored
+# from it, so a resumed run keeps its order even if torch's randperm changed meanwhile.
+MNIST_PERM_SEED = 20210718
 # The files a run writes into its output folder (the checkpoint may go elsewhere: --save).
 LOG_CSV, LOSS_PNG, CHECKPOINT = "log.csv", "loss.png", "checkpoint.pt"
 RUN_FILES = (LOG_CSV, LOSS_PNG, CHECKPOINT)
@@ -97,6 +103,8 @@ class Config:
     eval_every: int = 100
     backend: str = "auto"
     device: str = "auto"
+    data_dir: str = "data"    # smnist/psmnist: the folder of the four MNIST files
+    limit_test: int = 0       # smnist/psmnist: evaluate on the first N test images; 0: all
 
     def describe(self) -> str:
         perm = " permuted" if self.permute else ""
@@ -107,13 +115,30 @@ class Config:
 RUN_FIELDS = ("task", "algo", "T", "K", "hidden", "batch", "lr", "alpha", "beta", "rho",
               "clip", "seed", "permute")
 # Quick defaults: about a minute on 2 CPU cores with --threads 1 (add: test MSE ~0.005).
+# MNIST (T=784) cannot be quick on a CPU: its defaults are the paper's but a smaller model
+# and batch and fewer steps (README, "Sequential and permuted MNIST").
+_MNIST_DEFAULTS = dict(T=784, K=10, hidden=64, batch=64, lr=1e-3, alpha=0.1, beta=0.5, clip=1.0,
+                       steps=1000, eval_every=250)
 DEFAULTS = {
     "add": dict(T=30, K=5, hidden=32, batch=256, lr=2e-2, steps=1500, eval_every=100),
     "digits": dict(T=64, K=8, hidden=64, batch=64, lr=1e-2, steps=800, eval_every=50),
+    "smnist": _MNIST_DEFAULTS,
+    "psmnist": _MNIST_DEFAULTS,
 }
 # Kag & Saligrama's Add-task settings (FPTT.md); the step count is ours.
+# MNIST: the authors' runner.sh runs `train.py --dataset MNIST-10 [--permute]` with their
+# argparse defaults: LSTM nhid 128, Adam lr 1e-3, batch 128, clip 1.0, 10 parts, alpha
+# 0.1, beta 0.5 (rho 0), 200 epochs with lr/10 at epochs 50, 75, 90. fptt_fast has no lr
+# schedule, so --paper trains the 50 epochs before the first decay: 50 x 469 batches of
+# 128 (60000 images). K=10 is fptt_fast's schedule (9 segments of 79 steps and one of 73),
+# not the authors' 11 (README, "Differences from the authors' public code").
+_MNIST_PAPER = dict(T=784, K=10, hidden=128, batch=128, lr=1e-3, alpha=0.1, beta=0.5, clip=1.0,
+                    steps=50 * 469, eval_every=469)
 PAPER = {"add": dict(T=1000, K=10, hidden=128, batch=128, lr=1e-3, alpha=0.5, beta=0.5, clip=1.0,
-                     steps=5000, eval_every=100)}
+                     steps=5000, eval_every=100),
+         "smnist": _MNIST_PAPER, "psmnist": _MNIST_PAPER}
+# Options that only the MNIST tasks take.
+MNIST_OPTIONS = {"data_dir": "--data-dir", "limit_test": "--limit-test"}
 
 
 def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | None = None) -> Config:
@@ -126,6 +151,10 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
     unknown = set(given) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if task not in MNIST_TASKS:
+        for name, option in MNIST_OPTIONS.items():
+            if name in given:
+                raise UsageError(f"{option} applies to the MNIST tasks (smnist, psmnist) only")
     if checkpoint is not None:
         saved = checkpoint["config"]
         _check_checkpoint_kind(checkpoint, task, given.get("algo", Config.algo))
@@ -137,7 +166,7 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
         values = {**saved, **given}
     else:
         if paper and task not in PAPER:
-            raise UsageError(f"--paper has settings for: {', '.join(PAPER)}")
+            raise UsageError(f"--paper has settings for: {', '.join(PAPER)}; not for {task}")
         values = {"task": task, **DEFAULTS[task], **(PAPER[task] if paper else {}), **given}
     cfg = Config(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Config)}})
     validate(cfg)
@@ -184,8 +213,14 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"the digits task has T=64 (one 8x8 image per sequence), got T={cfg.T}")
     if cfg.task == "add" and cfg.T < 2:
         raise UsageError(f"the Add task needs T >= 2, got T={cfg.T}")
+    if cfg.task in MNIST_TASKS and cfg.T != 784:
+        raise UsageError(f"the {cfg.task} task has T=784 (one 28x28 image, one pixel per step), got T={cfg.T}")
     if cfg.permute and cfg.task != "digits":
-        raise UsageError("--permute applies to the digits task only")
+        raise UsageError("--permute applies to the digits task only (permuted MNIST is the task psmnist)")
+    if cfg.limit_test < 0:
+        raise UsageError(f"limit_test must be >= 0 (0: the whole test set), got {cfg.limit_test}")
+    if not cfg.data_dir:
+        raise UsageError("--data-dir needs a path, got an empty one")
     try:
         reference.segment_bounds(cfg.T, cfg.K)
     except ValueError as e:
@@ -277,7 +312,71 @@ class DigitsTask:
         return (pred == self.y_test).float().mean().item()
 
 
-def make_task(cfg: Config, device):
+class MNISTTask:
+    """Sequential MNIST (smnist) or permuted (psmnist): 784 steps of one pixel in [0, 1],
+    10 classes, cross-entropy on the last state; metric: accuracy on the t10k test set
+    (its first cfg.limit_test images if given). The four IDX files are read from
+    cfg.data_dir (fptt_fast.mnist), fetched first through torchvision with `download`.
+
+    state(): the pixel permutation (psmnist), saved in checkpoints; load_state()
+    restores it, so a resumed run reads the pixels in the order it was trained on."""
+
+    input_size, output_size, loss, metric = 1, 10, "ce", "test_accuracy"
+
+    def __init__(self, cfg: Config, device, download: bool = False):
+        from . import mnist
+
+        try:
+            self.data = mnist.load(cfg.data_dir, download_missing=download)
+        except mnist.MNISTError as e:
+            raise UsageError(str(e)) from None
+        if cfg.batch > self.data.n_train:
+            raise UsageError(f"batch={cfg.batch} exceeds the {self.data.n_train} training images "
+                             f"in {self.data.paths['train_images']}")
+        self.task = cfg.task
+        self.device = device
+        self.permutation = mnist.permutation(MNIST_PERM_SEED) if cfg.task == "psmnist" else None
+        n_test = self.data.n_test if cfg.limit_test == 0 else min(cfg.limit_test, self.data.n_test)
+        self.test_images = self.data.test_images[:n_test].to(device)
+        self.test_labels = self.data.test_labels[:n_test].to(device)
+
+    def state(self) -> dict:
+        return {} if self.permutation is None else {"permutation": self.permutation.clone()}
+
+    def load_state(self, state: dict) -> None:
+        from . import mnist
+
+        if self.task != "psmnist":
+            return
+        if "permutation" not in state:
+            raise CheckpointError("the psmnist checkpoint holds no pixel permutation (damaged?)")
+        try:
+            self.permutation = mnist.check_permutation(state["permutation"]).clone()
+        except mnist.MNISTError as e:
+            raise CheckpointError(f"the checkpoint's psmnist permutation is damaged: {e}") from None
+
+    def batch(self, size, gen, device):
+        from .mnist import sequences
+
+        idx = torch.randperm(self.data.n_train, generator=gen)[:size]
+        x = sequences(self.data.train_images[idx], self.permutation)
+        return x.to(device), self.data.train_labels[idx].to(device)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> float:
+        from .mnist import sequences
+
+        correct = 0
+        for a in range(0, len(self.test_labels), EVAL_BATCH):
+            x = sequences(self.test_images[a:a + EVAL_BATCH], self.permutation)
+            pred = model.head(_final_hidden(model, x)).argmax(dim=1)
+            correct += (pred == self.test_labels[a:a + EVAL_BATCH]).sum().item()
+        return correct / len(self.test_labels)
+
+
+def make_task(cfg: Config, device, download: bool = False):
+    if cfg.task in MNIST_TASKS:
+        return MNISTTask(cfg, device, download)
     return {"add": AddTask, "digits": DigitsTask}[cfg.task](cfg, device)
 
 
@@ -423,8 +522,10 @@ def _check_layout(path: str, ckpt: dict) -> None:
     if not (type(ckpt["step"]) is int and isinstance(ckpt["elapsed"], (int, float))
             and isinstance(ckpt["history"], list) and isinstance(ckpt["model"], dict)
             and all(isinstance(t, torch.Tensor) for t in ckpt["model"].values())
-            and isinstance(ckpt["optimizer"], dict)):
-        raise CheckpointError(f"checkpoint {path} is damaged (step, elapsed, history, model or optimizer)")
+            and isinstance(ckpt["optimizer"], dict)
+            and isinstance(ckpt.get("task", {}), dict)):
+        raise CheckpointError(f"checkpoint {path} is damaged (step, elapsed, history, model, optimizer "
+                              f"or task)")
 
 
 # ----------------------------------------------------------------------------
@@ -618,10 +719,10 @@ class Run:
 
     history: rows (step, train_loss, test metric or None, elapsed_s), one per step."""
 
-    def __init__(self, cfg: Config, checkpoint: dict | None = None):
+    def __init__(self, cfg: Config, checkpoint: dict | None = None, download: bool = False):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.task = make_task(cfg, self.device)
+        self.task = make_task(cfg, self.device, download)
         self.trainer = make_trainer(cfg, self.task, self.device)
         self.gen = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
         self.step, self.elapsed, self.history = 0, 0.0, []
@@ -643,12 +744,15 @@ class Run:
         return {"format": CKPT_FORMAT, "config": dataclasses.asdict(self.cfg), "step": self.step,
                 "elapsed": self.elapsed, "history": self.history,
                 "model": self.trainer.model.state_dict(), "optimizer": self.trainer.opt.state_dict(),
+                "task": self.task.state() if hasattr(self.task, "state") else {},
                 "data_rng": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python_rng": random.getstate()}
 
     def _restore(self, ckpt: dict) -> None:
         _check_model_fits(ckpt["model"], self.trainer.model.state_dict())
+        if hasattr(self.task, "load_state"):
+            self.task.load_state(ckpt.get("task", {}))
         try:
             self.trainer.model.load_state_dict(ckpt["model"])
             self.trainer.opt.load_state_dict(ckpt["optimizer"])

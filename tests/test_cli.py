@@ -118,6 +118,10 @@ BAD = [
     (["train", "digits", "--resume", "good.pt"], "holds the run 'add fptt T=12"),
     (["train", "add", "--resume", "good.pt", "--hidden", "16"], "has hidden size 8, this run asks for 16"),
     (["train", "add", "--steps", "abc"], "invalid int value"),
+    (["train", "smnist", "--data-dir", "nowhere"], "no MNIST files in nowhere"),
+    (["compare", "psmnist", "--data-dir", "nowhere"], "no MNIST files in nowhere"),
+    (["train", "smnist", "--resume", "good.pt"], "holds the run 'add fptt T=12"),
+    (["train", "add", "--data-dir", "nowhere"], "--data-dir applies to the MNIST tasks"),
 ]
 
 

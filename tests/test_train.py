@@ -48,11 +48,17 @@ def _tensors_equal(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("task,algo", [("add", "fptt"), ("add", "bptt"), ("digits", "fptt")])
+@pytest.mark.parametrize("task,algo", [("add", "fptt"), ("add", "bptt"), ("digits", "fptt"),
+                                       ("psmnist", "fptt")])
 def test_resume_is_bitwise_identical(tmp_path, task, algo):
     given = dict(TINY, algo=algo, steps=13, seed=3)
     if task == "digits":
         given.update(T=64, K=4, permute=True)
+    if task == "psmnist":  # a tiny synthetic MNIST (tests/test_mnist.py writes it)
+        from .test_mnist import write_mnist
+
+        write_mnist(tmp_path / "mnist")
+        given.update(T=784, K=10, data_dir=str(tmp_path / "mnist"), limit_test=8)
     full = Run(make_config(task, given))
     full.fit(str(tmp_path / "full"), progress=False)
 
@@ -67,6 +73,7 @@ def test_resume_is_bitwise_identical(tmp_path, task, algo):
     _tensors_equal(full.trainer.model.state_dict(), resumed.trainer.model.state_dict(), "model")
     _tensors_equal(full.trainer.opt.state_dict(), resumed.trainer.opt.state_dict(), "optimizer")
     assert torch.equal(full.gen.get_state(), resumed.gen.get_state())
+    _tensors_equal(full.state()["task"], resumed.state()["task"], "task")
     # the logs agree on every step except the wall-clock column (and the test value
     # the first session computed at its own last step, 7)
     strip = lambda h: [(s, loss, test if s != 7 else None) for s, loss, test, _ in h]  # noqa: E731
