@@ -15,7 +15,7 @@
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/lstm_segment.h"
 #include "fptt_fast/registry.h"
-#include "fptt_fast/update_checks.h"
+#include "fptt_fast/lstm_checks.h"
 
 namespace fptt {
 namespace {
@@ -36,14 +36,6 @@ void torch_gemm(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K
   else c.addmm_(a, b, beta, 1.0);
 }
 
-void check_cpu_f32(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ",
-              at::IntArrayRef(shape));
-}
-
 std::tuple<double, at::Tensor, at::Tensor, double, bool> lstm_segment_step_cpu(
     at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0, std::vector<at::Tensor> params,
     std::vector<at::Tensor> grads, at::Tensor workspace, int64_t loss, bool per_step, double weight,
@@ -51,51 +43,24 @@ std::tuple<double, at::Tensor, at::Tensor, double, bool> lstm_segment_step_cpu(
     std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps,
     at::Tensor hyper, std::vector<int64_t> group_of, int64_t optimizer, double clip,
     bool builtin_gemm) {
-  TORCH_CHECK(params.size() == 6 && grads.size() == 6,
-              "lstm_segment_step_cpu: expected 6 parameters and 6 gradient buffers "
-              "(weight_ih, weight_hh, bias_ih, bias_hh, head weight, head bias)");
-  TORCH_CHECK(x.dim() == 3, "x must be [omega, B, I], got ", x.sizes());
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  TORCH_CHECK(T >= 1 && B >= 1 && I >= 1, "x must have omega, B, I >= 1, got ", x.sizes());
-  TORCH_CHECK(params[1].dim() == 2 && params[1].size(0) % 4 == 0 && params[1].size(0) >= 4,
-              "weight_hh must be [4H, H]");
-  const int64_t H = params[1].size(1), G = 4 * H;
-  TORCH_CHECK(params[4].dim() == 2 && params[4].size(0) >= 1, "head weight must be [O, H]");
-  const int64_t O = params[4].size(0);
-  check_cpu_f32(x, "x", {T, B, I});
-  check_cpu_f32(h0, "h", {B, H});
-  check_cpu_f32(c0, "c", {B, H});
-  const std::vector<std::vector<int64_t>> shapes = {{G, I}, {G, H}, {G}, {G}, {O, H}, {O}};
-  const char* names[6] = {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
-                          "head.weight", "head.bias"};
-  for (int k = 0; k < 6; ++k) {
-    check_cpu_f32(params[k], names[k], shapes[k]);
-    check_cpu_f32(grads[k], "gradient buffer", shapes[k]);
-  }
-  TORCH_CHECK(loss == cpu::LOSS_MSE || loss == cpu::LOSS_CE, "loss code must be 0 (mse) or 1 (ce)");
-  std::vector<int64_t> lead = per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
-  if (loss == cpu::LOSS_MSE) {
-    std::vector<int64_t> s = lead;
-    s.push_back(O);
-    check_cpu_f32(target, "mse target", s);
-  } else {
-    TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong &&
-                    target.is_contiguous() && target.sizes().vec() == lead,
-                "ce target must be a contiguous CPU int64 tensor of shape ", at::IntArrayRef(lead),
-                ", got ", target.scalar_type(), " ", target.sizes());
-    const int64_t* y = target.data_ptr<int64_t>();
-    for (int64_t k = 0; k < target.numel(); ++k)
-      TORCH_CHECK(y[k] >= 0 && y[k] < O, "ce target class ", y[k], " is out of range [0, ", O - 1,
-                  "]");
-  }
-  TORCH_CHECK(workspace.device().is_cpu() && workspace.scalar_type() == at::kFloat,
-              "workspace must be a CPU float32 tensor");
-  if (update)
-    checks::check_update_lists(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                               optimizer, at::kCPU);
+  // Every check (lstm_checks.h, shared with the CUDA glue's and bound for tests) before
+  // any data is touched: a refused call changes nothing, not even the workspace's size.
+  int64_t need = 0;
+  const checks::LstmDims d = checks::check_lstm_segment_cpu_args(
+      x, target, h0, c0, params, grads, workspace, loss, per_step, weight, update, w_bars, lams,
+      s1s, s2s, steps, hyper, group_of, optimizer, clip, at::kCPU, &need);
+  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, O = d.O;
+  // The only data-reading check, last: the kernel indexes the head's outputs with the classes.
+  if (loss == cpu::LOSS_CE) checks::check_ce_classes("lstm_segment_step_cpu", target, O);
 
-  const int64_t need = cpu::lstm_segment_workspace_floats(T, B, I, H, O, per_step);
-  if (workspace.numel() < need) workspace.resize_({need});  // grown once, then reused
+  if (workspace.numel() < need) {  // grown once, then reused
+    try {
+      workspace.resize_({need});
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "lstm_segment_step_cpu: workspace could not be grown to ", need,
+                  " floats: ", e.what_without_backtrace());
+    }
+  }
   at::Tensor h_out = at::empty({B, H}, x.options());
   at::Tensor c_out = at::empty({B, H}, x.options());
 

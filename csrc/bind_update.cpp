@@ -1,4 +1,5 @@
-// Binding of the fused FPTT update on the CPU: checks, then the OpenMP kernel.
+// Binding of the fused FPTT update on the CPU: checks (update_checks.h, shared with the
+// CUDA glue), then the OpenMP kernel.
 #include <torch/extension.h>
 
 #include <vector>
@@ -16,9 +17,12 @@ std::tuple<double, bool> fused_update_cpu(
     std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
     std::vector<at::Tensor> steps, at::Tensor hyper, std::vector<int64_t> group_of,
     int64_t optimizer, double clip) {
+  // Every check (update_checks.h) before any data pointer is taken: a refused call
+  // changes nothing.
+  fptt::checks::check_fused_update_args("fused_update_cpu", params, grads, w_bars, lams, s1s,
+                                        s2s, steps, hyper, group_of, optimizer, clip,
+                                        /*status=*/nullptr, at::kCPU);
   const size_t n = params.size();
-  fptt::checks::check_update_lists(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                                   optimizer, at::kCPU);
   std::vector<fptt::cpu::UpdateSlot> slots(n);
   const float* hp = hyper.data_ptr<float>();
   for (size_t i = 0; i < n; ++i) {

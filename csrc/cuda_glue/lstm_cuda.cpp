@@ -29,7 +29,7 @@
 #include "fptt_fast/cuda_lstm.h"
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
-#include "fptt_fast/update_checks.h"
+#include "fptt_fast/lstm_checks.h"
 
 namespace fptt {
 namespace {
@@ -116,63 +116,16 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
                             std::vector<int64_t> group_of, int64_t optimizer, double clip,
                             at::Tensor status, at::Tensor h_out, at::Tensor c_out,
                             at::Tensor loss_out, bool tf32) {
-  TORCH_CHECK(!tf32,
-              "lstm_segment_step_cuda: tf32=True is not implemented by the CUDA one-launch "
-              "LSTM step (it computes in IEEE fp32); use allow_tf32=False");
-  TORCH_CHECK(params.size() == 6 && grads.size() == 6,
-              "lstm_segment_step_cuda: expected 6 parameters and 6 gradient buffers "
-              "(weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, head.weight, head.bias)");
-  TORCH_CHECK(x.defined() && x.is_cuda(), "x must be a CUDA tensor");
+  // Every check before any data pointer is taken or any list element is indexed
+  // (lstm_checks.h: torch-only code, tested on CPU CI through
+  // _C._check_lstm_segment_cuda_args): tf32 first, then x, weight_hh (H <= kLstmMaxHidden),
+  // head.weight, every other tensor's device, dtype, contiguity and shape, the update's
+  // lists, codes and group indices, and no output overlapping another argument.
+  const checks::LstmDims dims = checks::check_lstm_segment_cuda_args(
+      x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s, s2s, steps,
+      hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out, tf32, at::kCUDA);
   const c10::Device device = x.device();
-  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1,
-              "x must be [omega >= 1, B >= 1, I >= 1], got ", x.sizes());
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  TORCH_CHECK(params[1].dim() == 2 && params[1].size(0) >= 4 && params[1].size(0) % 4 == 0,
-              "weight_hh_l0 must be [4H, H], got ", params[1].sizes());
-  const int64_t H = params[1].size(1), G = 4 * H;
-  TORCH_CHECK(H <= cuda::kLstmMaxHidden, "lstm_segment_step_cuda: hidden size H=", H,
-              " exceeds the one-launch CUDA LSTM step's limit kLstmMaxHidden=",
-              cuda::kLstmMaxHidden, " (csrc/include/fptt_fast/cuda_lstm.h)");
-  TORCH_CHECK(params[4].dim() == 2 && params[4].size(0) >= 1, "head.weight must be [O, H]");
-  const int64_t O = params[4].size(0);
-  check_cuda_f32(x, "x", {T, B, I}, device);
-  check_cuda_f32(h0, "h0", {B, H}, device);
-  check_cuda_f32(c0, "c0", {B, H}, device);
-  check_cuda_f32(h_out, "h_out", {B, H}, device);
-  check_cuda_f32(c_out, "c_out", {B, H}, device);
-  TORCH_CHECK(loss_out.defined() && loss_out.device() == device &&
-                  loss_out.scalar_type() == at::kFloat && loss_out.numel() == 1,
-              "loss_out must be a float32 tensor of 1 element on ", device);
-  const std::vector<std::vector<int64_t>> shapes = {{G, I}, {G, H}, {G}, {G}, {O, H}, {O}};
-  const char* names[6] = {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
-                          "head.weight", "head.bias"};
-  for (int k = 0; k < 6; ++k) {
-    check_cuda_f32(params[k], names[k], shapes[k], device);
-    check_cuda_f32(grads[k], "gradient buffer", shapes[k], device);
-  }
-  TORCH_CHECK(loss == cuda::LSTM_LOSS_MSE || loss == cuda::LSTM_LOSS_CE,
-              "loss code must be 0 (mse) or 1 (ce), got ", loss);
-  std::vector<int64_t> lead = per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
-  if (loss == cuda::LSTM_LOSS_MSE) {
-    std::vector<int64_t> s = lead;
-    s.push_back(O);
-    check_cuda_f32(target, "mse target", s, device);
-  } else {
-    // Class ranges are not checked here (that would sync); an out-of-range class makes
-    // the step's gradient NaN, so the update is skipped and flagged in status.
-    TORCH_CHECK(target.defined() && target.device() == device &&
-                    target.scalar_type() == at::kLong && target.is_contiguous() &&
-                    target.sizes().vec() == lead,
-                "ce target must be a contiguous int64 tensor of shape ", at::IntArrayRef(lead),
-                " on ", device);
-  }
-  checks::check_update_lists(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                             optimizer, at::kCUDA);
-  TORCH_CHECK(hyper.device() == device, "hyper is on ", hyper.device(), ", expected ", device);
-  TORCH_CHECK(status.defined() && status.device() == device &&
-                  status.scalar_type() == at::kFloat && status.is_contiguous() &&
-                  status.numel() == 3,
-              "status must be a contiguous float32 tensor of 3 elements on ", device);
+  const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, O = dims.O;
 
   c10::cuda::CUDAGuard guard(device);
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());

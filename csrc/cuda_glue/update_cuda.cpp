@@ -1,5 +1,5 @@
-// Torch glue of the fused FPTT update on CUDA: checks, the device-side slot table
-// (cached), and the launch of csrc/cuda/fused_update.cu on torch's current stream.
+// Torch glue of the fused FPTT update on CUDA: checks (update_checks.h), the device-side
+// slot table (cached), and the launch of csrc/cuda/fused_update.cu on torch's current stream.
 // Built only with FPTT_WITH_CUDA (setup.py's CUDAExtension); registry.h calls
 // register_update_cuda(m).
 //
@@ -111,18 +111,15 @@ void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> g
                        std::vector<at::Tensor> steps, at::Tensor hyper,
                        std::vector<int64_t> group_of, int64_t optimizer, double clip,
                        at::Tensor status) {
+  // Every check before any data pointer is taken (update_checks.h: the same code as
+  // fused_update_cpu's, tested on CPU CI through _C._check_fused_update_args): lengths,
+  // devices (one CUDA device for all, status and hyper included), dtypes, contiguity,
+  // sizes, codes, group indices, and no output overlapping another argument.
+  const c10::Device device =
+      checks::check_fused_update_args("fused_update_cuda", params, grads, w_bars, lams, s1s, s2s,
+                                      steps, hyper, group_of, optimizer, clip, &status, at::kCUDA);
   const size_t n = params.size();
-  checks::check_update_lists(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                             optimizer, at::kCUDA);
-  TORCH_CHECK(status.defined() && status.device().type() == at::kCUDA &&
-                  status.scalar_type() == at::kFloat && status.is_contiguous() &&
-                  status.numel() == 3,
-              "status must be a contiguous float32 CUDA tensor of 3 elements");
   if (n == 0) return;
-  TORCH_CHECK(n < size_t(INT_MAX), "fused_update_cuda: too many tensors");
-  const c10::Device device = params[0].device();
-  TORCH_CHECK(hyper.device() == device, "hyper is on ", hyper.device(), ", expected ", device);
-  TORCH_CHECK(status.device() == device, "status is on ", status.device(), ", expected ", device);
 
   c10::cuda::CUDAGuard guard(device);
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());

@@ -1,10 +1,30 @@
-// Input checks shared by the CPU and CUDA bindings of the fused update.
+// Argument checks of every binding of fptt_fast._C: fused_update_cpu, fused_update_cuda,
+// lstm_segment_step_cpu and lstm_segment_step_cuda (the LSTM ones: lstm_checks.h).
+//
+// Why they live here, in torch-only code that builds without CUDA: the CUDA glue
+// (csrc/cuda_glue) is compiled only where torch has CUDA, so checks written there never
+// ran on CPU CI, and on a GPU two bindings crashed the process on bad input (issue 11).
+// Every check takes the expected device type as a parameter: the CPU bindings call them
+// with c10::kCPU, the CUDA glue with c10::kCUDA, and bindings.cpp exposes the same
+// functions as test-only bindings (_C._check_fused_update_args, ...) so that
+// tests/test_bindings.py runs the CUDA bindings' checks on CPU tensors standing in for
+// CUDA ones (device_type="cpu").
+//
+// Contract: these functions read tensor metadata only (definedness, layout, device, dtype,
+// strides, sizes, storage addresses), never tensor data (the one exception,
+// check_ce_classes in lstm_checks.h, is documented there), and raise c10::Error (a Python
+// RuntimeError) naming the binding and the argument. A binding calls them before it
+// touches any data, so a refused call changes nothing.
+//
 // Torch headers allowed here: only bindings and glue (.cpp) include this file.
 #pragma once
 
 #include <torch/extension.h>
 
-#include <string>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <ostream>
 #include <vector>
 
 #include "fptt_fast/fptt_math.h"
@@ -12,18 +32,239 @@
 namespace fptt {
 namespace checks {
 
-inline void check_slot_tensor(const at::Tensor& t, const char* what, size_t i, int64_t numel,
-                              c10::DeviceType dev, c10::Device device) {
-  TORCH_CHECK(t.defined(), what, "[", i, "] is undefined");
-  TORCH_CHECK(t.device().type() == dev && t.device() == device, what, "[", i, "] is on ",
-              t.device(), ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, what, "[", i, "] has dtype ", t.scalar_type(),
-              ", expected float32");
-  TORCH_CHECK(t.is_contiguous(), what, "[", i, "] is not contiguous");
-  TORCH_CHECK(t.numel() == numel, what, "[", i, "] has ", t.numel(), " elements, expected ",
-              numel);
+// An argument's name in messages: "params[3]", "hyper", "s1s[0] (exp_avg)".
+struct ArgName {
+  const char* name;
+  int64_t index = -1;
+  const char* note = nullptr;
+};
+inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
+  os << a.name;
+  if (a.index >= 0) os << "[" << a.index << "]";
+  if (a.note) os << " (" << a.note << ")";
+  return os;
 }
 
+// dtypes as Python spells them (torch.float32), since the caller wrote them in Python.
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
+inline const char* device_type_name(c10::DeviceType dev) {
+  return dev == c10::kCPU ? "CPU" : dev == c10::kCUDA ? "CUDA" : "other";
+}
+
+// One tensor argument: defined, a plain strided tensor with storage, of device type `dev`
+// (and on `device`, when given: every tensor of a call must be on one device), of
+// `dtype`, not a lazily negated/conjugated view (the kernels read raw memory), and
+// contiguous (the kernels index it as one flat row-major array). Sizes: the caller's.
+inline void check_tensor(const char* fn, const at::Tensor& t, const ArgName& a,
+                         c10::DeviceType dev, const c10::Device* device,
+                         at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(t.defined(), fn, ": ", a, " is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided && !t.is_nested(), fn, ": ", a,
+              " must be a dense strided tensor, got layout ", t.layout());
+  TORCH_CHECK(t.device().type() == dev, fn, ": ", a, " must be a ", device_type_name(dev),
+              " tensor, got one on ", t.device());
+  TORCH_CHECK(device == nullptr || t.device() == *device, fn, ": ", a, " is on ", t.device(),
+              ", expected ", (device ? *device : t.device()),
+              " (all tensors of one call must be on one device)");
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", a, " must be ", dtype_name(dtype), ", got ",
+              dtype_name(t.scalar_type()));
+  TORCH_CHECK(t.has_storage(), fn, ": ", a,
+              " has no storage (a tensor subclass without data cannot be passed)");
+  TORCH_CHECK(!t.is_neg() && !t.is_conj(), fn, ": ", a,
+              " is a lazily negated or conjugated view; pass .resolve_neg()/.resolve_conj()");
+  TORCH_CHECK(t.is_contiguous(), fn, ": ", a, " must be contiguous, got strides ", t.strides(),
+              " for shape ", t.sizes());
+}
+
+inline void check_shape(const char* fn, const at::Tensor& t, const ArgName& a,
+                        at::IntArrayRef shape) {
+  TORCH_CHECK(t.sizes() == shape, fn, ": ", a, " has shape ", t.sizes(), ", expected ", shape);
+}
+
+// Memory overlap of the arguments: an output (written) must share no byte with any other
+// argument, read or written, because the kernels read inputs while writing outputs, run
+// in parallel over elements, and take their pointers __restrict__. Inputs may overlap
+// each other (reading twice is harmless). Ranges are [data pointer, + bytes) of
+// contiguous tensors: addresses only, no data is read. O(n log n): sort, then one sweep.
+class AliasCheck {
+ public:
+  explicit AliasCheck(size_t expected = 0) { ranges_.reserve(expected); }
+
+  void add(const at::Tensor& t, const ArgName& a, bool written) {
+    const int64_t bytes = t.numel() * int64_t(t.element_size());
+    if (bytes <= 0) return;  // an empty tensor is never read or written
+    const uintptr_t b = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    add_range(b, b + uintptr_t(bytes), a, written);
+  }
+  void add_range(uintptr_t begin, uintptr_t end, const ArgName& a, bool written) {
+    if (end > begin) ranges_.push_back({begin, end, a, written});
+  }
+
+  // Raises on the first overlap that involves a written range, naming both arguments.
+  void check(const char* fn) {
+    std::sort(ranges_.begin(), ranges_.end(),
+              [](const Range& x, const Range& y) { return x.begin < y.begin; });
+    // For each range in start order: it overlaps an earlier one iff it starts before that
+    // one's end; keeping the furthest end among all earlier ranges and among the written
+    // ones finds every conflicting pair's later member (sound and complete).
+    const Range* any = nullptr;
+    const Range* wr = nullptr;
+    for (const Range& r : ranges_) {
+      const Range* other = (wr && r.begin < wr->end) ? wr
+                           : (r.written && any && r.begin < any->end) ? any
+                                                                       : nullptr;
+      TORCH_CHECK(other == nullptr, fn, ": ", (r.written ? r.name : other->name),
+                  " shares memory with ", (r.written ? other->name : r.name),
+                  "; an output (written in place) must not overlap any other argument");
+      if (!any || r.end > any->end) any = &r;
+      if (r.written && (!wr || r.end > wr->end)) wr = &r;
+    }
+  }
+
+ private:
+  struct Range {
+    uintptr_t begin, end;
+    ArgName name;
+    bool written;
+  };
+  std::vector<Range> ranges_;
+};
+
+inline void check_list_length(const char* fn, const char* name, size_t got, const char* ref,
+                              size_t n) {
+  TORCH_CHECK(got == n, fn, ": ", name, " has ", got, " elements, ", ref, " has ", n,
+              " (the lists are parallel: one entry per parameter)");
+}
+
+// The update's lists: optimizer code, list lengths, every tensor, hyper, group indices.
+// `device`: the device all tensors must be on if already known (the LSTM's x), else
+// nullptr (then the first parameter's, or hyper's if there is none). s2s is read only for
+// Adam/AdamW: SGD callers may pass [] or any list (the CUDA callers pass s1s again).
+// Returns the device of the call.
+inline c10::Device check_update_lists_on(
+    const char* fn, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
+    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
+    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
+    const std::vector<int64_t>& group_of, int64_t optimizer, c10::DeviceType dev,
+    const c10::Device* device) {
+  TORCH_CHECK(optimizer >= OPT_SGD && optimizer <= OPT_ADAMW, fn, ": unknown optimizer code ",
+              optimizer, " (0 sgd, 1 adam, 2 adamw)");
+  const bool sgd = optimizer == OPT_SGD;
+  const size_t n = params.size();
+  check_list_length(fn, "grads", grads.size(), "params", n);
+  check_list_length(fn, "w_bars", w_bars.size(), "params", n);
+  check_list_length(fn, "lams", lams.size(), "params", n);
+  check_list_length(fn, "s1s", s1s.size(), "params", n);
+  if (!sgd) check_list_length(fn, "s2s", s2s.size(), "params", n);
+  check_list_length(fn, "steps", steps.size(), "params", n);
+  check_list_length(fn, "group_of", group_of.size(), "params", n);
+  TORCH_CHECK(n < size_t(INT32_MAX), fn, ": too many tensors (", n, ")");
+
+  c10::Device dv = device ? *device : c10::Device(dev);
+  if (device == nullptr) {
+    const at::Tensor& first = n ? params[0] : hyper;
+    check_tensor(fn, first, n ? ArgName{"params", 0} : ArgName{"hyper"}, dev, nullptr);
+    dv = first.device();
+  }
+  check_tensor(fn, hyper, {"hyper"}, dev, &dv);
+  TORCH_CHECK(hyper.dim() == 2 && hyper.size(1) == H_COUNT, fn,
+              ": hyper must be a contiguous float32 [groups, ", int(H_COUNT),
+              "] table, got shape ", hyper.sizes());
+  const int64_t groups = hyper.size(0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t k = int64_t(i);
+    check_tensor(fn, params[i], {"params", k}, dev, &dv);
+    const int64_t numel = params[i].numel();
+    auto slot = [&](const at::Tensor& t, const ArgName& a, int64_t want) {
+      check_tensor(fn, t, a, dev, &dv);
+      TORCH_CHECK(t.numel() == want, fn, ": ", a, " has ", t.numel(), " elements, expected ",
+                  want, want == 1 ? "" : ", those of params[i]");
+    };
+    slot(grads[i], {"grads", k}, numel);
+    slot(w_bars[i], {"w_bars", k}, numel);
+    slot(lams[i], {"lams", k}, numel);
+    slot(s1s[i], {"s1s", k, sgd ? "momentum_buffer" : "exp_avg"}, numel);
+    if (!sgd) slot(s2s[i], {"s2s", k, "exp_avg_sq"}, numel);
+    slot(steps[i], {"steps", k}, 1);
+    TORCH_CHECK(group_of[i] >= 0 && group_of[i] < groups, fn, ": group index ", group_of[i],
+                " of params[", i, "] is out of range [0, ", groups, ")");
+  }
+  return dv;
+}
+
+// The update's tensors in an alias check: the parameters and their state are written (if
+// `update`; without it the parameters are read and the state is not used), the gradients
+// are written only where the binding computes them (the LSTM), hyper is read.
+inline void add_update_ranges(AliasCheck& ac, const std::vector<at::Tensor>& params,
+                              const std::vector<at::Tensor>& grads,
+                              const std::vector<at::Tensor>& w_bars,
+                              const std::vector<at::Tensor>& lams,
+                              const std::vector<at::Tensor>& s1s,
+                              const std::vector<at::Tensor>& s2s,
+                              const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
+                              int64_t optimizer, bool update, bool grads_written) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    const int64_t k = int64_t(i);
+    ac.add(params[i], {"params", k}, update);
+    ac.add(grads[i], {"grads", k}, grads_written);
+    if (!update) continue;
+    ac.add(w_bars[i], {"w_bars", k}, true);
+    ac.add(lams[i], {"lams", k}, true);
+    ac.add(s1s[i], {"s1s", k}, true);
+    if (optimizer != OPT_SGD) ac.add(s2s[i], {"s2s", k}, true);
+    ac.add(steps[i], {"steps", k}, true);
+  }
+  if (update) ac.add(hyper, {"hyper"}, false);  // not checked (nor read) without an update
+}
+
+inline void check_clip(const char* fn, double clip) {
+  TORCH_CHECK(std::isfinite(clip) && clip >= 0.0, fn,
+              ": clip must be a finite number >= 0 (0: no clipping), got ", clip);
+}
+
+// Everything fused_update_cpu (status == nullptr) and fused_update_cuda (status given)
+// accept, on device type `dev`. Returns the device of the call.
+inline c10::Device check_fused_update_args(
+    const char* fn, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
+    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
+    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
+    const std::vector<int64_t>& group_of, int64_t optimizer, double clip,
+    const at::Tensor* status, c10::DeviceType dev) {
+  const c10::Device device = check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s,
+                                                   steps, hyper, group_of, optimizer, dev, nullptr);
+  check_clip(fn, clip);
+  if (status) {
+    check_tensor(fn, *status, {"status"}, dev, &device);
+    TORCH_CHECK(status->numel() == 3, fn, ": status must hold 3 floats [norm, skipped, count], got ",
+                status->numel());
+  }
+  AliasCheck ac(7 * params.size() + 2);
+  add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer,
+                    /*update=*/true, /*grads_written=*/false);
+  if (status) ac.add(*status, {"status"}, true);
+  ac.check(fn);
+  return device;
+}
+
+// Kept for callers written before check_fused_update_args: the list checks only (no clip,
+// status or overlap checks).
 inline void check_update_lists(const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& grads,
                                const std::vector<at::Tensor>& w_bars,
@@ -33,31 +274,8 @@ inline void check_update_lists(const std::vector<at::Tensor>& params,
                                const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
                                const std::vector<int64_t>& group_of, int64_t optimizer,
                                c10::DeviceType dev) {
-  const size_t n = params.size();
-  TORCH_CHECK(optimizer >= OPT_SGD && optimizer <= OPT_ADAMW, "unknown optimizer code ",
-              optimizer);
-  const bool sgd = optimizer == OPT_SGD;
-  TORCH_CHECK(grads.size() == n && w_bars.size() == n && lams.size() == n && s1s.size() == n &&
-                  steps.size() == n && group_of.size() == n && (sgd || s2s.size() == n),
-              "fused_update: the tensor lists differ in length");
-  TORCH_CHECK(hyper.dim() == 2 && hyper.size(1) == H_COUNT && hyper.is_contiguous() &&
-                  hyper.scalar_type() == at::kFloat,
-              "hyper must be a contiguous float32 [groups, ", int(H_COUNT), "] tensor");
-  if (n == 0) return;
-  const c10::Device device = params[0].device();
-  TORCH_CHECK(hyper.device().type() == dev, "hyper is on ", hyper.device());
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
-    check_slot_tensor(params[i], "params", i, numel, dev, device);
-    check_slot_tensor(grads[i], "grads", i, numel, dev, device);
-    check_slot_tensor(w_bars[i], "w_bar", i, numel, dev, device);
-    check_slot_tensor(lams[i], "lam", i, numel, dev, device);
-    check_slot_tensor(s1s[i], sgd ? "momentum_buffer" : "exp_avg", i, numel, dev, device);
-    if (!sgd) check_slot_tensor(s2s[i], "exp_avg_sq", i, numel, dev, device);
-    check_slot_tensor(steps[i], "step", i, 1, dev, device);
-    TORCH_CHECK(group_of[i] >= 0 && group_of[i] < hyper.size(0), "group index ", group_of[i],
-                " of params[", i, "] is out of range");
-  }
+  check_update_lists_on("fused_update", params, grads, w_bars, lams, s1s, s2s, steps, hyper,
+                        group_of, optimizer, dev, nullptr);
 }
 
 }  // namespace checks

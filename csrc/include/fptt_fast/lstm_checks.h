@@ -1,0 +1,230 @@
+// Argument checks of the LSTM segment bindings, lstm_segment_step_cpu (csrc/bind_lstm.cpp)
+// and lstm_segment_step_cuda (csrc/cuda_glue/lstm_cuda.cpp). Same rules as
+// update_checks.h: torch-only code that builds without CUDA, parameterised by the expected
+// device type, metadata only (except check_ce_classes), called before any data is touched,
+// and bound for tests as _C._check_lstm_segment_cpu_args / _C._check_lstm_segment_cuda_args
+// (bindings.cpp) so that CPU CI runs the CUDA binding's checks with CPU tensors.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "fptt_fast/cuda_lstm.h"     // kLstmMaxHidden: plain C++, no CUDA headers
+#include "fptt_fast/lstm_segment.h"  // LOSS_MSE/LOSS_CE, lstm_segment_workspace_floats
+#include "fptt_fast/update_checks.h"
+
+namespace fptt {
+namespace checks {
+
+struct LstmDims {
+  int64_t T, B, I, H, O;
+};
+
+// "params[1] (weight_hh_l0)", "grads[4] (head.weight)"
+inline ArgName lstm_param_name(int k, const char* list = "params") {
+  static const char* const names[6] = {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0",
+                                       "bias_hh_l0",   "head.weight",  "head.bias"};
+  return {list, k, names[k]};
+}
+inline ArgName lstm_grad_name(int k) { return lstm_param_name(k, "grads"); }
+
+// What both LSTM bindings take: x, the six parameters and gradient buffers, h0, c0, the
+// target, the loss code and weight. The sizes follow from x ([T, B, I]), weight_hh ([4H, H])
+// and head.weight ([O, H]); those three are checked first, then every other tensor against
+// the shapes they imply. max_hidden > 0 (the CUDA step's limit) is checked right after
+// weight_hh, before any tensor whose expected shape depends on H.
+inline LstmDims check_lstm_segment_common(
+    const char* fn, const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
+    const at::Tensor& c0, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads, int64_t loss, bool per_step, double weight,
+    c10::DeviceType dev, int64_t max_hidden) {
+  TORCH_CHECK(params.size() == 6, fn,
+              ": params must hold 6 tensors (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, "
+              "head.weight, head.bias), got ", params.size());
+  check_list_length(fn, "grads", grads.size(), "params", 6);
+  TORCH_CHECK(loss == cpu::LOSS_MSE || loss == cpu::LOSS_CE, fn,
+              ": loss code must be 0 (mse) or 1 (ce), got ", loss);
+  TORCH_CHECK(std::isfinite(weight), fn, ": weight must be finite, got ", weight);
+
+  check_tensor(fn, x, {"x"}, dev, nullptr);
+  const c10::Device device = x.device();
+  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1, fn,
+              ": x must be [omega >= 1, B >= 1, I >= 1], got shape ", x.sizes());
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
+
+  const at::Tensor& whh = params[1];
+  check_tensor(fn, whh, lstm_param_name(1), dev, &device);
+  // size(0) / 4 == size(1), not size(0) == 4 * size(1): an empty [0, 2^62] tensor must not
+  // pass through an overflow
+  TORCH_CHECK(whh.dim() == 2 && whh.size(1) >= 1 && whh.size(0) % 4 == 0 &&
+                  whh.size(0) / 4 == whh.size(1),
+              fn, ": ", lstm_param_name(1), " must be [4H, H] with H >= 1, got shape ",
+              whh.sizes());
+  const int64_t H = whh.size(1), G = 4 * H;  // whh holds 4H^2 floats: no overflow
+  TORCH_CHECK(max_hidden <= 0 || H <= max_hidden, fn, ": hidden size H=", H,
+              " exceeds the one-launch CUDA LSTM step's limit kLstmMaxHidden=", max_hidden,
+              " (csrc/include/fptt_fast/cuda_lstm.h)");
+  const at::Tensor& wo = params[4];
+  check_tensor(fn, wo, lstm_param_name(4), dev, &device);
+  TORCH_CHECK(wo.dim() == 2 && wo.size(0) >= 1 && wo.size(1) == H, fn, ": ",
+              lstm_param_name(4), " must be [O >= 1, H=", H, "], got shape ", wo.sizes());
+  const int64_t O = wo.size(0);
+
+  const std::vector<std::vector<int64_t>> shapes = {{G, I}, {G, H}, {G}, {G}, {O, H}, {O}};
+  for (int k = 0; k < 6; ++k) {
+    check_tensor(fn, params[k], lstm_param_name(k), dev, &device);
+    check_shape(fn, params[k], lstm_param_name(k), shapes[k]);
+    check_tensor(fn, grads[k], lstm_grad_name(k), dev, &device);
+    check_shape(fn, grads[k], lstm_grad_name(k), shapes[k]);
+  }
+  check_tensor(fn, h0, {"h0"}, dev, &device);
+  check_shape(fn, h0, {"h0"}, {B, H});
+  check_tensor(fn, c0, {"c0"}, dev, &device);
+  check_shape(fn, c0, {"c0"}, {B, H});
+
+  std::vector<int64_t> lead = per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
+  if (loss == cpu::LOSS_MSE) {
+    check_tensor(fn, target, {"target (mse)"}, dev, &device);
+    std::vector<int64_t> s = lead;
+    s.push_back(O);
+    check_shape(fn, target, {"target (mse)"}, s);
+  } else {
+    check_tensor(fn, target, {"target (ce class indices)"}, dev, &device, at::kLong);
+    check_shape(fn, target, {"target (ce class indices)"}, lead);
+  }
+  return {T, B, I, H, O};
+}
+
+// The LSTM's own tensors in an alias check. The parameters, gradients and state go in
+// with add_update_ranges.
+inline void add_lstm_inputs(AliasCheck& ac, const at::Tensor& x, const at::Tensor& target,
+                            bool with_state, const at::Tensor& h0, const at::Tensor& c0) {
+  ac.add(x, {"x"}, false);
+  ac.add(target, {"target"}, false);
+  if (with_state) {
+    ac.add(h0, {"h0"}, false);
+    ac.add(c0, {"c0"}, false);
+  }
+}
+
+// Everything lstm_segment_step_cpu accepts, on device type `dev`. The state lists (w_bars
+// ... group_of), optimizer and clip are read, and checked, only if `update`. The workspace
+// may be too small (the binding grows it, with resize_, after these checks): then its
+// storage must be resizable. *workspace_need: the floats the segment needs.
+inline LstmDims check_lstm_segment_cpu_args(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0, const at::Tensor& c0,
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+    const at::Tensor& workspace, int64_t loss, bool per_step, double weight, bool update,
+    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
+    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
+    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
+    const std::vector<int64_t>& group_of, int64_t optimizer, double clip, c10::DeviceType dev,
+    int64_t* workspace_need) {
+  const char* fn = "lstm_segment_step_cpu";
+  const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
+                                               per_step, weight, dev, /*max_hidden=*/0);
+  const c10::Device device = x.device();
+  check_tensor(fn, workspace, {"workspace"}, dev, &device);
+  const int64_t need =
+      cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O, per_step ? 1 : 0);
+  if (workspace.numel() < need) {
+    TORCH_CHECK(workspace.storage().resizable() && !workspace.requires_grad(), fn,
+                ": workspace holds ", workspace.numel(), " floats, this segment needs ", need,
+                ", and it cannot be grown (its storage is not resizable or it requires grad); "
+                "pass torch.empty(0) and let the binding grow it");
+  }
+  if (update) {
+    check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
+                          optimizer, dev, &device);
+    check_clip(fn, clip);
+  }
+
+  AliasCheck ac(48);
+  add_lstm_inputs(ac, x, target, true, h0, c0);
+  add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer, update,
+                    /*grads_written=*/true);
+  // The workspace as its whole storage: it is resized in place (a storage too small for
+  // the segment is reallocated, and every tensor sharing it moves along) and then written
+  // from its data pointer on, so any argument sharing its storage, wherever in it, could be
+  // overwritten. Every such argument lies inside the storage's current extent; memory past
+  // that extent is not the workspace's (a growth allocates elsewhere).
+  const c10::Storage& st = workspace.storage();
+  const uintptr_t base = reinterpret_cast<uintptr_t>(st.data());
+  if (base != 0) ac.add_range(base, base + uintptr_t(st.nbytes()), {"workspace"}, true);
+  ac.check(fn);
+  if (workspace_need) *workspace_need = need;
+  return d;
+}
+
+// Everything lstm_segment_step_cuda accepts, on device type `dev` (the glue passes
+// c10::kCUDA). Refused first: tf32 (not implemented), then, right after weight_hh, hidden
+// sizes above kLstmMaxHidden. h_out/c_out may alias h0/c0 (the kernel copies h0, c0 into
+// its scratch before a grid sync and writes h_out, c_out last: cuda_lstm.h), nothing else.
+// s2s is not read for SGD (callers pass s1s again).
+inline LstmDims check_lstm_segment_cuda_args(
+    const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0, const at::Tensor& c0,
+    double weight, int64_t loss, bool per_step, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_bars,
+    const std::vector<at::Tensor>& lams, const std::vector<at::Tensor>& s1s,
+    const std::vector<at::Tensor>& s2s, const std::vector<at::Tensor>& steps,
+    const at::Tensor& hyper, const std::vector<int64_t>& group_of, int64_t optimizer,
+    double clip, const at::Tensor& status, const at::Tensor& h_out, const at::Tensor& c_out,
+    const at::Tensor& loss_out, bool tf32, c10::DeviceType dev) {
+  const char* fn = "lstm_segment_step_cuda";
+  TORCH_CHECK(!tf32, fn,
+              ": tf32=True is not implemented by the CUDA one-launch LSTM step (it computes in "
+              "IEEE fp32); use allow_tf32=False");
+  const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
+                                               per_step, weight, dev, cuda::kLstmMaxHidden);
+  const c10::Device device = x.device();
+  check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
+                        optimizer, dev, &device);
+  check_clip(fn, clip);
+  check_tensor(fn, status, {"status"}, dev, &device);
+  TORCH_CHECK(status.numel() == 3, fn,
+              ": status must hold 3 floats [norm, skipped, count], got ", status.numel());
+  check_tensor(fn, h_out, {"h_out"}, dev, &device);
+  check_shape(fn, h_out, {"h_out"}, {d.B, d.H});
+  check_tensor(fn, c_out, {"c_out"}, dev, &device);
+  check_shape(fn, c_out, {"c_out"}, {d.B, d.H});
+  check_tensor(fn, loss_out, {"loss_out"}, dev, &device);
+  TORCH_CHECK(loss_out.numel() == 1, fn, ": loss_out must hold 1 float, got ", loss_out.numel());
+
+  // Two passes, so that h_out/c_out may overlap h0/c0 and nothing else: everything but
+  // h_out/c_out, then everything but h0/c0.
+  for (int pass = 0; pass < 2; ++pass) {
+    AliasCheck ac(48);
+    add_lstm_inputs(ac, x, target, /*with_state=*/pass == 0, h0, c0);
+    add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer,
+                      /*update=*/true, /*grads_written=*/true);
+    ac.add(status, {"status"}, true);
+    ac.add(loss_out, {"loss_out"}, true);
+    if (pass == 1) {
+      ac.add(h_out, {"h_out"}, true);
+      ac.add(c_out, {"c_out"}, true);
+    }
+    ac.check(fn);
+  }
+  return d;
+}
+
+// The one check that reads tensor data: the classes of a CPU ce target, which the CPU
+// kernel uses as indices into the head's outputs. Call it after every metadata check has
+// passed (the target is then a contiguous CPU int64 tensor of the expected shape). The
+// CUDA binding does not call it (it would sync the host): there an out-of-range class makes
+// the step's gradient NaN, so the update is skipped and flagged in status.
+inline void check_ce_classes(const char* fn, const at::Tensor& target, int64_t O) {
+  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong &&
+                  target.is_contiguous(),
+              fn, ": internal: check_ce_classes needs a checked CPU int64 target");
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  for (int64_t k = 0; k < target.numel(); ++k)
+    TORCH_CHECK(y[k] >= 0 && y[k] < O, fn, ": ce target class ", y[k], " (element ", k,
+                ") is out of range [0, ", O - 1, "]");
+}
+
+}  // namespace checks
+}  // namespace fptt
