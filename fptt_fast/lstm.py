@@ -54,6 +54,11 @@ LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 HEAD_KEYS = ("head.weight", "head.bias")
 PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
 SEGMENT_BACKENDS = ("reference", "cpu", "triton", "cuda")
+# The CUDA backend's kernels (csrc/cuda/lstm_persistent.cu, csrc/cuda/lstm_segment.cu):
+# "auto" runs the persistent weight-stationary kernel where the shape fits it, else the
+# general one. Codes of _C.lstm_train_cuda's `kernel` argument and return value.
+CUDA_KERNELS = {"auto": 0, "general": 1, "persistent": 2}
+CUDA_KERNEL_NAMES = {1: "general", 2: "persistent"}
 
 
 def _cpu_segment_reason():
@@ -161,6 +166,10 @@ class FPTTLSTM(nn.Module):
         device, dtype: where the parameters live; only torch.float32 is supported.
         allow_tf32: let the GPU backends use TF32 matmuls (off: IEEE fp32). The cpu and
             reference backends always compute in IEEE fp32.
+        cuda_kernel: on the cuda backend, "auto" (the persistent weight-stationary kernel
+            where the shape fits it: H <= 128, I <= 32, O <= 32, Hopper; else the general
+            one), "persistent" (raise if it cannot run) or "general". `last_kernel` says
+            which one ran.
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
             the CPU only. Shapes, dtypes and devices are always checked.
@@ -170,7 +179,7 @@ class FPTTLSTM(nn.Module):
                  lr=1e-3, optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, clip=None, nonfinite="raise", backend="auto", device=None,
-                 dtype=torch.float32, allow_tf32=False, check_inputs=None):
+                 dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto"):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("output_size", output_size)):
@@ -180,6 +189,12 @@ class FPTTLSTM(nn.Module):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if dtype != torch.float32:
             raise TypeError(f"FPTTLSTM supports dtype=torch.float32 only, got {dtype}")
+        if cuda_kernel not in CUDA_KERNELS:
+            raise ValueError(f"cuda_kernel must be one of {tuple(CUDA_KERNELS)}, got {cuda_kernel!r}")
+        self.cuda_kernel = cuda_kernel
+        # the CUDA kernel the last train_segment / train_sequence ran ("persistent" or
+        # "general"); None before the first one or on other backends
+        self.last_kernel = None
         I, H, O = input_size, hidden_size, output_size
         self.input_size, self.hidden_size, self.output_size = I, H, O
         self.loss, self.per_step = loss, bool(per_step)
@@ -390,8 +405,10 @@ class FPTTLSTM(nn.Module):
             opt._record(norm, skipped)
         return torch.tensor(loss, dtype=torch.float32), (h, c)
 
-    def _launch(self, x, target, state, weight):
-        """The one-launch GPU segment step (triton or cuda): no host sync."""
+    def _launch(self, x, target, state, weight, n_segs=1, ramp=False):
+        """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda only),
+        segment p weighted (p + 1) / n_segs if ramp else `weight`: no host sync. Returns
+        the losses [n_segs] and the final state."""
         opt = self.optimizer
         opt._raise_pending()
         params = [p.detach() for p in self.fptt_parameters()]
@@ -400,21 +417,26 @@ class FPTTLSTM(nn.Module):
         sts = [opt.state[p] for p in self.fptt_parameters()]
         sgd = opt.base == "sgd"
         h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
-        loss_out = torch.empty((), dtype=torch.float32, device=x.device)
-        args = (x, target, state[0], state[1], weight, LOSS_CODE[self.loss], self.per_step,
-                params, self._grads, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
-                [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-                [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
-                [s["step"].view(1) for s in sts], opt._hyper_table(x.device), [0] * len(params),
-                OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status, h_out, c_out, loss_out,
-                self.allow_tf32)
+        losses = torch.empty(n_segs, dtype=torch.float32, device=x.device)
+        lists = (params, self._grads, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
+                 [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+                 [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
+                 [s["step"].view(1) for s in sts], opt._hyper_table(x.device), [0] * len(params),
+                 OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status)
         if self.backend == "triton":
             from .kernels import lstm_segment
-            lstm_segment.train_segment(*args)
+            assert n_segs == 1, "the Triton kernel runs one segment per launch"
+            lstm_segment.train_segment(x, target, state[0], state[1], weight, LOSS_CODE[self.loss],
+                                       self.per_step, *lists, h_out, c_out, losses[0],
+                                       self.allow_tf32)
         else:
-            backends.extension().lstm_segment_step_cuda(*args)
+            ran = backends.extension().lstm_train_cuda(
+                x, target, state[0], state[1], n_segs, weight, ramp, LOSS_CODE[self.loss],
+                self.per_step, *lists, h_out, c_out, losses, self.allow_tf32,
+                CUDA_KERNELS[self.cuda_kernel])
+            self.last_kernel = CUDA_KERNEL_NAMES[ran]
         opt._after_device_step()
-        return loss_out, (h_out, c_out)
+        return losses, (h_out, c_out)
 
     def loss_and_grads(self, x, target, state=None, weight=1.0):
         """The segment's loss, new state and the task gradients of weight * loss, as
@@ -436,7 +458,8 @@ class FPTTLSTM(nn.Module):
         if self.backend == "cpu":
             return self._cpu_call(x, target, state, weight, True)
         if self.backend in ("triton", "cuda"):
-            return self._launch(x, target, state, weight)
+            losses, state = self._launch(x, target, state, weight)
+            return losses[0], state
         params = self.fptt_parameters()
         with torch.enable_grad():
             loss, new_state = self._reference_loss(x, target, state)
@@ -457,6 +480,13 @@ class FPTTLSTM(nn.Module):
         if self.per_step:
             target = self._check_target(target, x.shape[0], x.shape[1])
         bounds = reference.segment_bounds(x.shape[0], int(K))
+        if self.backend == "cuda":  # all K segments in one C++ call (one launch: persistent)
+            B = x.shape[1]
+            if not self.per_step:
+                target = self._check_target(target, 1, B)
+            losses, _ = self._launch(x, target, self._check_state(state, B), 1.0,
+                                     n_segs=len(bounds), ramp=not self.per_step)
+            return losses
         losses = []
         for p, (a, b) in enumerate(bounds):
             tgt = target[a:b] if self.per_step else target

@@ -426,6 +426,9 @@ def make_trainer(cfg: Config, task, device: torch.device) -> Trainer:
                 raise ValueError(f"lr and clip must be >= 0, got lr={cfg.lr}, clip={cfg.clip}")
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
             backend = "torch.optim.Adam"
+            if device.type == "cuda":  # cuDNN's LSTM for the BPTT baseline (the same function)
+                model.lstm.use_cudnn = True
+                backend += ", cuDNN LSTM"
     except ValueError as e:  # bad hyper-parameters, as FPTT/Adam validate them
         raise UsageError(str(e)) from None
     return Trainer(model, opt, cfg, task.loss, backend)

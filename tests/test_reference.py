@@ -280,3 +280,21 @@ def test_nonfinite_raise_and_skip_change_nothing(fresh_seed):
             assert opt.skipped_steps == 1
         after = [p.detach() for p in ps] + list(opt.flat_state.values())
         assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_fused_lstm_forward_matches_the_loop():
+    """reference.fused_lstm_forward (torch's fused LSTM, the CLI's BPTT baseline on a GPU)
+    computes ReferenceLSTM's function: outputs, state and parameter gradients."""
+    torch.manual_seed(3)
+    m = reference.ReferenceLSTM(3, 5)
+    x = torch.randn(9, 4, 3)
+    st = (torch.randn(4, 5), torch.randn(4, 5))
+    o1, (h1, c1) = m(x, st)
+    o2, (h2, c2) = reference.fused_lstm_forward(m, x, st)
+    for a, b in ((o1, o2), (h1, h2), (c1, c2)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
+    w = torch.randn_like(o1)
+    g1 = torch.autograd.grad((o1 * w).sum(), list(m.parameters()))
+    g2 = torch.autograd.grad((o2 * w).sum(), list(m.parameters()))
+    scale = max(float(g.abs().max()) for g in g1)
+    assert max(float((a - b).abs().max()) for a, b in zip(g1, g2)) <= 1e-5 * scale

@@ -107,15 +107,40 @@ LstmEntry& build_entry(std::vector<cuda::UpdateSlot>&& slots, std::vector<int64_
   return g_cache.front();
 }
 
-void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
-                            double weight, int64_t loss, bool per_step,
-                            std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-                            std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-                            std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-                            std::vector<at::Tensor> steps, at::Tensor hyper,
-                            std::vector<int64_t> group_of, int64_t optimizer, double clip,
-                            at::Tensor status, at::Tensor h_out, at::Tensor c_out,
-                            at::Tensor loss_out, bool tf32) {
+// Kernel choice of lstm_train_cuda.
+enum KernelMode { KERNEL_AUTO = 0, KERNEL_GENERAL = 1, KERNEL_PERSISTENT = 2 };
+
+// The plan of the persistent kernel for these sizes (cuda_lstm.h), or why not.
+cuda::PersistentPlan persistent_plan(int64_t B, int64_t I, int64_t H, int64_t O,
+                                     int64_t optimizer, int device) {
+  return cuda::lstm_persistent_plan(B, I, H, O, int(optimizer), device);
+}
+
+// n_segs FPTT segments over x [T, B, I] (segments of ceil(T / n_segs) steps, the state
+// carried): one launch of the persistent kernel when `mode` allows and the shape fits
+// (cuda_lstm.h), else one launch of the general kernel per segment. Returns the kernel
+// that ran (KERNEL_GENERAL or KERNEL_PERSISTENT). Segment p's loss weighs (p + 1) / n_segs
+// when weight_ramp, else `weight`; losses_out [n_segs] gets each segment's unweighted
+// loss; h_out, c_out the final state; status as the fused update's.
+int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
+                        int64_t n_segs, double weight, bool weight_ramp, int64_t loss,
+                        bool per_step, std::vector<at::Tensor> params,
+                        std::vector<at::Tensor> grads, std::vector<at::Tensor> w_bars,
+                        std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
+                        std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps,
+                        at::Tensor hyper, std::vector<int64_t> group_of, int64_t optimizer,
+                        double clip, at::Tensor status, at::Tensor h_out, at::Tensor c_out,
+                        at::Tensor losses_out, bool tf32, int64_t mode) {
+  TORCH_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT,
+              "lstm_train_cuda: kernel mode must be 0 (auto), 1 (general) or 2 (persistent), "
+              "got ", mode);
+  TORCH_CHECK(n_segs >= 1, "lstm_train_cuda: n_segs must be >= 1, got ", n_segs);
+  TORCH_CHECK(losses_out.defined() && losses_out.is_cuda() &&
+                  losses_out.scalar_type() == at::kFloat && losses_out.is_contiguous() &&
+                  losses_out.dim() == 1 && losses_out.size(0) == n_segs,
+              "lstm_train_cuda: losses_out must be a contiguous float32 CUDA tensor [n_segs=",
+              n_segs, "]");
+  at::Tensor loss_out = losses_out.narrow(0, 0, 1);  // the segment checks' one-float view
   // Every check before any data pointer is taken or any list element is indexed
   // (lstm_checks.h: torch-only code, tested on CPU CI through
   // _C._check_lstm_segment_cuda_args): tf32 first, then x, weight_hh (H <= kLstmMaxHidden),
@@ -126,6 +151,14 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
       hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out, tf32, at::kCUDA);
   const c10::Device device = x.device();
   const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, O = dims.O;
+  TORCH_CHECK(n_segs <= T, "lstm_train_cuda: n_segs=", n_segs, " segments need T >= n_segs "
+              "steps, got T=", T);
+  const int64_t omega = (T + n_segs - 1) / n_segs;
+  TORCH_CHECK((T + omega - 1) / omega == n_segs, "lstm_train_cuda: n_segs=", n_segs,
+              " segments of ceil(T/n_segs)=", omega, " steps cover T=", T, " in ",
+              (T + omega - 1) / omega);
+  TORCH_CHECK(!losses_out.is_same(x) && !losses_out.is_same(status),
+              "lstm_train_cuda: losses_out must not alias an input");
 
   c10::cuda::CUDAGuard guard(device);
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
@@ -155,7 +188,20 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
       key.push_back(int64_t(reinterpret_cast<intptr_t>(p)));
     key.push_back(s.n);
   }
-  const int64_t need = cuda::lstm_scratch_floats(T, B, I, H, O, per_step ? 1 : 0);
+  cuda::PersistentPlan plan = {};
+  if (mode != KERNEL_GENERAL) {
+    plan = persistent_plan(B, I, H, O, optimizer, device.index());
+    TORCH_CHECK(plan.ok || mode == KERNEL_AUTO,
+                "lstm_train_cuda: the persistent kernel cannot take B=", B, ", I=", I, ", H=", H,
+                ", O=", O, " on this device (limits: H <= ", cuda::kPersistMaxHidden,
+                ", I <= ", cuda::kPersistMaxInput, ", O <= ", cuda::kPersistMaxOutput,
+                ", B <= 16 x the co-resident clusters; sm_90+): ",
+                cuda::launch_error_string(plan.error));
+  }
+  const bool persistent = plan.ok != 0;
+  const int64_t need =
+      persistent ? cuda::lstm_persistent_scratch_floats(plan, omega, B, I, H, O, per_step ? 1 : 0)
+                 : cuda::lstm_scratch_floats(omega, B, I, H, O, per_step ? 1 : 0);
 
   const bool capturing = stream_is_capturing(stream.stream());
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -212,14 +258,87 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
   a.g_b_hh = fptr(grads[3]); a.g_w_o = fptr(grads[4]); a.g_b_o = fptr(grads[5]);
   a.h_out = fptr(h_out);
   a.c_out = fptr(c_out);
-  a.loss_out = fptr(loss_out);
+  a.loss_out = fptr(losses_out);
   a.scratch = fptr(entry->scratch);
+  float* st = status.data_ptr<float>();
+  void* strm = static_cast<void*>(stream.stream());
 
-  const int rc = cuda::launch_lstm_segment(a, entry->table, int(optimizer), float(clip),
-                                           status.data_ptr<float>(), device.index(),
-                                           static_cast<void*>(stream.stream()));
-  TORCH_CHECK(rc == 0, "lstm_segment_step_cuda: kernel launch failed: ",
-              cuda::launch_error_string(rc), " (cuda error ", rc, ")");
+  if (persistent) {
+    const int rc = cuda::launch_lstm_persistent(a, n_segs, weight_ramp ? 1 : 0, plan,
+                                                entry->table, int(optimizer), float(clip), st,
+                                                device.index(), strm);
+    TORCH_CHECK(rc == 0, "lstm_train_cuda: persistent kernel launch failed: ",
+                cuda::launch_error_string(rc), " (cuda error ", rc, ")");
+    return KERNEL_PERSISTENT;
+  }
+  // The general kernel, one launch per segment: x and per-step targets advance by the
+  // segment's steps; the state leaves through h_out/c_out, which may alias h0/c0.
+  for (int64_t p = 0; p < n_segs; ++p) {
+    const int64_t t0 = p * omega, Tp = std::min(omega, T - t0);
+    cuda::LstmSegmentArgs sa = a;
+    sa.T = Tp;
+    sa.x = a.x + t0 * B * I;
+    if (per_step) {
+      if (sa.target_f) sa.target_f += t0 * B * O;
+      if (sa.target_i) sa.target_i += t0 * B;
+    }
+    sa.weight = weight_ramp ? float(double(p + 1) / double(n_segs)) : float(weight);
+    if (p > 0) {
+      sa.h0 = a.h_out;
+      sa.c0 = a.c_out;
+    }
+    sa.loss_out = a.loss_out + p;
+    const int rc = cuda::launch_lstm_segment(sa, entry->table, int(optimizer), float(clip), st,
+                                             device.index(), strm);
+    TORCH_CHECK(rc == 0, "lstm_train_cuda: kernel launch failed: ",
+                cuda::launch_error_string(rc), " (cuda error ", rc, ")");
+  }
+  return KERNEL_GENERAL;
+}
+
+// One segment on the general kernel (the former one-segment binding; tests use it).
+void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
+                            double weight, int64_t loss, bool per_step,
+                            std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                            std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
+                            std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
+                            std::vector<at::Tensor> steps, at::Tensor hyper,
+                            std::vector<int64_t> group_of, int64_t optimizer, double clip,
+                            at::Tensor status, at::Tensor h_out, at::Tensor c_out,
+                            at::Tensor loss_out, bool tf32) {
+  TORCH_CHECK(loss_out.defined() && loss_out.dim() <= 1 && loss_out.numel() == 1,
+              "lstm_segment_step_cuda: loss_out must hold 1 float");
+  lstm_train_cuda(x, target, h0, c0, 1, weight, false, loss, per_step, std::move(params),
+                  std::move(grads), std::move(w_bars), std::move(lams), std::move(s1s),
+                  std::move(s2s), std::move(steps), hyper, std::move(group_of), optimizer, clip,
+                  status, h_out, c_out, loss_out.view({1}), tf32, KERNEL_GENERAL);
+}
+
+// Tuning only: the persistent kernel's launches write clock64 stamps of their phases into
+// `stamps` (int64 CUDA [lstm_persistent_profile_slots()]); None turns it off.
+at::Tensor g_profile_stamps;
+void lstm_persistent_profile_cuda(c10::optional<at::Tensor> stamps) {
+  if (!stamps.has_value() || !stamps->defined()) {
+    cuda::lstm_persistent_set_profile(nullptr);
+    g_profile_stamps = at::Tensor();
+    return;
+  }
+  const at::Tensor& t = *stamps;
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.numel() >= cuda::lstm_persistent_profile_slots(),
+              "stamps must be a contiguous int64 CUDA tensor of at least ",
+              cuda::lstm_persistent_profile_slots(), " elements");
+  g_profile_stamps = t;  // kept alive while the kernel may write it
+  cuda::lstm_persistent_set_profile(reinterpret_cast<long long*>(t.data_ptr<int64_t>()));
+}
+
+// Which kernel lstm_train_cuda's auto mode runs for these sizes: (persistent?, cluster
+// size, rows per cluster, clusters, reason when not).
+pybind11::tuple lstm_persistent_plan_cuda(int64_t B, int64_t I, int64_t H, int64_t O,
+                                          int64_t optimizer, int64_t device) {
+  const cuda::PersistentPlan p = persistent_plan(B, I, H, O, optimizer, int(device));
+  return pybind11::make_tuple(bool(p.ok), p.cluster, p.rows_per_cluster, p.clusters,
+                              p.ok ? std::string() : std::string(cuda::launch_error_string(p.error)));
 }
 
 int64_t lstm_grid_size_cuda(int64_t optimizer, int64_t device) {
@@ -244,6 +363,33 @@ void register_lstm_cuda(pybind11::module_& m) {
         pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"),
         pybind11::arg("h_out"), pybind11::arg("c_out"), pybind11::arg("loss_out"),
         pybind11::arg("tf32") = false);
+  m.def("lstm_train_cuda", &lstm_train_cuda,
+        "n_segs FPTT segments of an LSTM on CUDA tensors: one launch of the persistent "
+        "weight-stationary kernel (kernel=0 auto or 2) or one general launch per segment "
+        "(kernel=1 or auto for shapes beyond the persistent kernel). Returns the kernel that "
+        "ran (1 general, 2 persistent); never syncs.",
+        pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
+        pybind11::arg("n_segs"), pybind11::arg("weight"), pybind11::arg("weight_ramp"),
+        pybind11::arg("loss"), pybind11::arg("per_step"), pybind11::arg("params"),
+        pybind11::arg("grads"), pybind11::arg("w_bars"), pybind11::arg("lams"),
+        pybind11::arg("s1s"), pybind11::arg("s2s"), pybind11::arg("steps"),
+        pybind11::arg("hyper"), pybind11::arg("group_of"), pybind11::arg("optimizer"),
+        pybind11::arg("clip"), pybind11::arg("status"), pybind11::arg("h_out"),
+        pybind11::arg("c_out"), pybind11::arg("losses_out"), pybind11::arg("tf32") = false,
+        pybind11::arg("kernel") = 0);
+  m.def("lstm_persistent_plan_cuda", &lstm_persistent_plan_cuda,
+        "(persistent?, cluster size, rows per cluster, clusters, reason) of the persistent LSTM "
+        "kernel for (B, I, H, O, optimizer code, device)",
+        pybind11::arg("B"), pybind11::arg("I"), pybind11::arg("H"), pybind11::arg("O"),
+        pybind11::arg("optimizer"), pybind11::arg("device"));
+  m.attr("cuda_persist_max_hidden") = pybind11::int_(cuda::kPersistMaxHidden);
+  m.def("_lstm_persistent_profile", &lstm_persistent_profile_cuda,
+        "tuning only: record phase stamps of later persistent-kernel launches into an int64 "
+        "CUDA tensor (None: off)", pybind11::arg("stamps"));
+  m.def("_lstm_persistent_debug", [](int64_t bits) { cuda::lstm_persistent_set_debug(int(bits)); },
+        "tuning only: experiment bits of the persistent kernel (0: the real kernel; others "
+        "compute wrong results)", pybind11::arg("bits"));
+  m.attr("_lstm_persistent_profile_slots") = pybind11::int_(cuda::lstm_persistent_profile_slots());
   m.def("lstm_segment_cuda_grid_size", &lstm_grid_size_cuda,
         "blocks of the one-launch CUDA LSTM segment kernel (optimizer code, device)",
         pybind11::arg("optimizer"), pybind11::arg("device"));
