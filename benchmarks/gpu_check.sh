@@ -1,76 +1,95 @@
 #!/usr/bin/env bash
-# The GPU harness: build, test and benchmark fptt_fast in one call.
+# The GPU harness: build, check and time fptt_fast in one device call.
 #
-#   bash benchmarks/gpu_check.sh          on a GPU machine (no network needed): builds
-#                                          the extension with CUDA, runs the whole test
-#                                          suite, compute-sanitizer, the benchmarks, and
-#                                          writes benchmarks/results/<card>-<date>.{json,md}
-#   bash benchmarks/gpu_check.sh --quick  on any machine (CI runs this): no rebuild,
-#                                          no tests, tiny benchmarks, results to $OUT or
-#                                          a temp dir; proves the harness still works.
-# Everything it writes also lands in $OUT when set (the device tool brings $OUT back).
-# Budget on a GPU: about 8 minutes in all; each stage has its own timeout.
+#   bash benchmarks/gpu_check.sh           on a GPU machine (no network needed), in about
+#                                          4 minutes: builds the extension with CUDA, then
+#                                          stages by priority under one deadline
+#                                          (GPU_CHECK_DEADLINE seconds, default 230):
+#                                            1. benchmarks/persistent_check.py: the LSTM
+#                                               kernels against the reference (correctness,
+#                                               determinism) and the headline timings
+#                                               (Add omega=1 and 100, T=1000 K=10/1000) beside
+#                                               the reference in one CUDA graph and cuDNN;
+#                                               wall, kernel (profiler) and graph replay
+#                                            2. compute-sanitizer memcheck, racecheck and
+#                                               synccheck on small runs of every CUDA kernel
+#                                            3. the test suite, pytest-xdist -n 6, per-test
+#                                               timeouts (a crash or hang is reported, the
+#                                               rest still runs)
+#                                            4. the update benchmarks (67 K and 50 M params)
+#   bash benchmarks/gpu_check.sh --paper   also `fptt-fast compare add --paper` (FPTT vs BPTT
+#                                          at T=1000: about 2 minutes) before stage 2
+#   bash benchmarks/gpu_check.sh --quick   on any machine (CI runs this): no rebuild, no
+#                                          tests, tiny benchmarks; proves the harness works.
+# A stage that no longer fits the deadline is skipped and reported as skipped. Everything
+# goes to $OUT (the device tool brings it back) and, on a GPU, the summary and JSON to
+# benchmarks/results/<card>-<date>-*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
+QUICK=0; PAPER=0
+for a in "$@"; do case "$a" in --quick) QUICK=1;; --paper) PAPER=1;; esac; done
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$(mktemp -d)}
 mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+START=$(date +%s)
+DEADLINE=${GPU_CHECK_DEADLINE:-230}
 status=0
-stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S))"; }
-LOG="$OUTDIR/harness.log"
-: >"$LOG"
-run() {  # run <seconds> <command...>: output to the log, its tail to the screen; keep going
-  local limit=$1; shift
-  local start; start=$(wc -l <"$LOG")
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+SUMMARY="$OUTDIR/summary.txt"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+stage() {  # stage <name> <limit s> <command...>: runs if it fits, output to <name>.log
+  local name=$1 limit=$2; shift 2
+  local rest; rest=$(left)
+  if [ "$rest" -lt 20 ]; then note "SKIPPED $name (deadline: ${rest} s left)"; return; fi
+  [ "$limit" -gt "$rest" ] && limit=$rest
+  echo; echo "=== $name (limit ${limit} s, $(date -u +%H:%M:%S))"
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
   local rc=$?
-  tail -n +"$((start + 1))" "$LOG" | tail -n 25
-  if [ $rc != 0 ]; then echo "!!! failed (exit $rc): $*"; status=1; fi
+  tail -n 30 "$OUTDIR/$name.log"
+  if [ $rc = 0 ]; then note "ok      $name ($(( $(date +%s) - t0 )) s)"
+  else note "FAILED  $name (exit $rc after $(( $(date +%s) - t0 )) s; $name.log)"; status=1; fi
 }
 
 card=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 day=$(date -u +%Y-%m-%d)
-echo "card: $card  date: $day  quick: $QUICK  out: $OUTDIR"
-if [ "$QUICK" = 0 ] && [ "$card" = cpu ]; then
-  echo "no GPU here: use --quick (or run on a GPU machine)"; exit 2
+note "card: $card  date: $day  quick: $QUICK  out: $OUTDIR"
+if [ "$QUICK" = 1 ]; then
+  export FPTT_BENCH_QUICK=1
+  stage bench 300 $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUTDIR/bench.json" \
+    --benchmark-columns=median,rounds
+  [ -f "$OUTDIR/bench.json" ] && stage report 30 $PY benchmarks/report.py "$OUTDIR/bench.json" \
+    --out "$OUTDIR/quick-$card-$day.json" --md "$OUTDIR/quick-$card-$day.md"
+  echo; cat "$SUMMARY"; echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
+  exit $status
 fi
+if [ "$card" = cpu ]; then echo "no GPU here: use --quick (or run on a GPU machine)"; exit 2; fi
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee -a "$SUMMARY"
 
-if [ "$QUICK" = 0 ]; then
-  stage "build (CUDA)"
-  FPTT_FAST_CUDA=1 run 240 $PY -m pip install -q --no-build-isolation --no-deps -e .
-  $PY -c "import fptt_fast, fptt_fast.backends as b; print(b.available('cuda'))" || status=1
-
-  stage "tests on CUDA"
-  run 200 $PY -m pytest tests -q -x -p no:cacheprovider
-
-  stage "compute-sanitizer (memcheck, racecheck) on a small run"
-  if command -v compute-sanitizer >/dev/null; then
-    run 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/sanitize_run.py
-    run 90 compute-sanitizer --tool racecheck --error-exitcode 1 $PY benchmarks/sanitize_run.py --cuda-only
-  else
-    echo "compute-sanitizer not found"; status=1
-  fi
+DEADLINE=10000 stage build 150 env FPTT_FAST_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
+START=$(date +%s)  # the deadline counts from the end of the build
+[ "$PAPER" = 1 ] && DEADLINE=$(( DEADLINE + 150 ))
+stage persistent 100 $PY benchmarks/persistent_check.py --out "$OUTDIR"
+res="benchmarks/results/$card-$day"
+[ -f "$OUTDIR/persistent.json" ] && cp "$OUTDIR/persistent.json" "$res-persistent.json"
+if [ "$PAPER" = 1 ]; then
+  stage paper 150 fptt-fast compare add --paper --out "$OUTDIR/paper"
+  for f in compare.csv compare.png; do [ -f "$OUTDIR/paper/$f" ] && cp "$OUTDIR/paper/$f" "$res-paper-add-T1000-$f"; done
 fi
-
-stage "benchmarks"
-export FPTT_BENCH_QUICK=$QUICK
-run 360 $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUTDIR/bench.json" \
-  --benchmark-columns=median,rounds
-
-stage "report"
-if [ -f "$OUTDIR/bench.json" ]; then
-  if [ "$QUICK" = 0 ]; then
-    dest="benchmarks/results/$card-$day"
-  else
-    dest="$OUTDIR/quick-$card-$day"
-  fi
-  run 30 $PY benchmarks/report.py "$OUTDIR/bench.json" --out "$dest.json" --md "$dest.md"
-  [ "$QUICK" = 0 ] && cp "$dest.json" "$dest.md" "$OUTDIR/" 2>/dev/null
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck synccheck; do
+    stage "sanitizer-$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 1 $PY benchmarks/sanitize_run.py --cuda-only
+  done
 else
-  echo "no benchmark JSON"; status=1
+  note "FAILED  compute-sanitizer not found"; status=1
 fi
-echo; echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
+stage tests 100 $PY -m pytest tests -q -p no:cacheprovider -n 6 --timeout 90 -rfE
+stage bench-update 60 env FPTT_BENCH_QUICK=0 $PY -m pytest benchmarks/bench_update.py -q -p no:cacheprovider \
+  --benchmark-json="$OUTDIR/bench-update.json" --benchmark-columns=median,rounds
+[ -f "$OUTDIR/bench-update.json" ] && cp "$OUTDIR/bench-update.json" "$res-update.json"
+cp "$SUMMARY" "$res-summary.txt"
+echo; cat "$SUMMARY"
+echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED) after $(( $(date +%s) - START )) s"
 exit $status

@@ -25,11 +25,16 @@ def main():
             for p in ps:
                 p.grad = torch.randn_like(p)
             opt.step()
-        if hasattr(fptt_fast, "FPTTLSTM"):
-            m = fptt_fast.FPTTLSTM(3, 37, 2, backend=b, device="cuda", clip=1.0)
+        kernels = ("persistent", "general") if b == "cuda" else (None,)
+        for kern in kernels:  # cuda: both LSTM kernels, a whole sequence of segments too
+            kw = {"cuda_kernel": kern} if kern else {}
+            m = fptt_fast.FPTTLSTM(3, 37, 2, backend=b, device="cuda", clip=1.0, **kw)
             x, y = torch.randn(5, 4, 3, device="cuda"), torch.randn(4, 2, device="cuda")
             for _ in range(2):
                 m.train_segment(x, y)
+            if b == "cuda":
+                m.train_sequence(torch.randn(6, 4, 3, device="cuda"), y, 3)
+                print(f"{b}: LSTM kernel {m.last_kernel}")
         torch.cuda.synchronize()
         print(f"{b}: ran")
 

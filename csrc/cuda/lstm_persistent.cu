@@ -75,6 +75,16 @@ __device__ __forceinline__ int slice_index(int s, int m) { return m * 16 + s; }
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
+// The two halves of a cluster barrier (cluster.sync() is both): release on arrival (this
+// thread's shared, distributed-shared and global writes before it are visible to the
+// cluster once everyone has arrived), acquire on the wait. Every thread runs them.
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
 // Sum over the 16 lanes of a half-warp of v[b * W + w] (b < MAXB, w < W), in a fixed tree.
 // Levels xor 8, 4, 2, 1: while a lane holds several batch rows it keeps half of them
 // (recursive halving: the upper lane of each pair keeps the upper half), then the pair
@@ -141,19 +151,22 @@ __device__ __forceinline__ bool lane_writes(int s) {
   return MAXB == 16 ? true : (s & 1) == 0;
 }
 
-// Shared memory of one CTA, in floats (all offsets multiples of 4: float4 aligned). The
-// broadcast arrays are [element][batch row] with row stride R, so that the 16 lanes of a
-// unit, which hold 16 batch rows of one element, write 64 contiguous bytes into each CTA of
-// the cluster (one coalesced distributed-shared-memory store instead of 16 scattered ones).
+// Shared memory of one CTA, in floats (all offsets multiples of 4: float4 aligned). h is
+// [element][batch row] with row stride R: the 16 lanes of a unit, which hold 16 batch rows of
+// one element, write 64 contiguous bytes into each CTA of the cluster. dG is [unit][batch
+// row][gate]: a lane broadcasts its 4 gate gradients as one float4 per CTA. The backward's
+// buffers are triple-buffered: a CTA accumulates the weight gradients of step t after it
+// has arrived at the barrier of step t - 1, while the others may already write step t - 2.
 template <int CL, int MAXB>
 struct Smem {
   static constexpr int HP = 16 * CL;
   static constexpr int R = MAXB + 4;                              // row stride (floats)
+  static constexpr int RJ = 4 * MAXB + 4;                         // dgbuf row stride (floats)
   static constexpr int hbuf = 0;                                  // [2][HP][R]   h_{t-1}
-  static constexpr int dgbuf = hbuf + 2 * HP * R;                 // [2][4 HP][R] dG_t
-  static constexpr int hown = dgbuf + 2 * 4 * HP * R;             // [2][kUnits][R] h_{t-1}, own units
-  static constexpr int xbuf = hown + 2 * kUnits * R;              // [2][kPersistMaxInput][R]
-  static constexpr int wo = xbuf + 2 * kPersistMaxInput * R;      // [kPersistMaxOutput][HP]
+  static constexpr int dgbuf = hbuf + 2 * HP * R;                 // [3][HP][RJ]  dG_t[b][g] by unit
+  static constexpr int hown = dgbuf + 3 * HP * RJ;                // [3][kUnits][R] h_{t-1}, own units
+  static constexpr int xbuf = hown + 3 * kUnits * R;              // [3][kPersistMaxInput][R]
+  static constexpr int wo = xbuf + 3 * kPersistMaxInput * R;      // [kPersistMaxOutput][HP]
   static constexpr int dpred = wo + kPersistMaxOutput * HP;       // [MAXB][kPersistMaxOutput]
   static constexpr int total = dpred + MAXB * kPersistMaxOutput;
   static constexpr size_t bytes = sizeof(float) * size_t(total);
@@ -239,7 +252,7 @@ template <int CL, int MAXB>
 __global__ void __launch_bounds__(kThreads, 1)
 lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restrict__ status) {
   using S = Smem<CL, MAXB>;
-  constexpr int HP = S::HP, R = S::R, KH = CL, KR = 4 * CL, Q = MAXB / 4;
+  constexpr int HP = S::HP, R = S::R, RJ = S::RJ, KH = CL, Q = MAXB / 4;
   extern __shared__ float4 smem4[];
   float* sm = reinterpret_cast<float*>(smem4);
   __shared__ UpdateShared ush;
@@ -425,7 +438,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       // h_{t-1}[b][k] for the thread's k, 4 batch rows per float4 (16 FMAs), then the
       // inputs likewise; quads by compile-time index (a run-time loop bound would stop the
       // unrolling and move v to local memory); rows >= nb are zero in shared memory.
-      for (int rep = 0; rep < ((dbg & kDbgCompute2) ? 2 : 1); ++rep)
+      for (int rep = 0; rep < ((dbg & kDbgCompute2) ? 2 : 1); ++rep) {
 #pragma unroll
       for (int m = 0; m < KH; ++m) {
         const float* row = hb + slice_index(s, m) * R;
@@ -441,6 +454,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
           }
         });
       }
+      }  // rep
 #pragma unroll
       for (int m = 0; m < kXPer; ++m) {
         const float* row = xb + (s + 16 * m) * R;
@@ -475,10 +489,12 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
       }
       if (lane_writes<MAXB>(s) && rb < nb) {
         float* dst = hbuf + ((tt + 1) & 1) * HP * R + j * R + rb;  // j < HP always
+        if (dbg & kDbgNoDsmem) {
+          *dst = h_new;
+        } else {
 #pragma unroll
-        if (dbg & kDbgNoDsmem) *dst = h_new;
-        else
           for (int r = 0; r < CL; ++r) *cluster.map_shared_rank(dst, r) = h_new;
+        }
       }
       if (more) {
         float* xn_b = xbuf + ((tt + 1) & 1) * kPersistMaxInput * R;
@@ -504,155 +520,159 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
 
     mark(p, 2);
     // ---- backward --------------------------------------------------------------------------
-    // Thread (u, s) keeps W_hh[r][j] for its unit j and the slice of the 4H rows r
-    // (rho = g * HP + unit, r = g * H + unit): the recurrent product dh_{t-1} = dG_t W_hh
-    // and the W_hh gradient column dW[r][j] += dG_t[b][r] h_{t-1}[b][j] both use the same
-    // dG_t values loaded from shared memory (two FMAs per load). h_{t-1}[b][j] of the own
-    // units comes from the owner lanes through `hown`; the owner lane's cell data for the
-    // next step is loaded one step ahead (its L2 latency hides behind the barrier).
-    float wt[KR];
-#pragma unroll
-    for (int m = 0; m < KR; ++m) {
-      const int rho = slice_index(s, m);
-      const int g = rho / HP, jj = rho % HP;
-      wt[m] = (jvalid && jj < H) ? __ldcg(a.w_hh + (int64_t(g) * H + jj) * H + j) : 0.f;
-    }
-    float dwt[KR], dwx[4][kXPer], db[4];
-#pragma unroll
-    for (int m = 0; m < KR; ++m) dwt[m] = 0.f;
+    // Thread (u, s) keeps W_hh[g*H + jj][j] for its unit j, the 4 gates g and its slice of the
+    // units jj: the recurrent product dh_{t-1}[b][j] = sum_{g, jj} dG_t[b][g, jj] W_hh[g*H+jj][j]
+    // (one float4 of dgbuf: 4 gates) and the W_hh gradient column dW[g*H+jj][j] +=
+    // dG_t[b][g, jj] h_{t-1}[b][j]. Per step: wait -> recurrent product -> cell of step t-1 ->
+    // broadcast -> arrive, then the weight gradients of step t while the cluster moves on
+    // (the critical path carries the recurrent product only). The owner lane's cell data is
+    // loaded one step ahead.
+    float wt[4][KH], dwt[4][KH], dwx[4][kXPer], db[4];
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
+#pragma unroll
+      for (int m = 0; m < KH; ++m) {
+        const int jj = slice_index(s, m);
+        wt[g][m] = (jvalid && jj < H) ? __ldcg(a.w_hh + (int64_t(g) * H + jj) * H + j) : 0.f;
+        dwt[g][m] = 0.f;
+      }
       db[g] = 0.f;
 #pragma unroll
       for (int m = 0; m < kXPer; ++m) dwx[g][m] = 0.f;
     }
     const bool cell = rb < nb && jvalid;  // this lane runs the cell of (rb, j)
     auto cell_at = [&](int t) { return (int64_t(t) * B + b0 + rb) * H + j; };
-    // the cell data of step Tp - 1; c_cur = c_t, then per step the next one's
     float4 gq = make_float4(0.f, 0.f, 0.f, 0.f);
-    float c_cur = 0.f, c_prev = 0.f, h_prev = 0.f, dh_step = 0.f;
-    if (cell) {
-      const int64_t e = cell_at(Tp - 1);
-      gq = gates[e];
-      c_cur = cs[BH + e];
-      c_prev = cs[e];
-      h_prev = hs[e];
-      if (a.per_step) dh_step = dhh[e];
-    }
-    // x of step Tp - 1 for the input-weight gradient
-    {
-      float* xp = xbuf + ((Tp - 1) & 1) * kPersistMaxInput * R;
-      for (int e = tid; e < nb * kPersistMaxInput; e += kThreads) {
-        const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
-        xp[i * R + b] = i < I ? __ldg(a.x + ((t0 + Tp - 1) * B + b0 + b) * I + i) : 0.f;
+    float c_cur = 0.f, c_prev = 0.f, h_prev = 0.f, dh_step = 0.f, dc_reg = 0.f, dh_rec = 0.f;
+    float xr[2] = {0.f, 0.f};
+    // loads of step t's cell data and x_t (c_cur = c_t is the previous step's c_prev)
+    auto prefetch = [&](int t) {
+      c_cur = c_prev;
+      if (cell && !(dbg & kDbgNoPrefetch)) {
+        const int64_t e = cell_at(t);
+        gq = gates[e];
+        c_prev = cs[e];
+        h_prev = hs[e];
+        if (a.per_step) dh_step = dhh[e];
       }
-    }
-    float dc_reg = 0.f, dh_rec = 0.f;
-    for (int t = Tp - 1; t >= 0; --t) {
-      const int par = int(t & 1);
-      float dg4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int e = tid + m * kThreads;
+        const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
+        xr[m] = (b < nb && i < I) ? __ldg(a.x + ((t0 + t) * B + b0 + b) * I + i) : 0.f;
+      }
+    };
+    // the cell backward of step t with the prefetched data; dG_t to every CTA of the
+    // cluster, h_{t-1} of the own unit and x_t to this CTA (buffers t % 3)
+    auto cell_step = [&](int t) {
+      float4 dg = make_float4(0.f, 0.f, 0.f, 0.f);
       if (cell) {
-        float dh = dh_rec + (a.per_step ? dh_step : (t == Tp - 1 ? dh_head : 0.f));
+        const float dh = dh_rec + (a.per_step ? dh_step : (t == Tp - 1 ? dh_head : 0.f));
         const lstm::CellBackward d =
             lstm::cell_backward(gq.x, gq.y, gq.z, gq.w, c_cur, c_prev, dh, dc_reg);
         dc_reg = d.dc_prev;
-        dg4[0] = d.d_ai;
-        dg4[1] = d.d_af;
-        dg4[2] = d.d_ag;
-        dg4[3] = d.d_ao;
+        dg = make_float4(d.d_ai, d.d_af, d.d_ag, d.d_ao);
       }
+      const int buf = t % 3;
       if (lane_writes<MAXB>(s) && rb < nb) {
-        float* dst = dgbuf + par * 4 * HP * R + j * R + rb;
+        float* dst = dgbuf + buf * HP * RJ + j * RJ + rb * 4;
         if (dbg & kDbgNoDsmem) {
-#pragma unroll
-          for (int g = 0; g < 4; ++g) dst[g * HP * R] = dg4[g];
+          *reinterpret_cast<float4*>(dst) = dg;
         } else {
 #pragma unroll
-          for (int r = 0; r < CL; ++r) {
-            float* d = cluster.map_shared_rank(dst, r);
-#pragma unroll
-            for (int g = 0; g < 4; ++g) d[g * HP * R] = dg4[g];
-          }
+          for (int r = 0; r < CL; ++r) *reinterpret_cast<float4*>(cluster.map_shared_rank(dst, r)) = dg;
         }
-        hown[par * kUnits * R + u * R + rb] = h_prev;
+        hown[buf * kUnits * R + u * R + rb] = h_prev;
       }
-      // loads for step t - 1, in flight across the barrier and the products
-      float xr[2] = {0.f, 0.f};
+      float* xn = xbuf + buf * kPersistMaxInput * R;
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int e = tid + m * kThreads;
+        if (e / kPersistMaxInput < nb) xn[(e % kPersistMaxInput) * R + e / kPersistMaxInput] = xr[m];
+      }
+    };
+    c_prev = 0.f;
+    if (cell) c_prev = cs[cell_at(Tp - 1) + BH];  // c_{Tp-1}: becomes c_cur in prefetch
+    prefetch(Tp - 1);
+    cell_step(Tp - 1);
+    if (Tp > 1) prefetch(Tp - 2);
+    cluster_arrive();
+    for (int t = Tp - 1; t >= 0; --t) {
+      cluster_wait();  // dG_t of every CTA is here
+      // A CTA barrier as well: the cluster barrier already orders this step's writes to the
+      // t % 3 buffers after every thread's reads of them two steps back, but
+      // compute-sanitizer's racecheck does not follow split arrive/wait barriers (it
+      // reported those pairs on the H200); this makes the order explicit for it.
+      __syncthreads();
+      const float* dgb = dgbuf + (t % 3) * HP * RJ;
       if (t > 0) {
-        c_cur = c_prev;
-        if (cell && !(dbg & kDbgNoPrefetch)) {
-          const int64_t e = cell_at(t - 1);
-          gq = gates[e];
-          c_prev = cs[e];
-          h_prev = hs[e];
-          if (a.per_step) dh_step = dhh[e];
+        float v[MAXB];
+#pragma unroll
+        for (int b = 0; b < MAXB; ++b) v[b] = 0.f;
+#pragma unroll
+        for (int m = 0; m < KH; ++m) {
+          const float* row = dgb + slice_index(s, m) * RJ;
+          for_live_quads<MAXB>(nb, [&](auto qc) {
+            constexpr int q4 = decltype(qc)::value;
+#pragma unroll
+            for (int bb = 0; bb < 4; ++bb) {
+              const float4 d4 = ld4(row + (4 * q4 + bb) * 4);
+              float& acc = v[4 * q4 + bb];
+              acc = fmaf(d4.x, wt[0][m], acc);
+              acc = fmaf(d4.y, wt[1][m], acc);
+              acc = fmaf(d4.z, wt[2][m], acc);
+              acc = fmaf(d4.w, wt[3][m], acc);
+            }
+          });
         }
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-          const int e = tid + m * kThreads;
-          const int b = e / kPersistMaxInput, i = e % kPersistMaxInput;
-          if (b < nb && i < I) xr[m] = __ldg(a.x + ((t0 + t - 1) * B + b0 + b) * I + i);
-        }
-      }
-      csync();
-      const float* dgb = dgbuf + par * 4 * HP * R;
-      const float* ho = hown + par * kUnits * R + u * R;
-      const float* xp = xbuf + par * kPersistMaxInput * R;
-      float v[MAXB];
-#pragma unroll
-      for (int b = 0; b < MAXB; ++b) v[b] = 0.f;
-      float4 hq[Q];  // h_{t-1}[b][j] of this unit, 4 rows per float4
-#pragma unroll
-      for (int q4 = 0; q4 < Q; ++q4) hq[q4] = ld4(ho + 4 * q4);
-      // dG_t rows rho of this slice: the recurrent product (x W_hh[rho][j]) and the W_hh
-      // gradient column (x h_{t-1}[b][j]), two FMAs per loaded value
-#pragma unroll
-      for (int m = 0; m < KR; ++m) {
-        const float* row = dgb + slice_index(s, m) * R;
-        for_live_quads<MAXB>(nb, [&](auto qc) {
-          constexpr int q4 = decltype(qc)::value;
-          const float4 d4 = ld4(row + 4 * q4);
-          v[4 * q4 + 0] = fmaf(d4.x, wt[m], v[4 * q4 + 0]);
-          v[4 * q4 + 1] = fmaf(d4.y, wt[m], v[4 * q4 + 1]);
-          v[4 * q4 + 2] = fmaf(d4.z, wt[m], v[4 * q4 + 2]);
-          v[4 * q4 + 3] = fmaf(d4.w, wt[m], v[4 * q4 + 3]);
-          dwt[m] = fmaf(d4.x, hq[q4].x, dwt[m]);
-          dwt[m] = fmaf(d4.y, hq[q4].y, dwt[m]);
-          dwt[m] = fmaf(d4.z, hq[q4].z, dwt[m]);
-          dwt[m] = fmaf(d4.w, hq[q4].w, dwt[m]);
-        });
-      }
-      // this unit's gate rows (g, j): input-weight and bias gradients
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const float* row = dgb + (g * HP + j) * R;
-        for_live_quads<MAXB>(nb, [&](auto qc) {
-          constexpr int q4 = decltype(qc)::value;
-          const float4 d4 = ld4(row + 4 * q4);
-          db[g] += d4.x;
-          db[g] += d4.y;
-          db[g] += d4.z;
-          db[g] += d4.w;
-#pragma unroll
-          for (int m = 0; m < kXPer; ++m) {
-            const float4 x4 = ld4(xp + (s + 16 * m) * R + 4 * q4);
-            dwx[g][m] = fmaf(d4.x, x4.x, dwx[g][m]);
-            dwx[g][m] = fmaf(d4.y, x4.y, dwx[g][m]);
-            dwx[g][m] = fmaf(d4.z, x4.z, dwx[g][m]);
-            dwx[g][m] = fmaf(d4.w, x4.w, dwx[g][m]);
-          }
-        });
-      }
-      if (t > 0) {
         slice_reduce<MAXB, 1>(v, s);  // the recurrent gradient of step t - 1
         dh_rec = v[0];
-        // x_{t-1} into the other buffer (last read at step t + 1, before this barrier)
-        float* xn = xbuf + ((t - 1) & 1) * kPersistMaxInput * R;
+        cell_step(t - 1);
+        if (t > 1) prefetch(t - 2);
+        cluster_arrive();
+      }
+      // the weight gradients of step t (buffers t % 3 stay untouched until this CTA's
+      // arrival at the barrier of step t - 2)
+      const float* ho = hown + (t % 3) * kUnits * R + u * R;
+      const float* xp = xbuf + (t % 3) * kPersistMaxInput * R;
+      float4 hq[Q];
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-          const int e = tid + m * kThreads;
-          if (e / kPersistMaxInput < nb) xn[(e % kPersistMaxInput) * R + e / kPersistMaxInput] = xr[m];
-        }
+      for (int q4 = 0; q4 < Q; ++q4) hq[q4] = ld4(ho + 4 * q4);
+#pragma unroll
+      for (int m = 0; m < KH; ++m) {
+        const float* row = dgb + slice_index(s, m) * RJ;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+          const float hb4[4] = {hq[q4].x, hq[q4].y, hq[q4].z, hq[q4].w};
+#pragma unroll
+          for (int bb = 0; bb < 4; ++bb) {
+            const float4 d4 = ld4(row + (4 * q4 + bb) * 4);
+            dwt[0][m] = fmaf(d4.x, hb4[bb], dwt[0][m]);
+            dwt[1][m] = fmaf(d4.y, hb4[bb], dwt[1][m]);
+            dwt[2][m] = fmaf(d4.z, hb4[bb], dwt[2][m]);
+            dwt[3][m] = fmaf(d4.w, hb4[bb], dwt[3][m]);
+          }
+        });
+      }
+      {  // this unit's gate rows (g, j): input-weight and bias gradients
+        const float* row = dgb + j * RJ;
+        for_live_quads<MAXB>(nb, [&](auto qc) {
+          constexpr int q4 = decltype(qc)::value;
+#pragma unroll
+          for (int bb = 0; bb < 4; ++bb) {
+            const int b = 4 * q4 + bb;
+            const float4 d4 = ld4(row + b * 4);
+            const float dgv[4] = {d4.x, d4.y, d4.z, d4.w};
+#pragma unroll
+            for (int m = 0; m < kXPer; ++m) {
+              const float xv = xp[(s + 16 * m) * R + b];
+#pragma unroll
+              for (int g = 0; g < 4; ++g) dwx[g][m] = fmaf(dgv[g], xv, dwx[g][m]);
+            }
+#pragma unroll
+            for (int g = 0; g < 4; ++g) db[g] += dgv[g];
+          }
+        });
       }
     }
     mark(p, 3);
@@ -671,11 +691,12 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
         if (s == 0) part[PL.b + r] = db[g];
       }
 #pragma unroll
-      for (int m = 0; m < KR; ++m) {
-        const int rho = slice_index(s, m);
-        const int g = rho / HP, jj = rho % HP;
-        if (jj < H) part[PL.w_hh + (int64_t(g) * H + jj) * H + j] = dwt[m];
-      }
+      for (int g = 0; g < 4; ++g)
+#pragma unroll
+        for (int m = 0; m < KH; ++m) {
+          const int jj = slice_index(s, m);
+          if (jj < H) part[PL.w_hh + (int64_t(g) * H + jj) * H + j] = dwt[g][m];
+        }
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         const int o = s + 16 * m;
