@@ -22,15 +22,15 @@
 #   bash benchmarks/gpu_check.sh --quick   on any machine (CI runs this): no rebuild, no
 #                                          tests, tiny benchmarks; proves the harness works.
 # A stage that no longer fits the deadline is skipped and reported as skipped. Everything
-# goes to $OUT (the device tool brings it back) and, on a GPU, the summary and JSON to
-# benchmarks/results/<card>-<date>-*.
+# goes to $OUT (the device tool brings it back: at most 8 files, so the stage logs end up
+# in one logs.tgz) and, on a GPU, the summary and JSON to benchmarks/results/<card>-<date>-*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0; PAPER=0
 for a in "$@"; do case "$a" in --quick) QUICK=1;; --paper) PAPER=1;; esac; done
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$(mktemp -d)}
-mkdir -p "$OUTDIR"
+mkdir -p "$OUTDIR/logs"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 START=$(date +%s)
 DEADLINE=${GPU_CHECK_DEADLINE:-230}
@@ -46,11 +46,11 @@ stage() {  # stage <name> <limit s> <command...>: runs if it fits, output to <na
   [ "$limit" -gt "$rest" ] && limit=$rest
   echo; echo "=== $name (limit ${limit} s, $(date -u +%H:%M:%S))"
   local t0; t0=$(date +%s)
-  timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  timeout "$limit" "$@" >"$OUTDIR/logs/$name.log" 2>&1
   local rc=$?
-  tail -n 30 "$OUTDIR/$name.log"
+  tail -n 30 "$OUTDIR/logs/$name.log"
   if [ $rc = 0 ]; then note "ok      $name ($(( $(date +%s) - t0 )) s)"
-  else note "FAILED  $name (exit $rc after $(( $(date +%s) - t0 )) s; $name.log)"; status=1; fi
+  else note "FAILED  $name (exit $rc after $(( $(date +%s) - t0 )) s; logs/$name.log)"; status=1; fi
 }
 
 card=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
@@ -62,6 +62,7 @@ if [ "$QUICK" = 1 ]; then
     --benchmark-columns=median,rounds
   [ -f "$OUTDIR/bench.json" ] && stage report 30 $PY benchmarks/report.py "$OUTDIR/bench.json" \
     --out "$OUTDIR/quick-$card-$day.json" --md "$OUTDIR/quick-$card-$day.md"
+  tar czf "$OUTDIR/logs.tgz" -C "$OUTDIR" logs && rm -r "$OUTDIR/logs"
   echo; cat "$SUMMARY"; echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED)"
   exit $status
 fi
@@ -90,6 +91,7 @@ stage bench-update 60 env FPTT_BENCH_QUICK=0 $PY -m pytest benchmarks/bench_upda
   --benchmark-json="$OUTDIR/bench-update.json" --benchmark-columns=median,rounds
 [ -f "$OUTDIR/bench-update.json" ] && cp "$OUTDIR/bench-update.json" "$res-update.json"
 cp "$SUMMARY" "$res-summary.txt"
+tar czf "$OUTDIR/logs.tgz" -C "$OUTDIR" logs && rm -r "$OUTDIR/logs"
 echo; cat "$SUMMARY"
 echo "gpu_check: $([ $status = 0 ] && echo OK || echo FAILED) after $(( $(date +%s) - START )) s"
 exit $status
