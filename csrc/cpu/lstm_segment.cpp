@@ -71,33 +71,16 @@ void column_sums(const float* A, int64_t rows, int64_t cols, float* out) {
 }
 
 // Loss of the head outputs `pred` [P, O]; overwrites pred with d(weight * loss)/d pred.
+// The row math is lstm_math.h's, shared with the CUDA kernels; rows summed in order.
 double loss_and_dpred(float* pred, int64_t P, int64_t O, const LstmSegmentArgs& a) {
   double total = 0.0;
   if (a.loss == LOSS_MSE) {
-    const int64_t n = P * O;
-    const float scale = float(2.0 * double(a.weight) / double(n));
-    for (int64_t k = 0; k < n; ++k) {
-      const float d = pred[k] - a.target_f[k];
-      total += double(d) * double(d);
-      pred[k] = scale * d;
-    }
-    return total / double(n);
+    const float scale = lstm::mse_scale(a.weight, P, O);
+    for (int64_t r = 0; r < P; ++r) total += lstm::mse_row(pred + r * O, a.target_f + r * O, O, scale);
+    return total / double(P * O);
   }
-  const float scale = float(double(a.weight) / double(P));
-  for (int64_t r = 0; r < P; ++r) {
-    float* z = pred + r * O;
-    float m = z[0];
-    for (int64_t k = 1; k < O; ++k) m = std::max(m, z[k]);
-    double s = 0.0;
-    for (int64_t k = 0; k < O; ++k) s += exp(double(z[k] - m));
-    const double lse = double(m) + log(s);
-    const int64_t y = a.target_i[r];
-    total += lse - double(z[y]);
-    for (int64_t k = 0; k < O; ++k) {
-      const float p = float(exp(double(z[k]) - lse));
-      z[k] = scale * (p - (k == y ? 1.f : 0.f));
-    }
-  }
+  const float scale = lstm::ce_scale(a.weight, P);
+  for (int64_t r = 0; r < P; ++r) total += lstm::ce_row(pred + r * O, a.target_i[r], O, scale);
   return total / double(P);
 }
 
