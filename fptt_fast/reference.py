@@ -3,7 +3,7 @@
 Every fused backend of fptt_fast is tested element by element against the
 functions here, and these are tested against torch.optim, autograd and nn.LSTM.
 The algorithm is the one of Kag & Saligrama (ICML 2021) as written out in the
-project's FPTT.md; the numbered steps below refer to it.
+project's docs/ALGORITHM.md; the numbered steps below refer to it.
 
 One FPTT update of parameters w with task gradient g (segment p):
   2. g += (rho - 1) * lam + c * alpha * (w - w_bar)          regulariser gradient

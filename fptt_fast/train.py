@@ -125,7 +125,7 @@ DEFAULTS = {
     "smnist": _MNIST_DEFAULTS,
     "psmnist": _MNIST_DEFAULTS,
 }
-# Kag & Saligrama's Add-task settings (FPTT.md); the step count is ours.
+# Kag & Saligrama's Add-task settings (docs/ALGORITHM.md); the step count is ours.
 # MNIST: the authors' runner.sh runs `train.py --dataset MNIST-10 [--permute]` with their
 # argparse defaults: LSTM nhid 128, Adam lr 1e-3, batch 128, clip 1.0, 10 parts, alpha
 # 0.1, beta 0.5 (rho 0), 200 epochs with lr/10 at epochs 50, 75, 90. fptt_fast has no lr
@@ -271,7 +271,7 @@ def _final_hidden(model, x):
 
 
 class AddTask:
-    """Regression of the sum of the two marked values (FPTT.md); metric: test MSE."""
+    """Regression of the sum of the two marked values (docs/ALGORITHM.md); metric: test MSE."""
 
     input_size, output_size, loss, metric = 2, 1, "mse", "test_mse"
 
