@@ -251,6 +251,11 @@ long long* g_prof = nullptr;
 template <int CL, int MAXB>
 __global__ void __launch_bounds__(kThreads, 1)
 lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restrict__ status) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  // Clusters need sm_90: builds for older targets (TORCH_CUDA_ARCH_LIST) compile an empty
+  // kernel, which lstm_persistent_plan never launches on such a device.
+  __trap();
+#else
   using S = Smem<CL, MAXB>;
   constexpr int HP = S::HP, R = S::R, RJ = S::RJ, KH = CL, Q = MAXB / 4;
   extern __shared__ float4 smem4[];
@@ -762,6 +767,7 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
     a.h_out[int64_t(b0 + rb) * H + j] = h_reg;
     a.c_out[int64_t(b0 + rb) * H + j] = c_reg;
   }
+#endif
 }
 
 // ---- host side ------------------------------------------------------------------------------
