@@ -12,6 +12,11 @@ every path is checked before training starts. A run never writes over another ru
 files: a fresh run's default folder is numbered past those that hold a run, and a
 resumed run continues in its checkpoint's own folder and file unless --out says
 otherwise. Ctrl-C saves a checkpoint after the step under way and exits with 130.
+
+Under torchrun (`torchrun --nproc-per-node N -m fptt_fast train add ...`) train and
+compare run data-parallel: the process group comes from torchrun's environment (gloo on
+the CPU, NCCL on GPUs), each process trains on its rows of every batch, and rank 0
+alone prints and writes files (README, "Scaling out").
 """
 from __future__ import annotations
 
@@ -270,7 +275,68 @@ def _final_line(run) -> str:
             f"({run.elapsed:.1f} s)")
 
 
+def _start_distributed(cfg):
+    """The torchrun process group (fptt_fast.distributed.init_from_env) for this run's
+    device, or None for one process."""
+    from . import distributed
+    from .train import UsageError, resolve_device
+
+    try:
+        return distributed.init_from_env(resolve_device(cfg.device).type)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _distributed_line(run) -> str:
+    from . import distributed
+
+    d, batch = run.dist, run.cfg.batch
+    sizes = sorted({hi - lo for lo, hi in (distributed.shard_rows(batch, r, d.world) for r in range(d.world))})
+    return (f"torchrun: {d.world} processes ({d.backend}); each batch of {batch} rows split into "
+            f"{' or '.join(map(str, sizes[::-1]))} rows per process; rank 0 writes the files")
+
+
+def _on_rank0(dist, fn) -> None:
+    """fn() on rank 0 only (all of it with one process); under torchrun the other ranks
+    learn whether it failed (one all_reduce), so that every rank stops with exit code 2
+    rather than waiting for rank 0 in the next collective."""
+    from . import distributed
+    from .train import UsageError
+
+    if dist is None:
+        fn()
+        return
+    error = None
+    if dist.is_main:
+        try:
+            fn()
+        except UsageError as e:
+            error = e
+    if distributed.any_rank(error is not None, dist.pg):
+        raise error or UsageError("rank 0 could not prepare the run's folders (its message is on its output)")
+
+
+def _download_once(args, cfg, dist) -> bool:
+    """Under torchrun rank 0 alone fetches MNIST (--download), before any rank reads it;
+    then no rank downloads. Returns the download flag for Run."""
+    from . import distributed, mnist
+    from .train import MNIST_TASKS, UsageError
+
+    if dist is None or not args.download or cfg.task not in MNIST_TASKS:
+        return args.download
+    failed = None
+    if dist.is_main:
+        try:
+            mnist.load(cfg.data_dir, download_missing=True)
+        except mnist.MNISTError as e:
+            failed = str(e)
+    if distributed.any_rank(failed is not None, dist.pg):
+        raise UsageError(failed or "--download failed on rank 0 (its message is on its output)")
+    return False
+
+
 def cmd_train(args) -> int:
+    from . import distributed
     from .train import LOG_CSV, LOSS_PNG, Run, UsageError, load_checkpoint, make_config, prepare_folders
 
     _refuse_empty(args, ("--out", "--save", "--resume", "--data-dir"))
@@ -279,20 +345,28 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         if args.paper:
             raise UsageError("--paper cannot be combined with --resume (the checkpoint fixes the settings)")
-        ckpt = load_checkpoint(args.resume)
+        ckpt = load_checkpoint(args.resume)  # under torchrun: every rank reads the same file
     cfg = make_config(args.task, _given(args), paper=args.paper, checkpoint=ckpt)
     out, save, folders = _train_paths(args, cfg)  # checked before a download or data read
-    run = Run(cfg, ckpt, download=args.download)
-    prepare_folders(folders)
-    print(cfg.describe() + (f"  (resumed at step {run.step})" if ckpt else ""))
-    print(_backend_line(run))
-    run.fit(out, save_path=save, progress=not args.no_progress)
-    print(_final_line(run))
-    print(f"wrote {os.path.join(out, LOG_CSV)}, {os.path.join(out, LOSS_PNG)}, {save}")
+    dist = _start_distributed(cfg)
+    try:
+        run = Run(cfg, ckpt, download=_download_once(args, cfg, dist), dist=dist)
+        say = print if run.is_main else (lambda *a, **k: None)
+        _on_rank0(dist, lambda: prepare_folders(folders))
+        say(cfg.describe() + (f"  (resumed at step {run.step})" if ckpt else ""))
+        say(_backend_line(run))
+        if dist is not None:
+            say(_distributed_line(run))
+        run.fit(out, save_path=save, progress=not args.no_progress)
+        say(_final_line(run))
+        say(f"wrote {os.path.join(out, LOG_CSV)}, {os.path.join(out, LOSS_PNG)}, {save}")
+    finally:
+        distributed.shutdown(dist)
     return 0
 
 
 def cmd_compare(args) -> int:
+    from . import distributed
     from .train import Run, make_config, plot_curves, prepare_folders, write_compare_csv
 
     _refuse_empty(args, ("--out", "--data-dir"))
@@ -301,20 +375,31 @@ def cmd_compare(args) -> int:
             for algo in ("fptt", "bptt")}
     cfg = cfgs["fptt"]
     out, folders = _compare_out(args, cfg)  # checked before a download or data read
-    # build (and validate) both before writing anything
-    runs = {algo: Run(c, download=args.download) for algo, c in cfgs.items()}
-    prepare_folders(folders)
-    print(cfg.describe().replace(" fptt ", " fptt vs bptt "))
-    for algo, run in runs.items():
-        print(_backend_line(run))
-        run.fit(os.path.join(out, algo), progress=not args.no_progress)
-    metric = runs["fptt"].task.metric
-    write_compare_csv(os.path.join(out, "compare.csv"), {a: r.history for a, r in runs.items()}, metric)
-    plot_curves(os.path.join(out, "compare.png"), {a: r.history for a, r in runs.items()}, metric,
-                cfg.describe().replace(" fptt ", " FPTT vs BPTT "))
-    for run in runs.values():
-        print(_final_line(run))
-    print(f"wrote {os.path.join(out, 'compare.csv')}, {os.path.join(out, 'compare.png')}")
+    dist = _start_distributed(cfg)
+    try:
+        download = _download_once(args, cfg, dist)
+        # build (and validate) both before writing anything
+        runs = {algo: Run(c, download=download, dist=dist) for algo, c in cfgs.items()}
+        main = runs["fptt"].is_main
+        say = print if main else (lambda *a, **k: None)
+        _on_rank0(dist, lambda: prepare_folders(folders))
+        say(cfg.describe().replace(" fptt ", " fptt vs bptt "))
+        if dist is not None:
+            say(_distributed_line(runs["fptt"]))
+        for algo, run in runs.items():
+            say(_backend_line(run))
+            run.fit(os.path.join(out, algo), progress=not args.no_progress)
+        if main:
+            metric = runs["fptt"].task.metric
+            write_compare_csv(os.path.join(out, "compare.csv"),
+                              {a: r.history for a, r in runs.items()}, metric)
+            plot_curves(os.path.join(out, "compare.png"), {a: r.history for a, r in runs.items()},
+                        metric, cfg.describe().replace(" fptt ", " FPTT vs BPTT "))
+        for run in runs.values():
+            say(_final_line(run))
+        say(f"wrote {os.path.join(out, 'compare.csv')}, {os.path.join(out, 'compare.png')}")
+    finally:
+        distributed.shutdown(dist)
     return 0
 
 
@@ -328,10 +413,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    """'[rank r] ' on the stderr lines of ranks other than 0 under torchrun."""
+    rank = os.environ.get("RANK", "0")
+    return f"[rank {rank}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and rank != "0" else ""
+
+
 def main(argv=None) -> int:
     from .train import Interrupted, UsageError
 
     args = build_parser().parse_args(argv)
+    prog = _rank_prefix() + PROG
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -339,13 +431,15 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench}[args.command](args)
     except UsageError as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGINT, handled by the run: a checkpoint of this very step
-        print(f"{PROG}: interrupted at step {e.step}; saved {e.save_path} "
+        if prog != PROG:  # under torchrun rank 0 saved it and says so
+            return 130
+        print(f"{prog}: interrupted at step {e.step}; saved {e.save_path} "
               f"(continue with --resume {e.save_path})", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training, or a second Ctrl-C
-        print(f"{PROG}: interrupted (a training run's checkpoint is the one of its last evaluation)",
+        print(f"{prog}: interrupted (a training run's checkpoint is the one of its last evaluation)",
               file=sys.stderr)
         return 130

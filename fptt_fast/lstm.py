@@ -173,13 +173,25 @@ class FPTTLSTM(nn.Module):
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
             the CPU only. Shapes, dtypes and devices are always checked.
+        process_group: a torch.distributed.ProcessGroup: data-parallel training, each rank
+            passing its own rows of every batch (README, "Scaling out"). At construction one
+            all_gather checks that all ranks have the same sizes, loss, hyper-parameters and
+            backend (ValueError naming the field) and the parameters are broadcast from the
+            group's rank 0. Each train_segment then runs the segment's gradients, ONE
+            all_reduce of a flat buffer [gradients, loss, rows] (the mean over all ranks'
+            rows) and the clip and FPTT update, identical on every rank; the loss returned
+            is that global mean. backend cpu (two C++ calls around the all_reduce) and
+            reference only: cuda and triton raise NotImplementedError (their one-launch step
+            has no split point yet). Every rank must call train_segment / train_sequence
+            in step, with segments of the same length.
     """
 
     def __init__(self, input_size, hidden_size, output_size, *, loss="mse", per_step=False,
                  lr=1e-3, optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, clip=None, nonfinite="raise", backend="auto", device=None,
-                 dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto"):
+                 dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
+                 process_group=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("output_size", output_size)):
@@ -223,6 +235,12 @@ class FPTTLSTM(nn.Module):
         self._workspace = None  # its scratch memory, grown on demand and reused
         # cpu backend: True uses the torch-free built-in OpenMP GEMM instead of at::mm
         self.cpu_builtin_gemm = False
+        # data parallel (fptt_fast.distributed): ranks checked, parameters from rank 0
+        self.process_group, self._dist = None, None
+        if process_group is not None:
+            from . import distributed
+            self._dist = distributed.attach_fpttlstm(self, process_group)
+            self.process_group = process_group
 
     # -- parameters and state dicts ---------------------------------------------------
     def fptt_parameters(self):
@@ -455,6 +473,8 @@ class FPTTLSTM(nn.Module):
     def train_segment(self, x, target, state=None, weight=1.0):
         """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
         x, target, state, weight = self._inputs(x, target, state, weight)
+        if self._dist is not None:
+            return self._distributed_step(x, target, state, weight)
         if self.backend == "cpu":
             return self._cpu_call(x, target, state, weight, True)
         if self.backend in ("triton", "cuda"):
@@ -468,6 +488,28 @@ class FPTTLSTM(nn.Module):
             p.grad = g
         self.optimizer.step()
         return loss.detach(), (new_state[0].detach(), new_state[1].detach())
+
+    def _distributed_step(self, x, target, state, weight):
+        """train_segment with a process group: this rank's gradients of weight * loss
+        (cpu: the C++ step with update=False; reference: autograd), one all_reduce of the
+        flat buffer [gradients, loss, rows] (fptt_fast.distributed.FlatAllReduce: the
+        gradient and loss of the mean over every rank's rows), then the clip and FPTT
+        update by self.optimizer (cpu: the fused C++ update) on that gradient, the same on
+        every rank. p.grad keeps the reduced gradient."""
+        params = self.fptt_parameters()
+        if self.backend == "cpu":
+            loss, state = self._cpu_call(x, target, state, weight, False)
+            grads = self._grads
+        else:  # reference (cuda/triton were refused at construction)
+            with torch.enable_grad():
+                loss, new_state = self._reference_loss(x, target, state)
+                grads = torch.autograd.grad(weight * loss, params)
+            state = (new_state[0].detach(), new_state[1].detach())
+        loss, reduced = self._dist.reduce(grads, loss, x.shape[1])
+        for p, g in zip(params, reduced):
+            p.grad = g
+        self.optimizer.step()
+        return loss, state
 
     def train_sequence(self, x, target, K, state=None):
         """FPTT over one batch of sequences x [T, B, I]: K segments of ceil(T/K) steps,

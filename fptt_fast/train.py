@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends, reference, tasks
+from . import backends, distributed, reference, tasks
 from .optim import FPTT
 from .lstm import FPTTLSTM
 
@@ -389,35 +389,66 @@ class Trainer:
     """A model, its optimiser, and how one batch of sequences trains them.
 
     train_batch returns the loss of the prediction from the whole sequence: for FPTT
-    the last segment's (unweighted) loss, for BPTT the sequence loss."""
+    the last segment's (unweighted) loss, for BPTT the sequence loss.
 
-    def __init__(self, model, opt, cfg: Config, loss: str, backend: str):
+    Under torchrun (`dist`, fptt_fast.distributed.Dist) x, y are this rank's rows and the
+    loss returned is the mean over every rank's rows: FPTTLSTM all-reduces inside its
+    step (process_group); the reference model's optimiser steps after an all-reduce of
+    the gradients (distributed.ReducedStep; BPTT clips the reduced gradient)."""
+
+    def __init__(self, model, opt, cfg: Config, loss: str, backend: str, dist=None):
         self.model, self.opt, self.cfg, self.loss, self.backend = model, opt, cfg, loss, backend
+        self.dist = dist
+        self._reduced = None
+        if dist is not None and not isinstance(model, FPTTLSTM):
+            self._reduced = distributed.ReducedStep(
+                opt, dist.pg, clip=cfg.clip if cfg.algo == "bptt" else None)
 
     def train_batch(self, x, y) -> torch.Tensor:
         if isinstance(self.model, FPTTLSTM):  # the fused segment step
             return self.model.train_sequence(x, y, self.cfg.K)[-1]
+        if self._reduced is not None:
+            return self._train_batch_reduced(x, y)
         if self.cfg.algo == "fptt":
             return reference.train_sequence_fptt(self.model, self.opt, x, y, self.cfg.K, loss=self.loss)[-1]
         return reference.train_sequence_bptt(self.model, self.opt, x, y, loss=self.loss, clip=self.cfg.clip)
 
+    def _train_batch_reduced(self, x, y) -> torch.Tensor:
+        opt, rows = self._reduced, x.shape[1]
+        opt.rows = rows
+        if self.cfg.algo == "fptt":
+            loss = reference.train_sequence_fptt(self.model, opt, x, y, self.cfg.K, loss=self.loss)[-1]
+        else:  # clip=0 here: ReducedStep clips the all-reduced gradient
+            loss = reference.train_sequence_bptt(self.model, opt, x, y, loss=self.loss, clip=0.0)
+        return torch.tensor(distributed.mean_over_rows(loss.item(), rows, self.dist.pg))
 
-def make_trainer(cfg: Config, task, device: torch.device) -> Trainer:
+
+def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
     """The one place that creates the model+optimiser pair (seeded with cfg.seed).
 
     FPTT on a fused backend (cpu, triton, cuda): fptt_fast.FPTTLSTM, whose
     train_segment is one fused step (one kernel launch on a GPU). FPTT on the
     reference backend: reference.LSTMWithHead + fptt_fast.FPTT. BPTT: the same model
-    + torch.optim.Adam with global-norm clipping."""
+    + torch.optim.Adam with global-norm clipping.
+
+    Under torchrun (`dist`): FPTTLSTM gets the process group (cpu; cuda and triton are
+    refused, with the reason, as they cannot split their step yet); the reference model
+    takes rank 0's parameters before its optimiser is built."""
     backend = resolve_backend(cfg.backend, device)
     torch.manual_seed(cfg.seed)
     try:
         if cfg.algo == "fptt" and backend != "reference":
-            model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
-                             lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho, clip=cfg.clip,
-                             backend=backend, device=device)
-            return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)")
+            try:
+                model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
+                                 lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
+                                 clip=cfg.clip, backend=backend, device=device,
+                                 process_group=dist.pg if dist is not None else None)
+            except NotImplementedError as e:
+                raise UsageError(f"--backend {backend} cannot run under torchrun yet ({e})") from None
+            return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
+        if dist is not None:  # every rank starts from rank 0's parameters (as DDP does)
+            distributed.broadcast_(list(model.parameters()), dist.pg, device)
         if cfg.algo == "fptt":
             opt = FPTT(model.parameters(), lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
                        clip=cfg.clip, backend=backend)
@@ -431,7 +462,7 @@ def make_trainer(cfg: Config, task, device: torch.device) -> Trainer:
                 backend += ", cuDNN LSTM"
     except ValueError as e:  # bad hyper-parameters, as FPTT/Adam validate them
         raise UsageError(str(e)) from None
-    return Trainer(model, opt, cfg, task.loss, backend)
+    return Trainer(model, opt, cfg, task.loss, backend, dist)
 
 
 # ----------------------------------------------------------------------------
@@ -666,6 +697,13 @@ def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _agree_value(value) -> float:
+    """A Config value as a number the ranks can compare (strings by checksum)."""
+    if isinstance(value, str) or (isinstance(value, int) and abs(value) >= 2**53):
+        return distributed.code(str(value))  # strings, and ints beyond float64's exact range
+    return float(value)
+
+
 def _model_layout(state: dict):
     """(kind, sizes) of a model state dict: kind 'reference' for reference.LSTMWithHead
     (keys 'lstm.*'), 'fused' for FPTTLSTM; sizes {input, hidden, output} from the
@@ -720,17 +758,38 @@ def _sigint_at_step_boundary():
 class Run:
     """A configured run: built (and, with a checkpoint, restored) without writing files.
 
-    history: rows (step, train_loss, test metric or None, elapsed_s), one per step."""
+    history: rows (step, train_loss, test metric or None, elapsed_s), one per step.
 
-    def __init__(self, cfg: Config, checkpoint: dict | None = None, download: bool = False):
+    Under torchrun (`dist`, fptt_fast.distributed.Dist): every rank draws the same global
+    batch of cfg.batch rows (the same seeded generator) and trains on its own rows
+    (distributed.shard_rows), so the batches do not depend on the number of processes
+    and a checkpoint resumes on any number of them. Rank 0 alone evaluates, shows
+    progress and writes files; every rank loads the same checkpoint to resume."""
+
+    def __init__(self, cfg: Config, checkpoint: dict | None = None, download: bool = False,
+                 dist=None):
         self.cfg = cfg
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
         self.device = resolve_device(cfg.device)
+        if dist is not None:
+            try:
+                self.rows = distributed.shard_rows(cfg.batch, dist.rank, dist.world)
+            except ValueError as e:
+                raise UsageError(f"--batch: {e}") from None
         self.task = make_task(cfg, self.device, download)
-        self.trainer = make_trainer(cfg, self.task, self.device)
+        self.trainer = make_trainer(cfg, self.task, self.device, dist)
         self.gen = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
         self.step, self.elapsed, self.history = 0, 0.0, []
         if checkpoint is not None:
             self._restore(checkpoint)
+        if dist is not None:  # the same command line and checkpoint step on every rank
+            fields = [(f.name, _agree_value(getattr(cfg, f.name))) for f in dataclasses.fields(cfg)
+                      if f.name != "data_dir"] + [("the checkpoint's step", self.step)]
+            try:
+                distributed.agree(dist.pg, fields, "torchrun", self.device)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if checkpoint is not None and self.cfg.steps == self.step:
             # resuming would train nothing: say so instead of exiting 0
             raise UsageError(f"the checkpoint's run is complete (step {self.step} of {cfg.steps}); "
@@ -772,8 +831,17 @@ class Run:
 
     # -- the loop --
     def save(self, csv_path: str, save_path: str) -> None:
+        if not self.is_main:  # under torchrun rank 0 writes; the ranks hold the same state
+            return
         write_csv(csv_path, self.history, self.task.metric)
         save_checkpoint(save_path, self.state())
+
+    def _my_rows(self, x, y):
+        """This rank's rows of a global batch (x time-major [T, B, I], y [B, ...])."""
+        if self.dist is None:
+            return x, y
+        lo, hi = self.rows
+        return x[:, lo:hi], y[lo:hi]
 
     def fit(self, out_dir: str, save_path: str | None = None, progress: bool = True) -> list:
         """Train up to cfg.steps, evaluating every eval_every steps and at the end; each
@@ -786,25 +854,26 @@ class Run:
         csv_path = os.path.join(out_dir, LOG_CSV)
         save_path = save_path or os.path.join(out_dir, CHECKPOINT)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=f"{cfg.task} {cfg.algo}",
-                   disable=not progress, dynamic_ncols=True, smoothing=0.1)
+                   disable=not (progress and self.is_main), dynamic_ncols=True, smoothing=0.1)
         start = time.perf_counter() - self.elapsed
         with _sigint_at_step_boundary() as interrupted:
             self._loop(bar, start, csv_path, save_path, interrupted)
             self.save(csv_path, save_path)  # a SIGINT from here on lets the run finish
-            plot_curves(os.path.join(out_dir, LOSS_PNG), {cfg.algo: self.history}, self.task.metric,
-                        cfg.describe())
+            if self.is_main:
+                plot_curves(os.path.join(out_dir, LOSS_PNG), {cfg.algo: self.history},
+                            self.task.metric, cfg.describe())
         return self.history
 
     def _loop(self, bar, start, csv_path, save_path, interrupted) -> None:
         cfg, trainer = self.cfg, self.trainer
         try:
             while self.step < cfg.steps:
-                x, y = self.task.batch(cfg.batch, self.gen, self.device)
+                x, y = self._my_rows(*self.task.batch(cfg.batch, self.gen, self.device))
                 trainer.model.train()
                 loss = trainer.train_batch(x, y).item()
                 self.step += 1
                 test = None
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                if self.is_main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     trainer.model.eval()
                     test = self.task.evaluate(trainer.model)
                 self.elapsed = time.perf_counter() - start
@@ -816,7 +885,10 @@ class Run:
                         self.save(csv_path, save_path)
                 elif self.step % 10 == 0:
                     bar.set_postfix_str(f"loss={loss:.4g}")
-                if interrupted() and self.step < cfg.steps:
+                stop = interrupted()
+                if self.dist is not None:  # every rank stops at the same step
+                    stop = distributed.any_rank(stop, self.dist.pg)
+                if stop and self.step < cfg.steps:
                     self.save(csv_path, save_path)
                     raise Interrupted(self.step, save_path)
         finally:
