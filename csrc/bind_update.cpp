@@ -1,7 +1,33 @@
-// Binding of the fused FPTT update on the CPU: checks (update_checks.h, shared with the
-// CUDA glue), then the OpenMP kernel.
+// Bindings of the fused FPTT update on the CPU, in two forms:
+//
+//   fused_update_cpu(lists...)  every list passed on every call: the checks of
+//       update_checks.h (shared with the CUDA glue), then the OpenMP kernel.
+//   CpuUpdatePlan               FPTT.step()'s hot path on the cpu backend (fptt_fast/optim.py).
+//
+// Why a plan: for a small model the Python around the kernel cost more than the kernel
+// (lists rebuilt, hyper-parameter rows re-keyed, every tensor converted and re-validated on
+// every step; issue 12). A CpuUpdatePlan is built once from the optimiser's param_groups and
+// FPTT state and holds the tensors (at::Tensor references), the hyper-parameter table and
+// the slot table. One step() call then re-checks only what can have changed since the
+// checks last passed, cheaply, and runs the kernel:
+//   - the groups: the same group dicts, the same "params" lists holding the same parameter
+//     objects (pointer comparisons), and the same hyper-parameter values (read from the
+//     dicts and compared bitwise with the values last validated) and clip;
+//   - every parameter's and state tensor's data pointer and metadata (a `p.data = ...`
+//     or an in-place resize shows here);
+//   - every gradient: which parameters have one, and its data pointer and metadata.
+// What it cannot vouch for it hands back to Python as a code (PlanCode) before touching any
+// data: the structure, clip or a tensor changed (PLAN_STALE: rebuild), a hyper-parameter
+// changed (PLAN_HYPER: Python validates, refreshes the table in place, accept_hyper), or a
+// gradient the list path handles (PLAN_FALLBACK: sparse, of another shape, dtype or device,
+// or non-contiguous; the list path raises ValueError or copies it as it always did).
+// The argument checks of update_checks.h run when the plan is built and again, in full
+// (check_fused_update_args, the same code as fused_update_cpu's), whenever a step's
+// gradients or tensors differ from those they last passed on; a step that finds every
+// pointer and flag as validated runs no other check.
 #include <torch/extension.h>
 
+#include <cstring>
 #include <vector>
 
 #include "fptt_fast/cpu_kernels.h"
@@ -10,7 +36,21 @@
 #include "fptt_fast/update_checks.h"
 
 namespace fptt {
+
+namespace py = pybind11;
+
+// What CpuUpdatePlan::step returns instead of a skipped-step count (>= 0) when it did not
+// step; exported to Python as _C.PLAN_STALE, _C.PLAN_HYPER, _C.PLAN_FALLBACK.
+enum PlanCode : int64_t { PLAN_STALE = -1, PLAN_HYPER = -2, PLAN_FALLBACK = -3 };
+
 namespace {
+
+constexpr const char* kFn = "fused_update_cpu";  // checks' messages, as the list binding's
+
+// Below this many elements the kernel runs with the GIL held: handing the GIL over and
+// taking it back costs more than such a step, and up to the interpreter's switch interval
+// (5 ms) when another Python thread wants it.
+constexpr int64_t kReleaseGilMin = 1 << 16;
 
 std::tuple<double, bool> fused_update_cpu(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> w_bars,
@@ -19,7 +59,7 @@ std::tuple<double, bool> fused_update_cpu(
     int64_t optimizer, double clip) {
   // Every check (update_checks.h) before any data pointer is taken: a refused call
   // changes nothing.
-  fptt::checks::check_fused_update_args("fused_update_cpu", params, grads, w_bars, lams, s1s,
+  fptt::checks::check_fused_update_args(kFn, params, grads, w_bars, lams, s1s,
                                         s2s, steps, hyper, group_of, optimizer, clip,
                                         /*status=*/nullptr, at::kCPU);
   const size_t n = params.size();
@@ -39,11 +79,414 @@ std::tuple<double, bool> fused_update_cpu(
   return {r.norm, r.skipped};
 }
 
+// ---- what a plan compares on each step -------------------------------------------------
+
+// Everything update_checks.h's check_tensor and the alias check read of a tensor, so that
+// equal prints mean the checks that passed on the first still pass on the second.
+struct Print {
+  const void* data = nullptr;
+  int64_t numel = -1;
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  c10::Device device = c10::Device(c10::kCPU);
+  uint8_t flags = 0;  // bit 0 defined, 1 dense strided, 2 storage, 3 contiguous, 4 neg, 5 conj
+  bool operator==(const Print& o) const {
+    return data == o.data && numel == o.numel && dtype == o.dtype && device == o.device &&
+           flags == o.flags;
+  }
+  bool operator!=(const Print& o) const { return !(*this == o); }
+};
+
+Print print_of(const at::Tensor& t) {
+  Print p;
+  if (!t.defined()) return p;
+  const bool dense = t.layout() == at::kStrided && !t.is_nested();
+  const bool storage = dense && t.has_storage();
+  p.data = storage ? t.const_data_ptr() : nullptr;
+  p.numel = t.numel();
+  p.dtype = t.scalar_type();
+  p.device = t.device();
+  p.flags = uint8_t(1 | (dense << 1) | (storage << 2) | ((dense && t.is_contiguous()) << 3) |
+                    (t.is_neg() << 4) | (t.is_conj() << 5));
+  return p;
+}
+
+// Dict keys, made once (always used with the GIL held).
+struct Keys {
+  PyObject* params;
+  PyObject* betas;
+  PyObject* row[H_COUNT];  // the key of each scalar row of the table (betas: null)
+};
+
+const Keys& keys() {
+  static const Keys k = [] {
+    Keys k{};
+    k.params = PyUnicode_InternFromString("params");
+    k.betas = PyUnicode_InternFromString("betas");
+    for (int i = 0; i < H_COUNT; ++i)
+      k.row[i] = (i == H_BETA1 || i == H_BETA2) ? nullptr
+                                                : PyUnicode_InternFromString(kHyperNames[i]);
+    return k;
+  }();
+  return k;
+}
+
+// A number as float() reads it (floats, ints, bools, one-element tensors...). false, with
+// the Python error cleared, where float() would raise: the caller reports "changed" and
+// Python's validation raises the error in the user's terms.
+bool as_double(PyObject* v, double* out) {
+  if (PyFloat_CheckExact(v)) {
+    *out = PyFloat_AS_DOUBLE(v);
+    return true;
+  }
+  const double d = PyFloat_AsDouble(v);
+  if (d == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  *out = d;
+  return true;
+}
+
+// One group's table row as fptt_fast/optim.py's _hyper_row builds it, in doubles.
+bool read_hyper(PyObject* group, double out[H_COUNT]) {
+  const Keys& k = keys();
+  for (int i = 0; i < H_COUNT; ++i) {
+    if (i == H_BETA1 || i == H_BETA2) {
+      PyObject* betas = PyDict_GetItemWithError(group, k.betas);  // borrowed
+      PyObject* b = betas ? PySequence_GetItem(betas, i - H_BETA1) : nullptr;  // new
+      const bool ok = b && as_double(b, &out[i]);
+      Py_XDECREF(b);
+      if (!ok) {
+        PyErr_Clear();
+        return false;
+      }
+      continue;
+    }
+    PyObject* v = PyDict_GetItemWithError(group, k.row[i]);  // borrowed
+    if (!v) {
+      PyErr_Clear();
+      return false;
+    }
+    if (i == H_NESTEROV) {  // float(bool(group["nesterov"]))
+      const int t = PyObject_IsTrue(v);
+      if (t < 0) {
+        PyErr_Clear();
+        return false;
+      }
+      out[i] = t ? 1.0 : 0.0;
+    } else if (!as_double(v, &out[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// clip as optim.py passes it to the kernels: float(clip or 0.0).
+bool read_clip(PyObject* clip, double* out) {
+  if (clip == Py_None) {
+    *out = 0.0;
+    return true;
+  }
+  return as_double(clip, out);
+}
+
+bool same_bits(const double* a, const double* b, size_t n) {
+  return std::memcmp(a, b, n * sizeof(double)) == 0;
+}
+
 }  // namespace
+
+// ---- the plan ------------------------------------------------------------------------------
+
+class CpuUpdatePlan {
+ public:
+  // groups: the optimiser's param_groups (dicts with "params" and the hyper-parameters, already
+  // validated by the caller); the state lists: one entry per parameter, in the groups' order;
+  // hyper: the [groups, H_COUNT] table the caller filled from those groups (kept; the caller
+  // refreshes it in place); status: the optimiser's [norm, last skipped, skipped count].
+  CpuUpdatePlan(py::list groups, std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
+                std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
+                std::vector<at::Tensor> steps, at::Tensor hyper, int64_t optimizer, double clip,
+                at::Tensor status)
+      : w_bars_(std::move(w_bars)), lams_(std::move(lams)), s1s_(std::move(s1s)),
+        s2s_(std::move(s2s)), steps_(std::move(steps)), hyper_(std::move(hyper)),
+        status_(std::move(status)), optimizer_(optimizer), clip_(clip) {
+    const Keys& k = keys();
+    for (py::handle g : groups) {
+      TORCH_CHECK(PyDict_Check(g.ptr()), "CpuUpdatePlan: param_groups must hold dicts");
+      PyObject* plist = PyDict_GetItemWithError(g.ptr(), k.params);
+      if (!plist && PyErr_Occurred()) throw py::error_already_set();
+      TORCH_CHECK(plist && PyList_Check(plist),
+                  "CpuUpdatePlan: every param group's 'params' must be a list");
+      Group grp;
+      grp.dict = py::reinterpret_borrow<py::object>(g);
+      grp.params = py::reinterpret_borrow<py::object>(plist);
+      grp.first = params_.size();
+      for (Py_ssize_t j = 0; j < PyList_GET_SIZE(plist); ++j) {
+        py::handle p(PyList_GET_ITEM(plist, j));
+        params_.push_back(py::cast<at::Tensor>(p));
+        param_objs_.push_back(py::reinterpret_borrow<py::object>(p));
+        group_of_.push_back(int64_t(groups_.size()));
+      }
+      grp.end = params_.size();
+      TORCH_CHECK(read_hyper(g.ptr(), grp.hyper),
+                  "CpuUpdatePlan: a param group's hyper-parameters are not all numbers");
+      groups_.push_back(std::move(grp));
+    }
+    const size_t n = params_.size();
+    const bool sgd = optimizer_ == OPT_SGD;
+    if (sgd && s2s_.empty()) s2s_ = s1s_;  // never read for SGD; keeps the lists parallel
+    // The plan is built from the optimiser's own tensors, so these only fail on a bug or a
+    // state changed behind the optimiser's back; they use the shared checks all the same.
+    // The gradients are not known yet (they come and go between steps): the list checks run
+    // with the parameters standing in for them, which pass exactly when the parameters do
+    // (params[i] is checked first); each step's real gradients are checked in full, with
+    // everything else, whenever they change (revalidate).
+    checks::check_update_lists_on(kFn, params_, params_, w_bars_, lams_, s1s_, s2s_, steps_,
+                                  hyper_, group_of_, optimizer_, at::kCPU, nullptr);
+    TORCH_CHECK(hyper_.size(0) == int64_t(groups_.size()), kFn, ": hyper has ", hyper_.size(0),
+                " rows, the optimiser ", groups_.size(), " param groups");
+    checks::check_clip(kFn, clip_);
+    const c10::Device dev = n ? params_[0].device() : hyper_.device();
+    checks::check_tensor(kFn, status_, {"status"}, at::kCPU, &dev);
+    TORCH_CHECK(status_.numel() == 3, kFn, ": status must hold 3 floats, got ", status_.numel());
+    // Outputs overlapping anything: the same ranges as check_fused_update_args without the
+    // gradients (those are checked with the rest whenever they change).
+    checks::AliasCheck ac(6 * n + 2);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t j = int64_t(i);
+      ac.add(params_[i], {"params", j}, true);
+      ac.add(w_bars_[i], {"w_bars", j}, true);
+      ac.add(lams_[i], {"lams", j}, true);
+      ac.add(s1s_[i], {"s1s", j}, true);
+      if (!sgd) ac.add(s2s_[i], {"s2s", j}, true);
+      ac.add(steps_[i], {"steps", j}, true);
+    }
+    ac.add(hyper_, {"hyper"}, false);
+    ac.add(status_, {"status"}, true);
+    ac.check(kFn);
+    // The facts the step relies on, as they were when these checks passed.
+    param_prints_.resize(n);
+    state_ptrs_.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+      param_prints_[i] = print_of(params_[i]);
+      state_ptrs_[i] = state_ptrs(i);
+    }
+    hyper_ptr_ = hyper_.const_data_ptr();
+    status_ptr_ = status_.const_data_ptr();
+    grad_prints_.assign(n, Print());
+    cur_prints_.assign(n, Print());
+    validated_ = false;
+  }
+
+  // 0 when the groups, hyper-parameters (if `hyper`), clip and every parameter and state
+  // tensor are as validated; else the PlanCode saying what Python must do. Reads no data.
+  int64_t check_current(py::handle groups, py::handle clip, bool hyper) const {
+    if (!same_structure(groups.ptr())) return PLAN_STALE;
+    double c = 0.0;
+    if (!read_clip(clip.ptr(), &c) || !same_bits(&c, &clip_, 1)) return PLAN_STALE;
+    if (hyper_.const_data_ptr() != hyper_ptr_ || status_.const_data_ptr() != status_ptr_)
+      return PLAN_STALE;
+    for (size_t i = 0; i < params_.size(); ++i)
+      if (print_of(params_[i]) != param_prints_[i] || state_ptrs(i) != state_ptrs_[i])
+        return PLAN_STALE;
+    return hyper ? check_hyper(groups.ptr()) : 0;
+  }
+
+  // The same group dicts, each with the same "params" list holding the same parameter
+  // objects, in the same order (identities: the plan holds references to all of them).
+  bool same_structure(PyObject* gl) const {
+    if (!PyList_Check(gl) || PyList_GET_SIZE(gl) != Py_ssize_t(groups_.size())) return false;
+    const Keys& k = keys();
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      const Group& g = groups_[gi];
+      PyObject* d = PyList_GET_ITEM(gl, Py_ssize_t(gi));
+      if (d != g.dict.ptr()) return false;
+      PyObject* plist = PyDict_GetItemWithError(d, k.params);
+      if (plist != g.params.ptr()) {
+        PyErr_Clear();
+        return false;
+      }
+      if (PyList_GET_SIZE(plist) != Py_ssize_t(g.end - g.first)) return false;
+      for (size_t j = g.first; j < g.end; ++j)
+        if (PyList_GET_ITEM(plist, Py_ssize_t(j - g.first)) != param_objs_[j].ptr()) return false;
+    }
+    return true;
+  }
+
+  // PLAN_HYPER when any group's hyper-parameters differ (bitwise) from those last accepted.
+  int64_t check_hyper(PyObject* groups) const {
+    double row[H_COUNT];
+    for (size_t gi = 0; gi < groups_.size(); ++gi) {
+      if (!read_hyper(PyList_GET_ITEM(groups, Py_ssize_t(gi)), row) ||
+          !same_bits(row, groups_[gi].hyper, H_COUNT))
+        return PLAN_HYPER;
+    }
+    return 0;
+  }
+
+  // After Python validated the groups' hyper-parameters and refreshed the table in place.
+  void accept_hyper(py::handle groups) {
+    TORCH_CHECK(same_structure(groups.ptr()),
+                "CpuUpdatePlan.accept_hyper: the groups are not those of this plan");
+    for (size_t gi = 0; gi < groups_.size(); ++gi)
+      TORCH_CHECK(read_hyper(PyList_GET_ITEM(groups.ptr(), Py_ssize_t(gi)), groups_[gi].hyper),
+                  "CpuUpdatePlan.accept_hyper: param_groups[", gi,
+                  "] has a hyper-parameter that is not a number");
+  }
+
+  // FPTT.md steps 2-6 for every parameter with a gradient. Returns the skipped-step count
+  // (status[2]) after the step, or a PlanCode (< 0) with nothing changed.
+  int64_t step(py::handle groups, py::handle clip) {
+    if (const int64_t code = check_current(groups, clip, false)) return code;
+    const size_t n = params_.size();
+    bool same = validated_;
+    size_t active = 0;
+    for (size_t i = 0; i < n; ++i) {
+      // the TensorImpl's grad: what p.grad reads, without Tensor::grad()'s non-leaf warning
+      const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();
+      if (g.defined()) {
+        const at::Tensor& p = params_[i];
+        // What the list path raises on (ValueError) or copies (non-contiguous): its job.
+        if (g.layout() != at::kStrided || g.is_nested() || g.scalar_type() != p.scalar_type() ||
+            g.device() != p.device() || g.sizes() != p.sizes() || !g.is_contiguous())
+          return PLAN_FALLBACK;
+        ++active;
+      }
+      cur_prints_[i] = print_of(g);
+      same = same && cur_prints_[i] == grad_prints_[i];
+    }
+    float* status = status_.data_ptr<float>();
+    if (active == 0) return int64_t(status[2]);  // as the list path: nothing, not even checks
+    if (const int64_t code = check_hyper(groups.ptr())) return code;
+    if (!same) revalidate();
+    int64_t elements = 0;
+    for (const auto& s : slots_) elements += s.n;
+    cpu::UpdateResult r;
+    if (elements >= kReleaseGilMin) {
+      // Another thread may drop a gradient or rebind a parameter's data while the GIL is
+      // released: the kernel's memory stays alive through these references.
+      std::vector<c10::Storage> keep;
+      keep.reserve(2 * slots_.size());
+      for (size_t i = 0; i < n; ++i) {
+        const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();
+        if (!g.defined()) continue;
+        keep.push_back(g.storage());
+        keep.push_back(params_[i].storage());
+      }
+      py::gil_scoped_release no_gil;
+      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(optimizer_), float(clip_));
+    } else {
+      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(optimizer_), float(clip_));
+    }
+    return cpu::record_step_status(status, r);
+  }
+
+  int64_t size() const { return int64_t(params_.size()); }
+
+ private:
+  struct Group {
+    py::object dict, params;  // held: their identities are compared on every step
+    size_t first = 0, end = 0;
+    double hyper[H_COUNT] = {};
+  };
+  struct StatePtrs {
+    const void* p[5];
+    bool operator!=(const StatePtrs& o) const { return std::memcmp(p, o.p, sizeof(p)) != 0; }
+  };
+
+  StatePtrs state_ptrs(size_t i) const {
+    return {{w_bars_[i].const_data_ptr(), lams_[i].const_data_ptr(), s1s_[i].const_data_ptr(),
+             s2s_[i].const_data_ptr(), steps_[i].const_data_ptr()}};
+  }
+
+  // The step's gradients differ from those last checked: the full checks of the list
+  // binding on this step's lists (they raise, naming the argument, before any data is
+  // touched), then the slot table.
+  void revalidate() {
+    validated_ = false;
+    std::vector<at::Tensor> p, g, wb, lm, a, b, st;
+    std::vector<int64_t> go;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& gi = params_[i].unsafeGetTensorImpl()->grad();
+      if (!gi.defined()) continue;
+      p.push_back(params_[i]);
+      g.push_back(gi);
+      wb.push_back(w_bars_[i]);
+      lm.push_back(lams_[i]);
+      a.push_back(s1s_[i]);
+      b.push_back(s2s_[i]);
+      st.push_back(steps_[i]);
+      go.push_back(group_of_[i]);
+    }
+    checks::check_fused_update_args(kFn, p, g, wb, lm, a, b, st, hyper_, go, optimizer_, clip_,
+                                    &status_, at::kCPU);
+    const float* hp = hyper_.data_ptr<float>();
+    const bool sgd = optimizer_ == OPT_SGD;
+    slots_.resize(p.size());
+    for (size_t k = 0; k < p.size(); ++k)
+      slots_[k] = {p[k].data_ptr<float>(), g[k].data_ptr<float>(), wb[k].data_ptr<float>(),
+                   lm[k].data_ptr<float>(), a[k].data_ptr<float>(),
+                   sgd ? nullptr : b[k].data_ptr<float>(), st[k].data_ptr<float>(),
+                   hp + go[k] * H_COUNT, p[k].numel()};
+    grad_prints_ = cur_prints_;
+    validated_ = true;
+  }
+
+  std::vector<at::Tensor> params_, w_bars_, lams_, s1s_, s2s_, steps_;
+  at::Tensor hyper_, status_;
+  int64_t optimizer_;
+  double clip_;
+  std::vector<int64_t> group_of_;
+  std::vector<Group> groups_;
+  std::vector<py::object> param_objs_;  // held, so that an identity is never reused
+  std::vector<Print> param_prints_, grad_prints_, cur_prints_;
+  std::vector<StatePtrs> state_ptrs_;
+  const void* hyper_ptr_ = nullptr;
+  const void* status_ptr_ = nullptr;
+  std::vector<cpu::UpdateSlot> slots_;
+  bool validated_ = false;
+};
+
+// For the LSTM plan (csrc/bind_lstm.cpp declares it: the two files share no header for this,
+// and it is the only thing they share): check_current of the FPTT optimiser's plan, hyper-
+// parameters included. 0: the optimiser's tensors, hyper table and clip are those the LSTM
+// plan was built with.
+int64_t cpu_update_plan_check(py::handle plan, py::handle groups, py::handle clip) {
+  return plan.cast<const CpuUpdatePlan&>().check_current(groups, clip, /*hyper=*/true);
+}
 
 void register_update_cpu(pybind11::module_& m) {
   m.def("fused_update_cpu", &fused_update_cpu,
         "FPTT steps 2-6 over lists of CPU fp32 tensors; returns (norm, skipped)");
+  m.attr("PLAN_STALE") = py::int_(int64_t(PLAN_STALE));
+  m.attr("PLAN_HYPER") = py::int_(int64_t(PLAN_HYPER));
+  m.attr("PLAN_FALLBACK") = py::int_(int64_t(PLAN_FALLBACK));
+  py::class_<CpuUpdatePlan>(m, "CpuUpdatePlan",
+                            "FPTT.step()'s plan on the cpu backend (csrc/bind_update.cpp): the "
+                            "optimiser's tensors and tables, checked once; step() re-checks what "
+                            "can change and runs the fused update")
+      .def(py::init<py::list, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                    at::Tensor, int64_t, double, at::Tensor>(),
+           py::arg("param_groups"), py::arg("w_bars"), py::arg("lams"), py::arg("s1s"),
+           py::arg("s2s"), py::arg("steps"), py::arg("hyper"), py::arg("optimizer"),
+           py::arg("clip"), py::arg("status"))
+      .def("step", &CpuUpdatePlan::step, py::arg("param_groups"), py::arg("clip"),
+           "One fused step of every parameter with a gradient; returns the skipped-step count, "
+           "or PLAN_STALE / PLAN_HYPER / PLAN_FALLBACK (< 0) having changed nothing")
+      .def("check", [](const CpuUpdatePlan& p, py::handle groups, py::handle clip) {
+             return p.check_current(groups, clip, true);
+           }, py::arg("param_groups"), py::arg("clip"),
+           "0 if the plan is current for these groups and clip, else a PLAN_* code")
+      .def("accept_hyper", &CpuUpdatePlan::accept_hyper, py::arg("param_groups"),
+           "Take the groups' current hyper-parameters as validated (the table was refreshed)")
+      .def("__len__", &CpuUpdatePlan::size)
+      // copy.deepcopy and pickle give None: a plan holds raw pointers into its owner's
+      // tensors, so a copy must build its own (the owner rebuilds a missing plan).
+      .def("__reduce__", [](const CpuUpdatePlan&) {
+        return py::make_tuple(py::type::of(py::none()), py::tuple());
+      });
 }
 
 }  // namespace fptt

@@ -402,26 +402,45 @@ class FPTTLSTM(nn.Module):
         return reference.task_loss(pred, target, self.loss), new_state
 
     def _cpu_call(self, x, target, state, weight, update):
-        ext = backends.extension()
-        params = [p.detach() for p in self.fptt_parameters()]
-        if self._grads is None:
-            self._grads = [torch.zeros_like(p) for p in params]
-            self._workspace = torch.empty(0, dtype=torch.float32)
+        """The cpu backend's segment step: ONE C++ call, _C.CpuLstmPlan.step
+        (csrc/bind_lstm.cpp). The plan holds the parameters, gradient buffers, workspace and
+        the optimiser's FPTT state; it is cached with the optimiser's own plan
+        (_C.CpuUpdatePlan) and the buffers it was built on, and rebuilt when any of them is
+        replaced. A changed hyper-parameter, clip or parameter tensor makes the call return
+        a PLAN_* code having done nothing: the optimiser refreshes itself and the call is
+        made again."""
         opt = self.optimizer
-        sts = [opt.state[p] for p in self.fptt_parameters()]
-        sgd = opt.base == "sgd"
-        res = ext.lstm_segment_step_cpu(
-            x, target, state[0], state[1], params, self._grads, self._workspace,
-            LOSS_CODE[self.loss], self.per_step, weight, update,
-            [s["w_bar"] for s in sts], [s["lam"] for s in sts],
-            [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-            [] if sgd else [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
-            opt._hyper_table(params[0].device), [0] * len(params), OPT_CODE[opt.base],
-            float(opt.clip or 0.0), self.cpu_builtin_gemm)
-        loss, h, c, norm, skipped = res
-        if update:
-            opt._record(norm, skipped)
-        return torch.tensor(loss, dtype=torch.float32), (h, c)
+        for _ in range(3):
+            cached = self.__dict__.get("_cpu_plan")  # (optimiser plan, grads, workspace, plan)
+            if (cached is None or cached[0] is not opt._plan or opt._plan is None
+                    or cached[1] is not self._grads or cached[2] is not self._workspace):
+                ext = backends.extension()
+                params = [p.detach() for p in self.fptt_parameters()]
+                if self._grads is None:
+                    self._grads = [torch.zeros_like(p) for p in params]
+                    self._workspace = torch.empty(0, dtype=torch.float32)
+                uplan = opt._cpu_plan()
+                sts = [opt.state[p] for p in self.fptt_parameters()]
+                sgd = opt.base == "sgd"
+                plan = ext.CpuLstmPlan(
+                    uplan, params, self._grads, self._workspace, [s["w_bar"] for s in sts],
+                    [s["lam"] for s in sts],
+                    [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+                    [] if sgd else [s["exp_avg_sq"] for s in sts],
+                    [s["step"].view(1) for s in sts], opt._hyper, OPT_CODE[opt.base],
+                    float(opt.clip or 0.0), opt._status)
+                cached = (uplan, self._grads, self._workspace, plan)
+                self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
+            loss, h, c, count = cached[3].step(x, target, state[0], state[1],
+                                               LOSS_CODE[self.loss], self.per_step, weight,
+                                               update, opt.param_groups, opt.clip,
+                                               self.cpu_builtin_gemm)
+            if count >= 0:
+                if update and count != opt._seen_skipped:
+                    opt._raise_new_skips(count)
+                return loss, (h, c)
+            opt._refresh_plan(count)
+        raise RuntimeError("FPTTLSTM: the cpu segment plan is still stale after a rebuild (a bug)")
 
     def _launch(self, x, target, state, weight, n_segs=1, ramp=False):
         """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda only),

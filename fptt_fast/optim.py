@@ -12,6 +12,13 @@ import torch
 from . import backends, reference
 from .reference import NONFINITE, OPTIMIZERS, Hyper
 
+try:  # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_*_hook)
+    from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
+    from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
+except ImportError:  # a torch without them: a non-empty stand-in sends every step() through
+    _GLOBAL_PRE_HOOKS = _GLOBAL_POST_HOOKS = {"unknown": None}  # torch's own wrapper
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
 OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
 # Row layout of the per-group hyper-parameter table read by the kernels; must match
 # csrc/include/fptt_fast/fptt_math.h (HyperIndex) and kernels/fptt_update.py.
@@ -19,6 +26,10 @@ HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "bet
                 "momentum", "dampening", "nesterov")
 # status tensor written by every backend, on the parameters' device, never synced:
 STATUS_NORM, STATUS_LAST_SKIPPED, STATUS_SKIPPED = 0, 1, 2
+# What the cpu backend's C++ plan (_C.CpuUpdatePlan, csrc/bind_update.cpp) returns instead of
+# the skipped-step count when it did not step: rebuild it; refresh the hyper table; take the
+# list path (gradients it does not take: sparse, mis-shaped, non-contiguous).
+PLAN_STALE, PLAN_HYPER, PLAN_FALLBACK = -1, -2, -3
 
 
 def _hyper_row(group):
@@ -46,8 +57,16 @@ class FPTT(torch.optim.Optimizer):
 
     State per parameter, readable as opt.state[p][name]: w_bar, lam, step, and
     exp_avg/exp_avg_sq (Adam, AdamW) or momentum_buffer (SGD). They are views into
-    flat contiguous buffers (opt.flat_state) that the fused kernels walk.
+    flat contiguous buffers (opt.flat_state) that the fused kernels walk: write into them
+    (copy_, load_state_dict), do not rebind them (opt.state[p]["lam"] = t is not seen by
+    the cpu backend's cached plan, nor by the GPU backends' cached tables).
     Parameters whose .grad is None are left alone by step(), as torch does.
+
+    On the cpu backend step() is one C++ call (_C.CpuUpdatePlan, built at the first step
+    and rebuilt when the groups, clip or a parameter's tensor change; hyper-parameter
+    changes such as an lr scheduler's refresh its table in place). Step hooks and the
+    profiler's record_function run as torch's Optimizer runs them, when any is registered
+    or the profiler is on.
     """
 
     def __init__(self, params, lr=1e-3, *, optimizer="adam", betas=(0.9, 0.999), eps=1e-8,
@@ -67,6 +86,7 @@ class FPTT(torch.optim.Optimizer):
                         nesterov=nesterov)
         super().__init__(params, defaults)
         self._hyper_key, self._hyper = None, None
+        self._plan = None  # cpu backend: the C++ step plan, built at the first step
         self._pending = None  # (event, pinned skipped count) of a CUDA step not yet checked
         self._seen_skipped = 0  # skipped steps already reported
         self._count_host = None  # (event, pinned float) for the non-blocking look
@@ -116,6 +136,7 @@ class FPTT(torch.optim.Optimizer):
             self.state[p] = st
             offset += p.numel()
         self.flat_state = flat
+        self._plan = None  # it holds the old buffers
         old_status = getattr(self, "_status", None)
         self._status = torch.zeros(3, device=device)
         if old_status is not None:  # a group added later keeps the counts
@@ -135,6 +156,7 @@ class FPTT(torch.optim.Optimizer):
                 host = host.pin_memory()
             if self._hyper is None or self._hyper.shape != host.shape or self._hyper.device != device:
                 self._hyper = torch.empty(host.shape, device=device)
+                self._plan = None  # it holds the old table
             self._hyper.copy_(host, non_blocking=True)
             self._hyper_key = key
         return self._hyper
@@ -165,14 +187,40 @@ class FPTT(torch.optim.Optimizer):
                 lists["group_of"].append(gi)
         return lists
 
-    @torch.no_grad()
     def step(self, closure=None):
         """FPTT.md steps 2-6 for every parameter with a gradient."""
+        # The hot path (cpu backend, plan built, no closure, no hooks, no profiler): one C++
+        # call. torch wraps every Optimizer subclass's step() in a profiler record_function
+        # and two hook loops, ~10 us on a 2-core VM: more than this whole step for a small
+        # model. FPTT.step is marked as already wrapped (below the class), and everything
+        # else goes through that same torch wrapper (_hooked_step).
+        plan = self._plan
+        if (plan is not None and closure is None and not self._optimizer_step_pre_hooks
+                and not self._optimizer_step_post_hooks and not _GLOBAL_PRE_HOOKS
+                and not _GLOBAL_POST_HOOKS and not _profiler_enabled()):
+            count = plan.step(self.param_groups, self.clip)
+            if count >= 0:
+                if count != self._seen_skipped:
+                    self._raise_new_skips(count)
+                return None
+        return _hooked_step(self) if closure is None else _hooked_step(self, closure)
+
+    @torch.no_grad()
+    def _step(self, closure=None):
+        """step() in full: the closure, then the backend's update (cpu: through the plan,
+        building or refreshing it as needed; gradients it leaves to the list path and the
+        other backends: the lists gathered here)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._raise_pending()
+        if self.backend == "cpu":
+            count = self._plan_step()
+            if count is not None:
+                if count != self._seen_skipped:
+                    self._raise_new_skips(count)
+                return loss
         L = self._gather()
         if not L["params"]:
             return loss
@@ -193,6 +241,54 @@ class FPTT(torch.optim.Optimizer):
             backends.extension().fused_update_cuda(*args, self._status)
             self._after_device_step()
         return loss
+
+    # -- the cpu backend's plan ------------------------------------------------------
+    def _plan_step(self):
+        """One step through the C++ plan, built or refreshed first where it says so.
+        Returns the skipped-step count, or None: gradients the plan leaves to the list path
+        (sparse, of another shape/dtype/device: ValueError there; non-contiguous: copied)."""
+        for _ in range(3):
+            plan = self._plan
+            if plan is None:
+                # as the list path: no gradient, no step (and no validation)
+                if all(p.grad is None for p in self._params()):
+                    return int(self._status[STATUS_SKIPPED].item())
+                code = PLAN_STALE
+            else:
+                code = plan.step(self.param_groups, self.clip)
+            if code >= 0:
+                return code
+            if code == PLAN_FALLBACK:
+                return None
+            self._refresh_plan(code)
+        raise RuntimeError("FPTT: the cpu step plan is still stale after a rebuild (a bug)")
+
+    def _cpu_plan(self):
+        """The C++ plan of the cpu backend, built if there is none."""
+        if self._plan is None:
+            self._refresh_plan(PLAN_STALE)
+        return self._plan
+
+    def _refresh_plan(self, code):
+        """Act on a plan's code: PLAN_STALE, build a new plan (the hyper-parameters are
+        validated here, the clip and every tensor by the shared checks in C++); PLAN_HYPER,
+        validate the groups' hyper-parameters, refresh the table in place and let the plan
+        take them."""
+        if code == PLAN_HYPER and self._plan is not None:
+            self._hyper_table(self._hyper.device)  # raises ValueError naming a bad field
+            if self._plan is not None:  # (the table kept its place)
+                self._plan.accept_hyper(self.param_groups)
+                return
+        self._plan = None
+        params = self._params()
+        hyper = self._hyper_table(params[0].device if params else torch.device("cpu"))
+        sts = [self.state[p] for p in params]
+        sgd = self.base == "sgd"
+        self._plan = backends.extension().CpuUpdatePlan(
+            self.param_groups, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
+            [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+            [] if sgd else [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
+            hyper, OPT_CODE[self.base], float(self.clip or 0.0), self._status)
 
     def _step_reference(self, L):
         hypers = [Hyper.from_group(self.param_groups[gi]) for gi in L["group_of"]]
@@ -307,6 +403,7 @@ class FPTT(torch.optim.Optimizer):
         self.clip = reference.validate_clip(state_dict["fptt"]["clip"])
         self.nonfinite = state_dict["fptt"]["nonfinite"]
         self._hyper_key = None
+        self._plan = None  # rebuilt (and the loaded hyper-parameters validated) at the next step
         self._pending = None  # a report pending from before the load no longer applies
         self._seen_skipped = int(self._status[STATUS_SKIPPED].item())
 
@@ -351,3 +448,11 @@ class FPTT(torch.optim.Optimizer):
                         t.dim() and tuple(torch.as_tensor(saved[n]).shape) != tuple(t.shape)):
                     raise ValueError(f"state_dict['state'][{i}][{n!r}] has shape "
                                      f"{tuple(torch.as_tensor(saved[n]).shape)}, expected {tuple(t.shape)}")
+
+
+# torch.optim.Optimizer wraps a subclass's step() in its profiling/hook wrapper unless the
+# function says it is wrapped already. FPTT.step takes the hot path itself when there is no
+# hook and no profiler, and otherwise calls _hooked_step: FPTT._step inside that same torch
+# wrapper (hooks, record_function "Optimizer.step#FPTT.step", _optimizer_step_code).
+FPTT.step.hooked = True
+_hooked_step = torch.optim.Optimizer.profile_hook_step(FPTT._step)

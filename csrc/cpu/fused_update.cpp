@@ -14,6 +14,27 @@ namespace {
 // size makes the summation order (and so the result) independent of threads.
 constexpr int64_t kChunk = 8192;
 
+// Below this many elements in all both passes run on the calling thread. Waking the
+// OpenMP team costs more than that much work: on a 2-core VM busy with other work,
+// FPTT.step() on six tiny tensors took 0.5-0.9 ms with the team against ~50 us with
+// OMP_NUM_THREADS=1, both through the old Python list path (issue 12). Elements, not
+// chunks: every tensor, however small, is at least one chunk. The results do not depend
+// on it (fixed chunks, partial sums added in chunk order).
+constexpr int64_t kParallelMinElements = 4 * kChunk;
+
+// f(k) for k in [0, n): in an OpenMP team if `parallel`, else in a plain loop. Not an
+// if() clause: libgomp still builds (mallocs) and tears down a one-thread team for a
+// parallel region whose if() is false, a few microseconds per region here.
+template <class F>
+void for_each_chunk(int64_t n, bool parallel, const F& f) {
+  if (parallel) {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < n; ++k) f(k);
+  } else {
+    for (int64_t k = 0; k < n; ++k) f(k);
+  }
+}
+
 // The two element loops are built twice, for AVX2 and for baseline x86-64, and picked
 // at load time (GCC function multiversioning): 8-wide sqrt/div where the CPU has it,
 // the same IEEE results either way (no -ffast-math, no FMA contraction under -std=c++17).
@@ -73,15 +94,15 @@ FPTT_CPU_CLONES void chunk_update(const UpdateSlot& t, int64_t begin, int64_t en
 }
 
 template <int OPT>
-void update_pass(const UpdateSlot* slots, int n_slots, const std::vector<Chunk>& chunks, float coef) {
+void update_pass(const UpdateSlot* slots, int n_slots, const std::vector<Chunk>& chunks,
+                 float coef, bool parallel) {
   std::vector<StepScalars> scal(n_slots);
   for (int s = 0; s < n_slots; ++s) scal[s] = step_scalars(slots[s].hyper, *slots[s].step, coef);
   const int64_t n_chunks = int64_t(chunks.size());
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < n_chunks; ++k) {
+  for_each_chunk(n_chunks, parallel, [&](int64_t k) {
     const Chunk& c = chunks[k];
     chunk_update<OPT>(slots[c.slot], c.begin, c.end, scal[c.slot]);
-  }
+  });
   for (int s = 0; s < n_slots; ++s) *slots[s].step += 1.f;
 }
 
@@ -91,9 +112,12 @@ UpdateResult fused_update(const UpdateSlot* slots, int n_slots, int optimizer, f
   const std::vector<Chunk> chunks = make_chunks(slots, n_slots);
   const int64_t n_chunks = int64_t(chunks.size());
   std::vector<double> partial(n_chunks);
-#pragma omp parallel for schedule(static)
-  for (int64_t k = 0; k < n_chunks; ++k)
+  int64_t elements = 0;
+  for (int s = 0; s < n_slots; ++s) elements += slots[s].n;
+  const bool parallel = n_chunks > 1 && elements >= kParallelMinElements;
+  for_each_chunk(n_chunks, parallel, [&](int64_t k) {
     partial[k] = chunk_sumsq(slots[chunks[k].slot], chunks[k].begin, chunks[k].end);
+  });
   double sumsq = 0.0;
   for (int64_t k = 0; k < n_chunks; ++k) sumsq += partial[k];
   const double norm = sqrt(sumsq);
@@ -101,9 +125,9 @@ UpdateResult fused_update(const UpdateSlot* slots, int n_slots, int optimizer, f
   if (!isfinite(float(norm))) return {norm, true};
   const float coef = clip_coefficient(norm, clip);
   switch (optimizer) {
-    case OPT_SGD: update_pass<OPT_SGD>(slots, n_slots, chunks, coef); break;
-    case OPT_ADAM: update_pass<OPT_ADAM>(slots, n_slots, chunks, coef); break;
-    default: update_pass<OPT_ADAMW>(slots, n_slots, chunks, coef); break;
+    case OPT_SGD: update_pass<OPT_SGD>(slots, n_slots, chunks, coef, parallel); break;
+    case OPT_ADAM: update_pass<OPT_ADAM>(slots, n_slots, chunks, coef, parallel); break;
+    default: update_pass<OPT_ADAMW>(slots, n_slots, chunks, coef, parallel); break;
   }
   return {norm, false};
 }
