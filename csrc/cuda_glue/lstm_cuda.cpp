@@ -60,16 +60,6 @@ bool stream_is_capturing(cudaStream_t s) {
   return st != cudaStreamCaptureStatusNone;
 }
 
-void check_cuda_f32(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape,
-                    const c10::Device& device) {
-  TORCH_CHECK(t.defined() && t.device() == device, name, " must be on ", device, ", got ",
-              t.defined() ? t.device() : c10::Device(at::kCPU));
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ",
-              at::IntArrayRef(shape));
-}
-
 LstmEntry& build_entry(std::vector<cuda::UpdateSlot>&& slots, std::vector<int64_t>&& key,
                        const c10::Device& device, const at::cuda::CUDAStream& stream) {
   const int n_slots = int(slots.size());
