@@ -111,7 +111,7 @@ void grow_workspace(at::Tensor& workspace, int64_t need) {
   try {
     workspace.resize_({need});
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, "lstm_segment_step_cpu: workspace could not be grown to ", need,
+    FPTT_CHECK(false, "lstm_segment_step_cpu: workspace could not be grown to ", need,
                 " floats: ", e.what_without_backtrace());
   }
 }
@@ -180,9 +180,9 @@ class CpuLstmPlan {
         lams_(std::move(lams)), s1s_(std::move(s1s)), s2s_(std::move(s2s)),
         steps_(std::move(steps)), hyper_(std::move(hyper)), status_(std::move(status)),
         optimizer_(optimizer), clip_(clip), group_of_(params_.size(), 0) {
-    TORCH_CHECK(params_.size() == 6 && grads_.size() == 6, kFn,
+    FPTT_CHECK(params_.size() == 6 && grads_.size() == 6, kFn,
                 ": the plan takes the six parameters and their six gradient buffers");
-    TORCH_CHECK(status_.defined() && status_.device().is_cpu() &&
+    FPTT_CHECK(status_.defined() && status_.device().is_cpu() &&
                     status_.scalar_type() == at::kFloat && status_.is_contiguous() &&
                     status_.numel() == 3,
                 kFn, ": status must be a contiguous CPU float32 tensor of 3 elements");

@@ -213,10 +213,10 @@ class CpuUpdatePlan {
         status_(std::move(status)), optimizer_(optimizer), clip_(clip) {
     const Keys& k = keys();
     for (py::handle g : groups) {
-      TORCH_CHECK(PyDict_Check(g.ptr()), "CpuUpdatePlan: param_groups must hold dicts");
+      FPTT_CHECK(PyDict_Check(g.ptr()), "CpuUpdatePlan: param_groups must hold dicts");
       PyObject* plist = PyDict_GetItemWithError(g.ptr(), k.params);
       if (!plist && PyErr_Occurred()) throw py::error_already_set();
-      TORCH_CHECK(plist && PyList_Check(plist),
+      FPTT_CHECK(plist && PyList_Check(plist),
                   "CpuUpdatePlan: every param group's 'params' must be a list");
       Group grp;
       grp.dict = py::reinterpret_borrow<py::object>(g);
@@ -229,7 +229,7 @@ class CpuUpdatePlan {
         group_of_.push_back(int64_t(groups_.size()));
       }
       grp.end = params_.size();
-      TORCH_CHECK(read_hyper(g.ptr(), grp.hyper),
+      FPTT_CHECK(read_hyper(g.ptr(), grp.hyper),
                   "CpuUpdatePlan: a param group's hyper-parameters are not all numbers");
       groups_.push_back(std::move(grp));
     }
@@ -244,12 +244,12 @@ class CpuUpdatePlan {
     // everything else, whenever they change (revalidate).
     checks::check_update_lists_on(kFn, params_, params_, w_bars_, lams_, s1s_, s2s_, steps_,
                                   hyper_, group_of_, optimizer_, at::kCPU, nullptr);
-    TORCH_CHECK(hyper_.size(0) == int64_t(groups_.size()), kFn, ": hyper has ", hyper_.size(0),
+    FPTT_CHECK(hyper_.size(0) == int64_t(groups_.size()), kFn, ": hyper has ", hyper_.size(0),
                 " rows, the optimiser ", groups_.size(), " param groups");
     checks::check_clip(kFn, clip_);
     const c10::Device dev = n ? params_[0].device() : hyper_.device();
     checks::check_tensor(kFn, status_, {"status"}, at::kCPU, &dev);
-    TORCH_CHECK(status_.numel() == 3, kFn, ": status must hold 3 floats, got ", status_.numel());
+    FPTT_CHECK(status_.numel() == 3, kFn, ": status must hold 3 floats, got ", status_.numel());
     // Outputs overlapping anything: the same ranges as check_fused_update_args without the
     // gradients (those are checked with the rest whenever they change).
     checks::AliasCheck ac(6 * n + 2);
@@ -327,10 +327,10 @@ class CpuUpdatePlan {
 
   // After Python validated the groups' hyper-parameters and refreshed the table in place.
   void accept_hyper(py::handle groups) {
-    TORCH_CHECK(same_structure(groups.ptr()),
+    FPTT_CHECK(same_structure(groups.ptr()),
                 "CpuUpdatePlan.accept_hyper: the groups are not those of this plan");
     for (size_t gi = 0; gi < groups_.size(); ++gi)
-      TORCH_CHECK(read_hyper(PyList_GET_ITEM(groups.ptr(), Py_ssize_t(gi)), groups_[gi].hyper),
+      FPTT_CHECK(read_hyper(PyList_GET_ITEM(groups.ptr(), Py_ssize_t(gi)), groups_[gi].hyper),
                   "CpuUpdatePlan.accept_hyper: param_groups[", gi,
                   "] has a hyper-parameter that is not a number");
   }

@@ -35,7 +35,7 @@ bool with_cuda() {
 // They only check (no kernel runs, no data is written). Used by tests/test_bindings.py.
 
 c10::DeviceType parse_device_type(const std::string& s) {
-  TORCH_CHECK(s == "cpu" || s == "cuda", "device_type must be 'cpu' or 'cuda', got '", s, "'");
+  FPTT_CHECK(s == "cpu" || s == "cuda", "device_type must be 'cpu' or 'cuda', got '", s, "'");
   return s == "cpu" ? c10::kCPU : c10::kCUDA;
 }
 

@@ -73,3 +73,46 @@ def test_cuda_kernels_header_is_plain_cpp(tmp_path):
     cmd = [_cxx(), "-std=c++17", "-fsyntax-only", "-I", INCLUDE, str(src)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout}\n{r.stderr}"
+
+
+# Host sources of fptt_fast._C (bindings, CPU kernels, CUDA glue, their headers)
+HOST_SOURCES = sorted(
+    glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "include", "fptt_fast", "*.h")))
+_STREAM_USE = re.compile(r"\bTORCH_CHECK\s*\(|\bTORCH_WARN|\bAT_ERROR\b|std::(o|i)?stringstream|std::ostream"
+                         r"|\boperator\s*<<|std::cout|std::cerr")
+
+
+def _code_only(text):
+    """The text without // and /* */ comments and string literals (a check's message may
+    mention TORCH_CHECK)."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r'"(\\.|[^"\\])*"', '""', text)
+    return re.sub(r"//[^\n]*", "", text)
+
+
+def test_there_are_host_sources():
+    names = {os.path.basename(p) for p in HOST_SOURCES}
+    assert {"bindings.cpp", "update_checks.h", "lstm_checks.h", "error_message.h"} <= names
+
+
+@pytest.mark.parametrize("path", HOST_SOURCES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_no_iostream_formatting_in_host_code(path):
+    """Error messages go through FPTT_CHECK (csrc/include/fptt_fast/error_message.h), never
+    through TORCH_CHECK's c10::str or any stream: on the GPU image, formatting a number
+    through an ostream instantiated in fptt_fast._C crashed the process (issue 11)."""
+    if os.path.basename(path) == "error_message.h":
+        return  # the one place that wraps TORCH_CHECK
+    with open(path) as f:
+        code = _code_only(f.read())
+    bad = [m.group(0) for m in _STREAM_USE.finditer(code)]
+    assert not bad, f"{os.path.relpath(path, ROOT)} uses {sorted(set(bad))}: use FPTT_CHECK"
+
+
+def test_stream_lint_catches_a_planted_use():
+    """The lint above can fail: a planted TORCH_CHECK with a message and a stream are found,
+    a comment or string mentioning them is not."""
+    code = _code_only('// TORCH_CHECK(x, "n=", n)\nauto s = "TORCH_CHECK(";\nTORCH_CHECK (ok, "n=", n);\n'
+                      'std::ostringstream os; os << n;\n')
+    assert sorted({m.group(0).replace(" ", "") for m in _STREAM_USE.finditer(code)}) == [
+        "TORCH_CHECK(", "std::ostringstream"]

@@ -121,11 +121,11 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
                         at::Tensor hyper, std::vector<int64_t> group_of, int64_t optimizer,
                         double clip, at::Tensor status, at::Tensor h_out, at::Tensor c_out,
                         at::Tensor losses_out, bool tf32, int64_t mode) {
-  TORCH_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT,
+  FPTT_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT,
               "lstm_train_cuda: kernel mode must be 0 (auto), 1 (general) or 2 (persistent), "
               "got ", mode);
-  TORCH_CHECK(n_segs >= 1, "lstm_train_cuda: n_segs must be >= 1, got ", n_segs);
-  TORCH_CHECK(losses_out.defined() && losses_out.is_cuda() &&
+  FPTT_CHECK(n_segs >= 1, "lstm_train_cuda: n_segs must be >= 1, got ", n_segs);
+  FPTT_CHECK(losses_out.defined() && losses_out.is_cuda() &&
                   losses_out.scalar_type() == at::kFloat && losses_out.is_contiguous() &&
                   losses_out.dim() == 1 && losses_out.size(0) == n_segs,
               "lstm_train_cuda: losses_out must be a contiguous float32 CUDA tensor [n_segs=",
@@ -141,13 +141,13 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
       hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out, tf32, at::kCUDA);
   const c10::Device device = x.device();
   const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, O = dims.O;
-  TORCH_CHECK(n_segs <= T, "lstm_train_cuda: n_segs=", n_segs, " segments need T >= n_segs "
+  FPTT_CHECK(n_segs <= T, "lstm_train_cuda: n_segs=", n_segs, " segments need T >= n_segs "
               "steps, got T=", T);
   const int64_t omega = (T + n_segs - 1) / n_segs;
-  TORCH_CHECK((T + omega - 1) / omega == n_segs, "lstm_train_cuda: n_segs=", n_segs,
+  FPTT_CHECK((T + omega - 1) / omega == n_segs, "lstm_train_cuda: n_segs=", n_segs,
               " segments of ceil(T/n_segs)=", omega, " steps cover T=", T, " in ",
               (T + omega - 1) / omega);
-  TORCH_CHECK(!losses_out.is_same(x) && !losses_out.is_same(status),
+  FPTT_CHECK(!losses_out.is_same(x) && !losses_out.is_same(status),
               "lstm_train_cuda: losses_out must not alias an input");
 
   c10::cuda::CUDAGuard guard(device);
@@ -181,7 +181,7 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
   cuda::PersistentPlan plan = {};
   if (mode != KERNEL_GENERAL) {
     plan = persistent_plan(B, I, H, O, optimizer, device.index());
-    TORCH_CHECK(plan.ok || mode == KERNEL_AUTO,
+    FPTT_CHECK(plan.ok || mode == KERNEL_AUTO,
                 "lstm_train_cuda: the persistent kernel cannot take B=", B, ", I=", I, ", H=", H,
                 ", O=", O, " on this device (limits: H <= ", cuda::kPersistMaxHidden,
                 ", I <= ", cuda::kPersistMaxInput, ", O <= ", cuda::kPersistMaxOutput,
@@ -202,14 +202,14 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
       break;
     }
   if (entry == nullptr) {
-    TORCH_CHECK(!capturing,
+    FPTT_CHECK(!capturing,
                 "lstm_segment_step_cuda: the parameters, gradients, state or hyper-parameter "
                 "table changed while capturing a CUDA graph; run one step eagerly (warm-up) "
                 "with the same tensors and shapes before capturing");
     entry = &build_entry(std::move(slots), std::move(key), device, stream);
   }
   if (!entry->scratch.defined() || entry->scratch.numel() < need) {
-    TORCH_CHECK(!capturing,
+    FPTT_CHECK(!capturing,
                 "lstm_segment_step_cuda: a larger segment shape while capturing a CUDA graph; "
                 "run one step eagerly with the largest shape before capturing");
     // The old scratch (if any) is freed here, unless a captured graph uses it; the caching
@@ -257,7 +257,7 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
     const int rc = cuda::launch_lstm_persistent(a, n_segs, weight_ramp ? 1 : 0, plan,
                                                 entry->table, int(optimizer), float(clip), st,
                                                 device.index(), strm);
-    TORCH_CHECK(rc == 0, "lstm_train_cuda: persistent kernel launch failed: ",
+    FPTT_CHECK(rc == 0, "lstm_train_cuda: persistent kernel launch failed: ",
                 cuda::launch_error_string(rc), " (cuda error ", rc, ")");
     return KERNEL_PERSISTENT;
   }
@@ -280,7 +280,7 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
     sa.loss_out = a.loss_out + p;
     const int rc = cuda::launch_lstm_segment(sa, entry->table, int(optimizer), float(clip), st,
                                              device.index(), strm);
-    TORCH_CHECK(rc == 0, "lstm_train_cuda: kernel launch failed: ",
+    FPTT_CHECK(rc == 0, "lstm_train_cuda: kernel launch failed: ",
                 cuda::launch_error_string(rc), " (cuda error ", rc, ")");
   }
   return KERNEL_GENERAL;
@@ -296,7 +296,7 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
                             std::vector<int64_t> group_of, int64_t optimizer, double clip,
                             at::Tensor status, at::Tensor h_out, at::Tensor c_out,
                             at::Tensor loss_out, bool tf32) {
-  TORCH_CHECK(loss_out.defined() && loss_out.dim() <= 1 && loss_out.numel() == 1,
+  FPTT_CHECK(loss_out.defined() && loss_out.dim() <= 1 && loss_out.numel() == 1,
               "lstm_segment_step_cuda: loss_out must hold 1 float");
   lstm_train_cuda(x, target, h0, c0, 1, weight, false, loss, per_step, std::move(params),
                   std::move(grads), std::move(w_bars), std::move(lams), std::move(s1s),
@@ -314,7 +314,7 @@ void lstm_persistent_profile_cuda(c10::optional<at::Tensor> stamps) {
     return;
   }
   const at::Tensor& t = *stamps;
-  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() &&
+  FPTT_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() &&
                   t.numel() >= cuda::lstm_persistent_profile_slots(),
               "stamps must be a contiguous int64 CUDA tensor of at least ",
               cuda::lstm_persistent_profile_slots(), " elements");
@@ -333,7 +333,7 @@ pybind11::tuple lstm_persistent_plan_cuda(int64_t B, int64_t I, int64_t H, int64
 
 int64_t lstm_grid_size_cuda(int64_t optimizer, int64_t device) {
   const int64_t g = cuda::lstm_segment_grid_size(int(optimizer), int(device));
-  TORCH_CHECK(g > 0, "lstm_segment_grid_size failed: ", cuda::launch_error_string(int(-g)));
+  FPTT_CHECK(g > 0, "lstm_segment_grid_size failed: ", cuda::launch_error_string(int(-g)));
   return g;
 }
 

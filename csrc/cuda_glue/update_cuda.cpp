@@ -159,7 +159,7 @@ void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> g
       break;
     }
   if (entry == nullptr) {
-    TORCH_CHECK(!capturing,
+    FPTT_CHECK(!capturing,
                 "fused_update_cuda: the parameters, gradients, state or hyper-parameter table "
                 "changed while capturing a CUDA graph; run one step eagerly (warm-up) with the "
                 "same tensors before capturing");
@@ -180,13 +180,13 @@ void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> g
   const int rc = cuda::launch_fused_update(entry->table, int(optimizer), float(clip),
                                            status.data_ptr<float>(), device.index(),
                                            static_cast<void*>(stream.stream()));
-  TORCH_CHECK(rc == 0, "fused_update_cuda: kernel launch failed: ",
+  FPTT_CHECK(rc == 0, "fused_update_cuda: kernel launch failed: ",
               cuda::launch_error_string(rc), " (cuda error ", rc, ")");
 }
 
 int64_t grid_size_cuda(int64_t n_chunks, int64_t optimizer, int64_t device) {
   const int64_t g = cuda::fused_update_grid_size(n_chunks, int(optimizer), int(device));
-  TORCH_CHECK(g > 0, "fused_update_grid_size failed: ", cuda::launch_error_string(int(-g)));
+  FPTT_CHECK(g > 0, "fused_update_grid_size failed: ", cuda::launch_error_string(int(-g)));
   return g;
 }
 

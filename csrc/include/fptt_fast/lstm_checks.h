@@ -41,17 +41,17 @@ inline LstmDims check_lstm_segment_common(
     const at::Tensor& c0, const std::vector<at::Tensor>& params,
     const std::vector<at::Tensor>& grads, int64_t loss, bool per_step, double weight,
     c10::DeviceType dev, int64_t max_hidden) {
-  TORCH_CHECK(params.size() == 6, fn,
+  FPTT_CHECK(params.size() == 6, fn,
               ": params must hold 6 tensors (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, "
               "head.weight, head.bias), got ", params.size());
   check_list_length(fn, "grads", grads.size(), "params", 6);
-  TORCH_CHECK(loss == cpu::LOSS_MSE || loss == cpu::LOSS_CE, fn,
+  FPTT_CHECK(loss == cpu::LOSS_MSE || loss == cpu::LOSS_CE, fn,
               ": loss code must be 0 (mse) or 1 (ce), got ", loss);
-  TORCH_CHECK(std::isfinite(weight), fn, ": weight must be finite, got ", weight);
+  FPTT_CHECK(std::isfinite(weight), fn, ": weight must be finite, got ", weight);
 
   check_tensor(fn, x, {"x"}, dev, nullptr);
   const c10::Device device = x.device();
-  TORCH_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1, fn,
+  FPTT_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1, fn,
               ": x must be [omega >= 1, B >= 1, I >= 1], got shape ", x.sizes());
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
 
@@ -59,17 +59,17 @@ inline LstmDims check_lstm_segment_common(
   check_tensor(fn, whh, lstm_param_name(1), dev, &device);
   // size(0) / 4 == size(1), not size(0) == 4 * size(1): an empty [0, 2^62] tensor must not
   // pass through an overflow
-  TORCH_CHECK(whh.dim() == 2 && whh.size(1) >= 1 && whh.size(0) % 4 == 0 &&
+  FPTT_CHECK(whh.dim() == 2 && whh.size(1) >= 1 && whh.size(0) % 4 == 0 &&
                   whh.size(0) / 4 == whh.size(1),
               fn, ": ", lstm_param_name(1), " must be [4H, H] with H >= 1, got shape ",
               whh.sizes());
   const int64_t H = whh.size(1), G = 4 * H;  // whh holds 4H^2 floats: no overflow
-  TORCH_CHECK(max_hidden <= 0 || H <= max_hidden, fn, ": hidden size H=", H,
+  FPTT_CHECK(max_hidden <= 0 || H <= max_hidden, fn, ": hidden size H=", H,
               " exceeds the one-launch CUDA LSTM step's limit kLstmMaxHidden=", max_hidden,
               " (csrc/include/fptt_fast/cuda_lstm.h)");
   const at::Tensor& wo = params[4];
   check_tensor(fn, wo, lstm_param_name(4), dev, &device);
-  TORCH_CHECK(wo.dim() == 2 && wo.size(0) >= 1 && wo.size(1) == H, fn, ": ",
+  FPTT_CHECK(wo.dim() == 2 && wo.size(0) >= 1 && wo.size(1) == H, fn, ": ",
               lstm_param_name(4), " must be [O >= 1, H=", H, "], got shape ", wo.sizes());
   const int64_t O = wo.size(0);
 
@@ -131,7 +131,7 @@ inline LstmDims check_lstm_segment_cpu_args(
   const int64_t need =
       cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O, per_step ? 1 : 0);
   if (workspace.numel() < need) {
-    TORCH_CHECK(workspace.storage().resizable() && !workspace.requires_grad(), fn,
+    FPTT_CHECK(workspace.storage().resizable() && !workspace.requires_grad(), fn,
                 ": workspace holds ", workspace.numel(), " floats, this segment needs ", need,
                 ", and it cannot be grown (its storage is not resizable or it requires grad); "
                 "pass torch.empty(0) and let the binding grow it");
@@ -174,7 +174,7 @@ inline LstmDims check_lstm_segment_cuda_args(
     double clip, const at::Tensor& status, const at::Tensor& h_out, const at::Tensor& c_out,
     const at::Tensor& loss_out, bool tf32, c10::DeviceType dev) {
   const char* fn = "lstm_segment_step_cuda";
-  TORCH_CHECK(!tf32, fn,
+  FPTT_CHECK(!tf32, fn,
               ": tf32=True is not implemented by the CUDA one-launch LSTM step (it computes in "
               "IEEE fp32); use allow_tf32=False");
   const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
@@ -184,14 +184,14 @@ inline LstmDims check_lstm_segment_cuda_args(
                         optimizer, dev, &device);
   check_clip(fn, clip);
   check_tensor(fn, status, {"status"}, dev, &device);
-  TORCH_CHECK(status.numel() == 3, fn,
+  FPTT_CHECK(status.numel() == 3, fn,
               ": status must hold 3 floats [norm, skipped, count], got ", status.numel());
   check_tensor(fn, h_out, {"h_out"}, dev, &device);
   check_shape(fn, h_out, {"h_out"}, {d.B, d.H});
   check_tensor(fn, c_out, {"c_out"}, dev, &device);
   check_shape(fn, c_out, {"c_out"}, {d.B, d.H});
   check_tensor(fn, loss_out, {"loss_out"}, dev, &device);
-  TORCH_CHECK(loss_out.numel() == 1, fn, ": loss_out must hold 1 float, got ", loss_out.numel());
+  FPTT_CHECK(loss_out.numel() == 1, fn, ": loss_out must hold 1 float, got ", loss_out.numel());
 
   // Two passes, so that h_out/c_out may overlap h0/c0 and nothing else: everything but
   // h_out/c_out, then everything but h0/c0.
@@ -217,12 +217,12 @@ inline LstmDims check_lstm_segment_cuda_args(
 // CUDA binding does not call it (it would sync the host): there an out-of-range class makes
 // the step's gradient NaN, so the update is skipped and flagged in status.
 inline void check_ce_classes(const char* fn, const at::Tensor& target, int64_t O) {
-  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong &&
+  FPTT_CHECK(target.device().is_cpu() && target.scalar_type() == at::kLong &&
                   target.is_contiguous(),
               fn, ": internal: check_ce_classes needs a checked CPU int64 target");
   const int64_t* y = target.const_data_ptr<int64_t>();
   for (int64_t k = 0; k < target.numel(); ++k)
-    TORCH_CHECK(y[k] >= 0 && y[k] < O, fn, ": ce target class ", y[k], " (element ", k,
+    FPTT_CHECK(y[k] >= 0 && y[k] < O, fn, ": ce target class ", y[k], " (element ", k,
                 ") is out of range [0, ", O - 1, "]");
 }
 

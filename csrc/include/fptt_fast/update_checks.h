@@ -13,8 +13,9 @@
 // Contract: these functions read tensor metadata only (definedness, layout, device, dtype,
 // strides, sizes, storage addresses), never tensor data (the one exception,
 // check_ce_classes in lstm_checks.h, is documented there), and raise c10::Error (a Python
-// RuntimeError) naming the binding and the argument. A binding calls them before it
-// touches any data, so a refused call changes nothing.
+// RuntimeError) naming the binding and the argument, through FPTT_CHECK (error_message.h
+// says why not TORCH_CHECK). A binding calls them before it touches any data, so a refused
+// call changes nothing.
 //
 // Torch headers allowed here: only bindings and glue (.cpp) include this file.
 #pragma once
@@ -24,9 +25,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <ostream>
+#include <string>
 #include <vector>
 
+#include "fptt_fast/error_message.h"
 #include "fptt_fast/fptt_math.h"
 
 namespace fptt {
@@ -38,11 +40,15 @@ struct ArgName {
   int64_t index = -1;
   const char* note = nullptr;
 };
-inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
-  os << a.name;
-  if (a.index >= 0) os << "[" << a.index << "]";
-  if (a.note) os << " (" << a.note << ")";
-  return os;
+// its part in an FPTT_CHECK message (found by argument-dependent lookup from msg::cat)
+inline void put(std::string& s, const ArgName& a) {
+  s += a.name;
+  if (a.index >= 0) s += "[" + std::to_string(a.index) + "]";
+  if (a.note) {
+    s += " (";
+    s += a.note;
+    s += ")";
+  }
 }
 
 // dtypes as Python spells them (torch.float32), since the caller wrote them in Python.
@@ -73,27 +79,27 @@ inline const char* device_type_name(c10::DeviceType dev) {
 inline void check_tensor(const char* fn, const at::Tensor& t, const ArgName& a,
                          c10::DeviceType dev, const c10::Device* device,
                          at::ScalarType dtype = at::kFloat) {
-  TORCH_CHECK(t.defined(), fn, ": ", a, " is an undefined tensor");
-  TORCH_CHECK(t.layout() == at::kStrided && !t.is_nested(), fn, ": ", a,
+  FPTT_CHECK(t.defined(), fn, ": ", a, " is an undefined tensor");
+  FPTT_CHECK(t.layout() == at::kStrided && !t.is_nested(), fn, ": ", a,
               " must be a dense strided tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device().type() == dev, fn, ": ", a, " must be a ", device_type_name(dev),
+  FPTT_CHECK(t.device().type() == dev, fn, ": ", a, " must be a ", device_type_name(dev),
               " tensor, got one on ", t.device());
-  TORCH_CHECK(device == nullptr || t.device() == *device, fn, ": ", a, " is on ", t.device(),
+  FPTT_CHECK(device == nullptr || t.device() == *device, fn, ": ", a, " is on ", t.device(),
               ", expected ", (device ? *device : t.device()),
               " (all tensors of one call must be on one device)");
-  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", a, " must be ", dtype_name(dtype), ", got ",
+  FPTT_CHECK(t.scalar_type() == dtype, fn, ": ", a, " must be ", dtype_name(dtype), ", got ",
               dtype_name(t.scalar_type()));
-  TORCH_CHECK(t.has_storage(), fn, ": ", a,
+  FPTT_CHECK(t.has_storage(), fn, ": ", a,
               " has no storage (a tensor subclass without data cannot be passed)");
-  TORCH_CHECK(!t.is_neg() && !t.is_conj(), fn, ": ", a,
+  FPTT_CHECK(!t.is_neg() && !t.is_conj(), fn, ": ", a,
               " is a lazily negated or conjugated view; pass .resolve_neg()/.resolve_conj()");
-  TORCH_CHECK(t.is_contiguous(), fn, ": ", a, " must be contiguous, got strides ", t.strides(),
+  FPTT_CHECK(t.is_contiguous(), fn, ": ", a, " must be contiguous, got strides ", t.strides(),
               " for shape ", t.sizes());
 }
 
 inline void check_shape(const char* fn, const at::Tensor& t, const ArgName& a,
                         at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, fn, ": ", a, " has shape ", t.sizes(), ", expected ", shape);
+  FPTT_CHECK(t.sizes() == shape, fn, ": ", a, " has shape ", t.sizes(), ", expected ", shape);
 }
 
 // Memory overlap of the arguments: an output (written) must share no byte with any other
@@ -128,7 +134,7 @@ class AliasCheck {
       const Range* other = (wr && r.begin < wr->end) ? wr
                            : (r.written && any && r.begin < any->end) ? any
                                                                        : nullptr;
-      TORCH_CHECK(other == nullptr, fn, ": ", (r.written ? r.name : other->name),
+      FPTT_CHECK(other == nullptr, fn, ": ", (r.written ? r.name : other->name),
                   " shares memory with ", (r.written ? other->name : r.name),
                   "; an output (written in place) must not overlap any other argument");
       if (!any || r.end > any->end) any = &r;
@@ -147,7 +153,7 @@ class AliasCheck {
 
 inline void check_list_length(const char* fn, const char* name, size_t got, const char* ref,
                               size_t n) {
-  TORCH_CHECK(got == n, fn, ": ", name, " has ", got, " elements, ", ref, " has ", n,
+  FPTT_CHECK(got == n, fn, ": ", name, " has ", got, " elements, ", ref, " has ", n,
               " (the lists are parallel: one entry per parameter)");
 }
 
@@ -163,7 +169,7 @@ inline c10::Device check_update_lists_on(
     const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
     const std::vector<int64_t>& group_of, int64_t optimizer, c10::DeviceType dev,
     const c10::Device* device) {
-  TORCH_CHECK(optimizer >= OPT_SGD && optimizer <= OPT_ADAMW, fn, ": unknown optimizer code ",
+  FPTT_CHECK(optimizer >= OPT_SGD && optimizer <= OPT_ADAMW, fn, ": unknown optimizer code ",
               optimizer, " (0 sgd, 1 adam, 2 adamw)");
   const bool sgd = optimizer == OPT_SGD;
   const size_t n = params.size();
@@ -174,7 +180,7 @@ inline c10::Device check_update_lists_on(
   if (!sgd) check_list_length(fn, "s2s", s2s.size(), "params", n);
   check_list_length(fn, "steps", steps.size(), "params", n);
   check_list_length(fn, "group_of", group_of.size(), "params", n);
-  TORCH_CHECK(n < size_t(INT32_MAX), fn, ": too many tensors (", n, ")");
+  FPTT_CHECK(n < size_t(INT32_MAX), fn, ": too many tensors (", n, ")");
 
   c10::Device dv = device ? *device : c10::Device(dev);
   if (device == nullptr) {
@@ -183,7 +189,7 @@ inline c10::Device check_update_lists_on(
     dv = first.device();
   }
   check_tensor(fn, hyper, {"hyper"}, dev, &dv);
-  TORCH_CHECK(hyper.dim() == 2 && hyper.size(1) == H_COUNT, fn,
+  FPTT_CHECK(hyper.dim() == 2 && hyper.size(1) == H_COUNT, fn,
               ": hyper must be a contiguous float32 [groups, ", int(H_COUNT),
               "] table, got shape ", hyper.sizes());
   const int64_t groups = hyper.size(0);
@@ -193,7 +199,7 @@ inline c10::Device check_update_lists_on(
     const int64_t numel = params[i].numel();
     auto slot = [&](const at::Tensor& t, const ArgName& a, int64_t want) {
       check_tensor(fn, t, a, dev, &dv);
-      TORCH_CHECK(t.numel() == want, fn, ": ", a, " has ", t.numel(), " elements, expected ",
+      FPTT_CHECK(t.numel() == want, fn, ": ", a, " has ", t.numel(), " elements, expected ",
                   want, want == 1 ? "" : ", those of params[i]");
     };
     slot(grads[i], {"grads", k}, numel);
@@ -202,7 +208,7 @@ inline c10::Device check_update_lists_on(
     slot(s1s[i], {"s1s", k, sgd ? "momentum_buffer" : "exp_avg"}, numel);
     if (!sgd) slot(s2s[i], {"s2s", k, "exp_avg_sq"}, numel);
     slot(steps[i], {"steps", k}, 1);
-    TORCH_CHECK(group_of[i] >= 0 && group_of[i] < groups, fn, ": group index ", group_of[i],
+    FPTT_CHECK(group_of[i] >= 0 && group_of[i] < groups, fn, ": group index ", group_of[i],
                 " of params[", i, "] is out of range [0, ", groups, ")");
   }
   return dv;
@@ -234,7 +240,7 @@ inline void add_update_ranges(AliasCheck& ac, const std::vector<at::Tensor>& par
 }
 
 inline void check_clip(const char* fn, double clip) {
-  TORCH_CHECK(std::isfinite(clip) && clip >= 0.0, fn,
+  FPTT_CHECK(std::isfinite(clip) && clip >= 0.0, fn,
               ": clip must be a finite number >= 0 (0: no clipping), got ", clip);
 }
 
@@ -252,7 +258,7 @@ inline c10::Device check_fused_update_args(
   check_clip(fn, clip);
   if (status) {
     check_tensor(fn, *status, {"status"}, dev, &device);
-    TORCH_CHECK(status->numel() == 3, fn, ": status must hold 3 floats [norm, skipped, count], got ",
+    FPTT_CHECK(status->numel() == 3, fn, ": status must hold 3 floats [norm, skipped, count], got ",
                 status->numel());
   }
   AliasCheck ac(7 * params.size() + 2);
