@@ -19,6 +19,13 @@
 #                                            4. the update benchmarks (67 K and 50 M params)
 #   bash benchmarks/gpu_check.sh --paper   also `fptt-fast compare add --paper` (FPTT vs BPTT
 #                                          at T=1000: about 2 minutes) before stage 2
+#   bash benchmarks/gpu_check.sh --ncu     also Nsight Compute (--clock-control none; the sections
+#                                          one by one: --set full needs PC sampling, absent there) on
+#                                          one omega=100 segment of the persistent kernel
+#                                          (benchmarks/ncu_run.py); report in logs/ncu.log
+#   GPU_CHECK_STAGES="tests ncu" bash benchmarks/gpu_check.sh   the build and those stages only
+#   (names: persistent tests paper ncu sanitizer-memcheck sanitizer-racecheck
+#   sanitizer-synccheck bench-update); GPU_CHECK_WORKERS: pytest-xdist workers (default 6)
 #   bash benchmarks/gpu_check.sh --quick   on any machine (CI runs this): no rebuild, no
 #                                          tests, tiny benchmarks; proves the harness works.
 # A stage that no longer fits the deadline is skipped and reported as skipped. Everything
@@ -26,8 +33,8 @@
 # in one logs.tgz) and, on a GPU, the summary and JSON to benchmarks/results/<card>-<date>-*.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=0; PAPER=0
-for a in "$@"; do case "$a" in --quick) QUICK=1;; --paper) PAPER=1;; esac; done
+QUICK=0; PAPER=0; NCU=0
+for a in "$@"; do case "$a" in --quick) QUICK=1;; --paper) PAPER=1;; --ncu) NCU=1;; esac; done
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-$(mktemp -d)}
 mkdir -p "$OUTDIR/logs"
@@ -39,8 +46,12 @@ SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
-stage() {  # stage <name> <limit s> <command...>: runs if it fits, output to <name>.log
+STAGES=" ${GPU_CHECK_STAGES:-all} "  # e.g. GPU_CHECK_STAGES="tests ncu": only those (and the build)
+stage() {  # stage <name> <limit s> <command...>: runs if selected and it fits, output to <name>.log
   local name=$1 limit=$2; shift 2
+  if [ "$STAGES" != " all " ] && [ "$name" != build ] && [[ "$STAGES" != *" $name "* ]]; then
+    note "SKIPPED $name (not in GPU_CHECK_STAGES)"; return
+  fi
   local rest; rest=$(left)
   if [ "$rest" -lt 20 ]; then note "SKIPPED $name (deadline: ${rest} s left)"; return; fi
   [ "$limit" -gt "$rest" ] && limit=$rest
@@ -73,12 +84,22 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,no
 DEADLINE=10000 stage build 150 env FPTT_FAST_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
 START=$(date +%s)  # the deadline counts from the end of the build
 [ "$PAPER" = 1 ] && DEADLINE=$(( DEADLINE + 150 ))
+[ "$NCU" = 1 ] && DEADLINE=$(( DEADLINE + 60 ))
 stage persistent 100 $PY benchmarks/persistent_check.py --out "$OUTDIR"
 res="benchmarks/results/$card-$day"
 [ -f "$OUTDIR/persistent.json" ] && cp "$OUTDIR/persistent.json" "$res-persistent.json"
+stage tests 150 $PY -m pytest tests -q -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 90 -rfE --durations=20
 if [ "$PAPER" = 1 ]; then
-  stage paper 150 fptt-fast compare add --paper --out "$OUTDIR/paper"
-  for f in compare.csv compare.png; do [ -f "$OUTDIR/paper/$f" ] && cp "$OUTDIR/paper/$f" "$res-paper-add-T1000-$f"; done
+  # the run folders (checkpoints, logs) go into logs.tgz; the CSV and figure beside it
+  stage paper 150 fptt-fast compare add --paper --out "$OUTDIR/logs/paper"
+  for f in compare.csv compare.png; do
+    [ -f "$OUTDIR/logs/paper/$f" ] && cp "$OUTDIR/logs/paper/$f" "$res-paper-add-T1000-$f" && cp "$OUTDIR/logs/paper/$f" "$OUTDIR/paper-$f"
+  done
+fi
+if [ "$NCU" = 1 ]; then
+  stage ncu 60 ncu --clock-control none -k regex:lstm_persistent --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis $PY benchmarks/ncu_run.py
 fi
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
@@ -87,7 +108,6 @@ if command -v compute-sanitizer >/dev/null; then
 else
   note "FAILED  compute-sanitizer not found"; status=1
 fi
-stage tests 100 $PY -m pytest tests -q -p no:cacheprovider -n 6 --timeout 90 -rfE
 stage bench-update 60 env FPTT_BENCH_QUICK=0 $PY -m pytest benchmarks/bench_update.py -q -p no:cacheprovider \
   --benchmark-json="$OUTDIR/bench-update.json" --benchmark-columns=median,rounds
 [ -f "$OUTDIR/bench-update.json" ] && cp "$OUTDIR/bench-update.json" "$res-update.json"
