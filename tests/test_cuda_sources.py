@@ -78,6 +78,7 @@ def test_cuda_kernels_header_is_plain_cpp(tmp_path):
 # Host sources of fptt_fast._C (bindings, CPU kernels, CUDA glue, their headers)
 HOST_SOURCES = sorted(
     glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "*", "*.cpp"))
+    + glob.glob(os.path.join(ROOT, "csrc", "*", "*.h"))
     + glob.glob(os.path.join(ROOT, "csrc", "include", "fptt_fast", "*.h")))
 _STREAM_USE = re.compile(r"\bTORCH_CHECK\s*\(|\bTORCH_WARN|\bAT_ERROR\b|std::(o|i)?stringstream|std::ostream"
                          r"|\boperator\s*<<|std::cout|std::cerr")
@@ -93,7 +94,7 @@ def _code_only(text):
 
 def test_there_are_host_sources():
     names = {os.path.basename(p) for p in HOST_SOURCES}
-    assert {"bindings.cpp", "update_checks.h", "lstm_checks.h", "error_message.h"} <= names
+    assert {"bindings.cpp", "update_checks.h", "lstm_checks.h", "error_message.h", "glue_common.h"} <= names
 
 
 @pytest.mark.parametrize("path", HOST_SOURCES, ids=lambda p: os.path.relpath(p, ROOT))

@@ -39,71 +39,24 @@
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
 #include "fptt_fast/update_checks.h"
+#include "glue_common.h"
 
 namespace fptt {
 namespace {
 
 struct TableEntry {
   std::vector<int64_t> key;
-  at::Tensor workspace;                 // device uint8 [WorkspaceLayout::total_bytes]
-  cuda::UpdateTable table;              // device pointers into workspace
-  c10::StreamId alloc_stream = 0;       // stream the workspace was allocated on
-  std::vector<c10::StreamId> recorded;  // other streams recorded on the workspace
+  at::Tensor table_ws;                  // device uint8 [WorkspaceLayout::total_bytes]
+  cuda::UpdateTable table;              // device pointers into table_ws
+  std::vector<c10::StreamId> table_streams;  // the one it was allocated on, then recorded ones
   bool keep = false;                    // referenced by a captured CUDA graph
   uint64_t last_use = 0;
 };
 
 constexpr size_t kMaxEntries = 8;
 std::mutex g_mutex;
-std::list<TableEntry> g_cache;  // list: entries never move, table pointers stay valid
+std::list<TableEntry> g_cache;  // glue_common.h: a list, entries never move
 uint64_t g_clock = 0;
-
-float* fptr(const at::Tensor& t) { return t.data_ptr<float>(); }
-
-bool stream_is_capturing(cudaStream_t s) {
-  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(s, &st));
-  return st != cudaStreamCaptureStatusNone;
-}
-
-TableEntry& build_entry(std::vector<cuda::UpdateSlot>&& slots, std::vector<int64_t>&& key,
-                        const c10::Device& device, const at::cuda::CUDAStream& stream) {
-  const int n_slots = int(slots.size());
-  int64_t n_chunks = 0;
-  for (auto& s : slots) {
-    s.chunk_begin = n_chunks;
-    n_chunks += cuda::chunks_of(s.n);
-  }
-  const cuda::WorkspaceLayout L = cuda::workspace_layout(n_slots, n_chunks);
-  const size_t table_bytes = sizeof(cuda::UpdateSlot) * size_t(n_slots);
-
-  at::Tensor staging = at::empty({int64_t(table_bytes)},
-                                 at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(staging.data_ptr(), slots.data(), table_bytes);
-  at::Tensor ws = at::empty({int64_t(L.total_bytes)},
-                            at::TensorOptions().dtype(at::kByte).device(device));
-  ws.narrow(0, int64_t(L.slots_offset), int64_t(table_bytes)).copy_(staging, /*non_blocking=*/true);
-
-  // Evict the least recently used entry that no graph holds, if the cache is full.
-  if (g_cache.size() >= kMaxEntries) {
-    auto victim = g_cache.end();
-    for (auto it = g_cache.begin(); it != g_cache.end(); ++it)
-      if (!it->keep && (victim == g_cache.end() || it->last_use < victim->last_use)) victim = it;
-    if (victim != g_cache.end()) g_cache.erase(victim);
-  }
-  TableEntry e;
-  e.key = std::move(key);
-  e.workspace = ws;
-  uint8_t* base = static_cast<uint8_t*>(ws.data_ptr());
-  e.table.slots = reinterpret_cast<const cuda::UpdateSlot*>(base + L.slots_offset);
-  e.table.n_slots = n_slots;
-  e.table.n_chunks = n_chunks;
-  e.table.scalars = reinterpret_cast<cuda::SlotScalars*>(base + L.scalars_offset);
-  e.table.partials = reinterpret_cast<double*>(base + L.partials_offset);
-  e.alloc_stream = stream.id();
-  g_cache.push_front(std::move(e));
-  return g_cache.front();
-}
 
 void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                        std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
@@ -125,57 +78,24 @@ void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> g
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
   const bool sgd = optimizer == OPT_SGD;
 
-  std::vector<cuda::UpdateSlot> slots(n);
-  std::vector<int64_t> key;
-  key.reserve(2 + 9 * n);
-  key.push_back(device.index());
-  key.push_back(sgd);
-  const float* hp = hyper.data_ptr<float>();
-  for (size_t i = 0; i < n; ++i) {
-    cuda::UpdateSlot& s = slots[i];
-    s.w = fptr(params[i]);
-    s.g = fptr(grads[i]);
-    s.w_bar = fptr(w_bars[i]);
-    s.lam = fptr(lams[i]);
-    s.s1 = fptr(s1s[i]);
-    s.s2 = sgd ? nullptr : fptr(s2s[i]);
-    s.step = fptr(steps[i]);
-    s.hyper = hp + group_of[i] * H_COUNT;
-    s.n = params[i].numel();
-    s.chunk_begin = 0;  // set by build_entry
-    for (const void* p : {(const void*)s.w, (const void*)s.g, (const void*)s.w_bar,
-                          (const void*)s.lam, (const void*)s.s1, (const void*)s.s2,
-                          (const void*)s.step, (const void*)s.hyper})
-      key.push_back(int64_t(reinterpret_cast<intptr_t>(p)));
-    key.push_back(s.n);
-  }
+  glue::SlotTable t = glue::make_slot_table(params, grads, w_bars, lams, s1s, s2s, steps, hyper,
+                                            group_of, sgd, device.index());
 
-  const bool capturing = stream_is_capturing(stream.stream());
+  const bool capturing = glue::stream_is_capturing(stream.stream());
   std::lock_guard<std::mutex> lock(g_mutex);
-  TableEntry* entry = nullptr;
-  for (auto& e : g_cache)
-    if (e.key == key) {
-      entry = &e;
-      break;
-    }
+  TableEntry* entry = glue::find_entry(g_cache, t.key);
   if (entry == nullptr) {
     FPTT_CHECK(!capturing,
                 "fused_update_cuda: the parameters, gradients, state or hyper-parameter table "
                 "changed while capturing a CUDA graph; run one step eagerly (warm-up) with the "
                 "same tensors before capturing");
-    entry = &build_entry(std::move(slots), std::move(key), device, stream);
+    entry = &glue::insert_entry(g_cache, kMaxEntries, std::move(t), device, stream);
   }
   entry->last_use = ++g_clock;
-  if (capturing) {
+  if (capturing)
     entry->keep = true;
-  } else if (stream.id() != entry->alloc_stream &&
-             std::find(entry->recorded.begin(), entry->recorded.end(), stream.id()) ==
-                 entry->recorded.end()) {
-    // Used on another stream than the one it was allocated on: tell the caching
-    // allocator, so that evicting (freeing) the entry waits for this stream's work.
-    entry->workspace.record_stream(stream);
-    entry->recorded.push_back(stream.id());
-  }
+  else  // evicting (freeing) the entry must wait for this stream's work
+    glue::record_once(entry->table_ws, entry->table_streams, stream);
 
   const int rc = cuda::launch_fused_update(entry->table, int(optimizer), float(clip),
                                            status.data_ptr<float>(), device.index(),
