@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from . import layout
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 _ext = None
@@ -26,10 +28,13 @@ def extension():
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
         try:
-            _ext = importlib.import_module("fptt_fast._C")
+            ext = importlib.import_module("fptt_fast._C")
         except ImportError as e:  # not built: the reference backend still works
             _ext_error = (f"the C++ extension fptt_fast._C is not built ({e}); reinstall with "
                           "torch importable at build time: pip install --no-build-isolation -e .")
+        else:  # a stale build would read the wrong hyper-parameters or loss: refuse it
+            _ext_error = layout.mismatch(ext)
+            _ext = ext if _ext_error is None else None
     return _ext
 
 

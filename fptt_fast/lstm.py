@@ -46,10 +46,10 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .optim import FPTT, OPT_CODE
+from .layout import LOSS_CODE, OPT_CODE
+from .optim import FPTT
 
 LOSSES = ("mse", "ce")
-LOSS_CODE = {"mse": 0, "ce": 1}
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 HEAD_KEYS = ("head.weight", "head.bias")
 PARAM_NAMES = LSTM_KEYS + HEAD_KEYS

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import backends, reference
+from .layout import HYPER_FIELDS, OPT_CODE  # noqa: F401 (re-exported: the binary layout)
 from .reference import NONFINITE, OPTIMIZERS, Hyper
 
 try:  # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_*_hook)
@@ -19,11 +20,6 @@ except ImportError:  # a torch without them: a non-empty stand-in sends every st
     _GLOBAL_PRE_HOOKS = _GLOBAL_POST_HOOKS = {"unknown": None}  # torch's own wrapper
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
-OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
-# Row layout of the per-group hyper-parameter table read by the kernels; must match
-# csrc/include/fptt_fast/fptt_math.h (HyperIndex) and kernels/fptt_update.py.
-HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
-                "momentum", "dampening", "nesterov")
 # status tensor written by every backend, on the parameters' device, never synced:
 STATUS_NORM, STATUS_LAST_SKIPPED, STATUS_SKIPPED = 0, 1, 2
 # What the cpu backend's C++ plan (_C.CpuUpdatePlan, csrc/bind_update.cpp) returns instead of

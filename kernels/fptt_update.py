@@ -95,6 +95,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fptt_fast.layout import H_INDEX, HYPER_FIELDS, OPT_CODE
+
 # Tensor-table columns (int64 each).
 _C_W = tl.constexpr(0)
 _C_G = tl.constexpr(1)
@@ -107,24 +109,23 @@ _C_NUMEL = tl.constexpr(7)
 _C_GROUP = tl.constexpr(8)
 _NCOLS = tl.constexpr(9)
 
-# Hyper-parameter row, fptt_math.h's HyperIndex (checked below against optim.py).
-_H_LR = tl.constexpr(0)
-_H_ALPHA = tl.constexpr(1)
-_H_BETA = tl.constexpr(2)
-_H_RHO = tl.constexpr(3)
-_H_C = tl.constexpr(4)
-_H_WD = tl.constexpr(5)
-_H_BETA1 = tl.constexpr(6)
-_H_BETA2 = tl.constexpr(7)
-_H_EPS = tl.constexpr(8)
-_H_MOM = tl.constexpr(9)
-_H_DAMP = tl.constexpr(10)
-_H_NEST = tl.constexpr(11)
-_H_COUNT = tl.constexpr(12)
-HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
-                "momentum", "dampening", "nesterov")
+# Hyper-parameter row and optimiser codes: fptt_fast/layout.py (the one definition, checked
+# against fptt_fast._C when it loads); Triton needs each index as a constexpr.
+_H_LR = tl.constexpr(H_INDEX["lr"])
+_H_ALPHA = tl.constexpr(H_INDEX["alpha"])
+_H_BETA = tl.constexpr(H_INDEX["beta"])
+_H_RHO = tl.constexpr(H_INDEX["rho"])
+_H_C = tl.constexpr(H_INDEX["c"])
+_H_WD = tl.constexpr(H_INDEX["weight_decay"])
+_H_BETA1 = tl.constexpr(H_INDEX["beta1"])
+_H_BETA2 = tl.constexpr(H_INDEX["beta2"])
+_H_EPS = tl.constexpr(H_INDEX["eps"])
+_H_MOM = tl.constexpr(H_INDEX["momentum"])
+_H_DAMP = tl.constexpr(H_INDEX["dampening"])
+_H_NEST = tl.constexpr(H_INDEX["nesterov"])
+_H_COUNT = tl.constexpr(len(HYPER_FIELDS))
 
-OPT_SGD, OPT_ADAM, OPT_ADAMW = 0, 1, 2
+OPT_SGD, OPT_ADAM, OPT_ADAMW = OPT_CODE["sgd"], OPT_CODE["adam"], OPT_CODE["adamw"]
 
 
 # ----------------------------------------------------------------------------------
@@ -493,13 +494,3 @@ def get_plan(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, opti
     else:
         _PLANS.move_to_end(key)
     return plan
-
-
-def _check_layout():
-    from fptt_fast.optim import HYPER_FIELDS as optim_fields
-    if tuple(optim_fields) != HYPER_FIELDS:
-        raise ImportError(f"hyper-parameter row layout mismatch: optim {optim_fields}, "
-                          f"kernel {HYPER_FIELDS}")
-
-
-_check_layout()

@@ -84,12 +84,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fptt_fast.layout import LOSS_CODE
+
 from . import fptt_update as fu
 
 MAX_HIDDEN = 2048
 MAX_INPUT = 1 << 16
 MAX_OUTPUT = 512
-LOSS_MSE, LOSS_CE = 0, 1
+LOSS_MSE, LOSS_CE = LOSS_CODE["mse"], LOSS_CODE["ce"]  # fptt_fast/layout.py
 
 # (BB batch rows, BH hidden block, BK reduction block, BR / BC gradient tile, num_warps)
 _GPU_CONFIG = (16, 32, 32, 32, 32, 4)

@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "fptt_fast/cuda_kernels.h"
+#include "fptt_fast/lstm_math.h"
 
 namespace fptt {
 namespace cuda {
@@ -29,8 +30,10 @@ namespace cuda {
 // and the glue raises an error naming this limit).
 constexpr int64_t kLstmMaxHidden = 4096;
 
-// Loss codes (the same as fptt::cpu::LossKind).
-enum LstmLoss { LSTM_LOSS_MSE = 0, LSTM_LOSS_CE = 1 };
+// Loss codes: lstm_math.h's (one definition for the CPU step and both CUDA kernels).
+using LstmLoss = ::fptt::lstm::LossCode;
+constexpr LstmLoss LSTM_LOSS_MSE = ::fptt::lstm::LOSS_MSE;
+constexpr LstmLoss LSTM_LOSS_CE = ::fptt::lstm::LOSS_CE;
 
 // One segment's inputs and outputs; device pointers, contiguous row-major fp32 unless
 // said otherwise. None of the outputs may alias an input, except h_out/c_out may alias

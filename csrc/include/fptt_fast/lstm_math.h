@@ -19,6 +19,10 @@
 namespace fptt {
 namespace lstm {
 
+// The task loss's code, the one definition for the CPU step and both CUDA kernels
+// (fptt_fast/layout.py's LOSS_CODE; checked against _C.layout when the extension loads).
+enum LossCode { LOSS_MSE = 0, LOSS_CE = 1 };
+
 // torch's sigmoid, written with exp (as the Triton interpreter must).
 FPTT_LSTM_HD float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 

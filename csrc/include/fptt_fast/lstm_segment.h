@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include "fptt_fast/lstm_math.h"
+
 namespace fptt {
 namespace cpu {
 
@@ -26,7 +28,10 @@ void gemm_builtin(void* ctx, int trans_a, int trans_b, int64_t M, int64_t N, int
                   const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                   int64_t ldc);
 
-enum LossKind { LOSS_MSE = 0, LOSS_CE = 1 };
+// Loss codes: lstm_math.h's, under this namespace's names.
+using LossKind = ::fptt::lstm::LossCode;
+using ::fptt::lstm::LOSS_CE;
+using ::fptt::lstm::LOSS_MSE;
 
 struct LstmSegmentArgs {
   int64_t T, B, I, H, O;     // omega steps, batch, input, hidden, output sizes (all >= 1)
