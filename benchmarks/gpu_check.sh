@@ -11,14 +11,16 @@
 #                                               (Add omega=1 and 100, T=1000 K=10/1000) beside
 #                                               the reference in one CUDA graph and cuDNN;
 #                                               wall, kernel (profiler) and graph replay
-#                                            2. compute-sanitizer memcheck, racecheck and
-#                                               synccheck on small runs of every CUDA kernel
+#                                            2. (--ncu) Nsight Compute on the persistent kernel
 #                                            3. the test suite, pytest-xdist -n 6, per-test
 #                                               timeouts (a crash or hang is reported, the
 #                                               rest still runs)
-#                                            4. the update benchmarks (67 K and 50 M params)
+#                                            4. (--paper) the paper's Add task
+#                                            5. compute-sanitizer memcheck, racecheck and
+#                                               synccheck on small runs of every CUDA kernel
+#                                            6. the update benchmarks (67 K and 50 M params)
 #   bash benchmarks/gpu_check.sh --paper   also `fptt-fast compare add --paper` (FPTT vs BPTT
-#                                          at T=1000: about 2 minutes) before stage 2
+#                                          at T=1000: about 2 minutes)
 #   bash benchmarks/gpu_check.sh --ncu     also Nsight Compute (--clock-control none; the sections
 #                                          one by one: --set full needs PC sampling, absent there) on
 #                                          one omega=100 segment of the persistent kernel
@@ -88,18 +90,19 @@ START=$(date +%s)  # the deadline counts from the end of the build
 stage persistent 100 $PY benchmarks/persistent_check.py --out "$OUTDIR"
 res="benchmarks/results/$card-$day"
 [ -f "$OUTDIR/persistent.json" ] && cp "$OUTDIR/persistent.json" "$res-persistent.json"
-stage tests 150 $PY -m pytest tests -q -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 90 -rfE --durations=20
+if [ "$NCU" = 1 ]; then
+  stage ncu 60 ncu --clock-control none -k regex:lstm_persistent --launch-skip 1 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis $PY benchmarks/ncu_run.py
+fi
+# -v: each result is logged as it completes, so a stage cut by its limit still names them
+stage tests 150 $PY -m pytest tests -v -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 60 -rfE --durations=20
 if [ "$PAPER" = 1 ]; then
   # the run folders (checkpoints, logs) go into logs.tgz; the CSV and figure beside it
   stage paper 150 fptt-fast compare add --paper --out "$OUTDIR/logs/paper"
   for f in compare.csv compare.png; do
     [ -f "$OUTDIR/logs/paper/$f" ] && cp "$OUTDIR/logs/paper/$f" "$res-paper-add-T1000-$f" && cp "$OUTDIR/logs/paper/$f" "$OUTDIR/paper-$f"
   done
-fi
-if [ "$NCU" = 1 ]; then
-  stage ncu 60 ncu --clock-control none -k regex:lstm_persistent --launch-skip 1 --launch-count 1 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis $PY benchmarks/ncu_run.py
 fi
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck; do
