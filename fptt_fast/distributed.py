@@ -5,9 +5,11 @@ Per FPTT update the ranks agree on one gradient: the gradient of the *global* ba
 all-reduced in one flat buffer, after which every rank clips and updates identically.
 
 Used by:
-  fptt_fast.FPTTLSTM(..., process_group=pg)  cpu and reference backends: local gradients
-      -> one all_reduce of [gradients..., loss, rows] -> clip and FPTT update
-      (FlatAllReduce, attach_fpttlstm)
+  fptt_fast.FPTTLSTM(..., process_group=pg)  every backend: local gradients (cpu: the C++
+      step with update=False; triton, cuda: the segment kernel with its update switched
+      off, segment_gradients; reference: autograd) -> one all_reduce of [gradients...,
+      loss, rows] -> clip and FPTT update by the module's fptt_fast.FPTT (the fused update
+      of that backend) (FlatAllReduce, attach_fpttlstm)
   the command line under torchrun (fptt_fast.train): init_from_env, shard_rows,
       ReducedStep (the reference model's optimiser step after an all-reduce), any_rank
   your own model: wrap it in torch.nn.parallel.DistributedDataParallel and step
@@ -145,23 +147,93 @@ class FlatAllReduce:
 
 # -- FPTTLSTM ---------------------------------------------------------------------------
 
-# FPTTLSTM backends that can run with a process group, and what the others lack.
-SPLIT_BACKENDS = ("cpu", "reference")
-_ONE_LAUNCH_MISSING = (
-    "the {b} backend's segment step is one kernel launch (forward, backward, gradients and "
-    "the FPTT update together) with no split point yet between the gradients and the update, "
-    "where the ranks would all-reduce: the missing piece is a gradients-only launch and an "
-    "update-only launch around torch.distributed.all_reduce (issue 16). With a process "
-    "group use backend='cpu' (CPU tensors) or backend='reference' (any device: autograd "
-    "segment, all_reduce, then the FPTT update)")
+# FPTTLSTM backends that can run with a process group: every one. The one-launch backends
+# (triton, cuda) run their segment kernel with the update switched off (segment_gradients).
+SPLIT_BACKENDS = ("cpu", "reference", "triton", "cuda")
+
+
+@torch.no_grad()
+def segment_gradients(module, x, target, state, weight):
+    """The gradients half of a data-parallel segment on the one-launch backends (triton,
+    cuda): this rank's segment kernel, forward, loss, backward and the six gradients of
+    weight * loss, written to module._grads, with its FPTT update switched off: parameters
+    and FPTT state are left as they are. Returns (the unweighted loss [1], (h, c)), all on
+    the device, no host sync. Inputs as FPTTLSTM.train_segment has checked them.
+
+      triton  kernels/lstm_segment.train_segment(..., update=False): the general kernel,
+              its phase C (the update) compiled out; also with triton_kernel="persistent"
+              (that kernel has no update switch: under a process group it is not used).
+      cuda    _C.lstm_train_cuda has no update switch, so the update is made to write
+              nothing: its launch gets a hyper-parameter table of NaN (every parameter in
+              its one row) and a status tensor of its own. The update's norm is then NaN,
+              and with a non-finite norm the fused update writes nothing but that status
+              (csrc/cuda/fused_update_device.cuh, fused_update_phases: the non-finite-gradient
+              guard), in the general and the persistent kernel alike. Its gradients, loss and
+              state are those of the one-launch step. The cost: the update's first phase
+              (reading w, g, w_bar, lam once) and one grid barrier.
+    """
+    from .lstm import CUDA_KERNEL_NAMES, CUDA_KERNELS, LOSS_CODE
+    from .optim import OPT_CODE
+
+    opt = module.optimizer
+    params = [p.detach() for p in module.fptt_parameters()]
+    if module._grads is None:
+        module._grads = [torch.zeros_like(p) for p in params]
+    sts = [opt.state[p] for p in module.fptt_parameters()]
+    sgd = opt.base == "sgd"
+    w_bars, lams = [s["w_bar"] for s in sts], [s["lam"] for s in sts]
+    s1s = [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts]
+    s2s = [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts]
+    steps = [s["step"].view(1) for s in sts]
+    h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
+    loss = torch.empty(1, dtype=torch.float32, device=x.device)
+    code = LOSS_CODE[module.loss]
+    if module.backend == "triton":
+        from .kernels import lstm_segment
+        lstm_segment.train_segment(
+            x, target, state[0], state[1], weight, code, module.per_step, params,
+            module._grads, w_bars, lams, s1s, s2s, steps, opt._hyper_table(x.device),
+            [0] * len(params), OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status,
+            h_out, c_out, loss[0], module.allow_tf32, update=False)
+        module.last_kernel = "general"
+    elif module.backend == "cuda":
+        nan_hyper, sink = _update_off_tables(module, x.device)
+        ran = _extension().lstm_train_cuda(
+            x, target, state[0], state[1], 1, weight, False, code, module.per_step, params,
+            module._grads, w_bars, lams, s1s, s2s, steps, nan_hyper, [0] * len(params),
+            OPT_CODE[opt.base], float(opt.clip or 0.0), sink, h_out, c_out, loss,
+            module.allow_tf32, CUDA_KERNELS[module.cuda_kernel])
+        module.last_kernel = CUDA_KERNEL_NAMES[ran]
+    else:
+        raise ValueError(f"segment_gradients: backend {module.backend!r} is not a one-launch "
+                         f"backend (triton, cuda)")
+    return loss, (h_out, c_out)
+
+
+def _extension():
+    from . import backends
+    return backends.extension()
+
+
+def _update_off_tables(module, device):
+    """(hyper [1, 12] of NaN, status [3]) for the cuda gradients launch, allocated once per
+    module and device (the glue caches its launch tables by these addresses). The status
+    counts the launches whose update wrote nothing: every one of them."""
+    cached = module.__dict__.get("_dp_update_off")
+    if cached is None or cached[0].device != device:
+        from .optim import HYPER_FIELDS
+        cached = (torch.full((1, len(HYPER_FIELDS)), float("nan"), device=device),
+                  torch.zeros(3, device=device))
+        module.__dict__["_dp_update_off"] = cached  # a plain attribute, not a buffer
+    return cached
 
 
 def attach_fpttlstm(module, pg) -> FlatAllReduce:
     """FPTTLSTM(..., process_group=pg) at construction: one all_gather checks that every
     rank has the same sizes, loss, hyper-parameters and backend (ValueError naming the
-    field otherwise); the cuda and triton backends raise NotImplementedError; the
-    parameters are broadcast from the group's rank 0 (as DistributedDataParallel does)
-    and the FPTT state restarts from them (w_bar = w). Returns the module's FlatAllReduce."""
+    field otherwise); the parameters are broadcast from the group's rank 0 (as
+    DistributedDataParallel does) and the FPTT state restarts from them (w_bar = w).
+    Returns the module's FlatAllReduce."""
     from .optim import OPT_CODE
 
     what = "FPTTLSTM(process_group=...)"
@@ -181,7 +253,8 @@ def attach_fpttlstm(module, pg) -> FlatAllReduce:
               ("device type", code(module._device().type))]
     agree(pg, fields, what, module._device())
     if module.backend not in SPLIT_BACKENDS:
-        raise NotImplementedError(f"{what}: " + _ONE_LAUNCH_MISSING.format(b=module.backend))
+        raise NotImplementedError(f"{what}: backend {module.backend!r} has no data-parallel "
+                                  f"step (backends with one: {', '.join(SPLIT_BACKENDS)})")
     params = module.fptt_parameters()
     broadcast_(params, pg, module._device())
     module.optimizer = type(module.optimizer)(params, **kw)  # w_bar = w, lam = 0

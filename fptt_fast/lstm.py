@@ -23,6 +23,9 @@ Backends (`backend=`):
   triton     ONE Triton launch (fptt_fast.kernels.lstm_segment.train_segment): forward,
              loss, backward, gradients and the FPTT update; CUDA tensors, or CPU tensors
              under TRITON_INTERPRET=1 (slow, for tests). No host sync on a GPU.
+             triton_kernel="persistent" runs kernels/lstm_persistent.py instead (weights
+             held in registers, train_sequence's K segments in one launch; H <= 128,
+             I <= 32, O <= 32); "auto" (default) keeps the general kernel for now.
   cuda       ONE C++/CUDA launch, fptt_fast._C.lstm_segment_step_cuda, when the extension
              has it; it takes the same positional arguments as the Triton train_segment.
   auto       cpu on CPU tensors (reference if the extension is not built); on CUDA:
@@ -59,6 +62,10 @@ SEGMENT_BACKENDS = ("reference", "cpu", "triton", "cuda")
 # general one. Codes of _C.lstm_train_cuda's `kernel` argument and return value.
 CUDA_KERNELS = {"auto": 0, "general": 1, "persistent": 2}
 CUDA_KERNEL_NAMES = {1: "general", 2: "persistent"}
+# The Triton backend's kernels (kernels/lstm_segment.py: general; kernels/lstm_persistent.py:
+# weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32). "auto" runs the
+# general one for now: the persistent one has not been measured on a GPU yet (issue 14).
+TRITON_KERNELS = ("auto", "general", "persistent")
 
 
 def _cpu_segment_reason():
@@ -170,6 +177,12 @@ class FPTTLSTM(nn.Module):
             where the shape fits it: H <= 128, I <= 32, O <= 32, Hopper; else the general
             one), "persistent" (raise if it cannot run) or "general". `last_kernel` says
             which one ran.
+        triton_kernel: on the triton backend, "general" (kernels/lstm_segment.py, one
+            launch per segment, any size up to its MAX_* limits), "persistent"
+            (kernels/lstm_persistent.py: weights held in registers, train_sequence's K
+            segments in one launch; H <= 128, I <= 32, O <= 32, ValueError beyond) or
+            "auto" (for now the general one: the persistent kernel is not yet measured on
+            a GPU, issue 14). `last_kernel` says which one ran.
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
             the CPU only. Shapes, dtypes and devices are always checked.
@@ -180,10 +193,13 @@ class FPTTLSTM(nn.Module):
             group's rank 0. Each train_segment then runs the segment's gradients, ONE
             all_reduce of a flat buffer [gradients, loss, rows] (the mean over all ranks'
             rows) and the clip and FPTT update, identical on every rank; the loss returned
-            is that global mean. backend cpu (two C++ calls around the all_reduce) and
-            reference only: cuda and triton raise NotImplementedError (their one-launch step
-            has no split point yet). Every rank must call train_segment / train_sequence
-            in step, with segments of the same length.
+            is that global mean. cpu: two C++ calls around the all_reduce; triton and cuda:
+            the segment kernel with its update switched off, then the backend's fused FPTT
+            update launch (fptt_fast.distributed.segment_gradients), so a segment is two
+            launches and the all_reduce instead of one launch (train_sequence on cuda: one
+            such step per segment, not the K-segment launch); reference: autograd. Every
+            rank must call train_segment / train_sequence in step, with segments of the
+            same length.
     """
 
     def __init__(self, input_size, hidden_size, output_size, *, loss="mse", per_step=False,
@@ -191,6 +207,7 @@ class FPTTLSTM(nn.Module):
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, clip=None, nonfinite="raise", backend="auto", device=None,
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
+                 triton_kernel="auto",
                  process_group=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
@@ -204,8 +221,11 @@ class FPTTLSTM(nn.Module):
         if cuda_kernel not in CUDA_KERNELS:
             raise ValueError(f"cuda_kernel must be one of {tuple(CUDA_KERNELS)}, got {cuda_kernel!r}")
         self.cuda_kernel = cuda_kernel
-        # the CUDA kernel the last train_segment / train_sequence ran ("persistent" or
-        # "general"); None before the first one or on other backends
+        if triton_kernel not in TRITON_KERNELS:
+            raise ValueError(f"triton_kernel must be one of {TRITON_KERNELS}, got {triton_kernel!r}")
+        self.triton_kernel = triton_kernel
+        # the CUDA or Triton kernel the last train_segment / train_sequence ran
+        # ("persistent" or "general"); None before the first one or on other backends
         self.last_kernel = None
         I, H, O = input_size, hidden_size, output_size
         self.input_size, self.hidden_size, self.output_size = I, H, O
@@ -224,6 +244,8 @@ class FPTTLSTM(nn.Module):
         self.requested_backend = backend
         dev_type = self.weight_hh_l0.device.type
         self.backend, opt_backend = _resolve_segment_backend(backend, dev_type, (I, H, O), self.allow_tf32)
+        if self.backend == "triton":
+            self._triton_kernel_choice()  # ValueError now if "persistent" cannot take the sizes
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
         self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,
@@ -442,10 +464,22 @@ class FPTTLSTM(nn.Module):
             opt._refresh_plan(count)
         raise RuntimeError("FPTTLSTM: the cpu segment plan is still stale after a rebuild (a bug)")
 
+    def _triton_kernel_choice(self):
+        """The Triton kernel train_segment / train_sequence run: "persistent" or "general"
+        (self.triton_kernel; "auto" is the general one for now). ValueError when
+        "persistent" is asked for sizes beyond its limits."""
+        if self.triton_kernel != "persistent":
+            return "general"
+        from .kernels import lstm_persistent
+        err = lstm_persistent.limit_error(self.input_size, self.hidden_size, self.output_size)
+        if err is not None:
+            raise ValueError(err)
+        return "persistent"
+
     def _launch(self, x, target, state, weight, n_segs=1, ramp=False):
-        """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda only),
-        segment p weighted (p + 1) / n_segs if ramp else `weight`: no host sync. Returns
-        the losses [n_segs] and the final state."""
+        """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda, or
+        the persistent triton kernel), segment p weighted (p + 1) / n_segs if ramp else
+        `weight`: no host sync. Returns the losses [n_segs] and the final state."""
         opt = self.optimizer
         opt._raise_pending()
         params = [p.detach() for p in self.fptt_parameters()]
@@ -460,12 +494,19 @@ class FPTTLSTM(nn.Module):
                  [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
                  [s["step"].view(1) for s in sts], opt._hyper_table(x.device), [0] * len(params),
                  OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status)
-        if self.backend == "triton":
+        if self.backend == "triton" and self._triton_kernel_choice() == "persistent":
+            from .kernels import lstm_persistent
+            lstm_persistent.train(x, target, state[0], state[1], n_segs, weight, ramp,
+                                  LOSS_CODE[self.loss], self.per_step, *lists, h_out, c_out,
+                                  losses, self.allow_tf32)
+            self.last_kernel = "persistent"
+        elif self.backend == "triton":
             from .kernels import lstm_segment
-            assert n_segs == 1, "the Triton kernel runs one segment per launch"
+            assert n_segs == 1, "the general Triton kernel runs one segment per launch"
             lstm_segment.train_segment(x, target, state[0], state[1], weight, LOSS_CODE[self.loss],
                                        self.per_step, *lists, h_out, c_out, losses[0],
                                        self.allow_tf32)
+            self.last_kernel = "general"
         else:
             ran = backends.extension().lstm_train_cuda(
                 x, target, state[0], state[1], n_segs, weight, ramp, LOSS_CODE[self.loss],
@@ -482,7 +523,8 @@ class FPTTLSTM(nn.Module):
         if self.backend == "cpu":
             loss, state = self._cpu_call(x, target, state, weight, False)
             return loss, state, {n: g.clone() for n, g in zip(PARAM_NAMES, self._grads)}
-        # triton/cuda launches always update: their gradients here come from autograd
+        # triton/cuda: the gradients here come from autograd (their kernels' own gradients
+        # without an update: fptt_fast.distributed.segment_gradients)
         with torch.enable_grad():
             loss, new_state = self._reference_loss(x, target, state)
             grads = torch.autograd.grad(weight * loss, self.fptt_parameters())
@@ -510,16 +552,22 @@ class FPTTLSTM(nn.Module):
 
     def _distributed_step(self, x, target, state, weight):
         """train_segment with a process group: this rank's gradients of weight * loss
-        (cpu: the C++ step with update=False; reference: autograd), one all_reduce of the
-        flat buffer [gradients, loss, rows] (fptt_fast.distributed.FlatAllReduce: the
-        gradient and loss of the mean over every rank's rows), then the clip and FPTT
-        update by self.optimizer (cpu: the fused C++ update) on that gradient, the same on
-        every rank. p.grad keeps the reduced gradient."""
+        (cpu: the C++ step with update=False; triton, cuda: the segment kernel with its
+        update switched off, distributed.segment_gradients; reference: autograd), one
+        all_reduce of the flat buffer [gradients, loss, rows]
+        (fptt_fast.distributed.FlatAllReduce: the gradient and loss of the mean over every
+        rank's rows), then the clip and FPTT update by self.optimizer (cpu: the fused C++
+        update; triton, cuda: the fused update launch) on that gradient, the same on every
+        rank. p.grad keeps the reduced gradient."""
         params = self.fptt_parameters()
         if self.backend == "cpu":
             loss, state = self._cpu_call(x, target, state, weight, False)
             grads = self._grads
-        else:  # reference (cuda/triton were refused at construction)
+        elif self.backend in ("triton", "cuda"):
+            from .distributed import segment_gradients
+            loss, state = segment_gradients(self, x, target, state, weight)
+            grads = self._grads
+        else:  # reference
             with torch.enable_grad():
                 loss, new_state = self._reference_loss(x, target, state)
                 grads = torch.autograd.grad(weight * loss, params)
@@ -541,7 +589,10 @@ class FPTTLSTM(nn.Module):
         if self.per_step:
             target = self._check_target(target, x.shape[0], x.shape[1])
         bounds = reference.segment_bounds(x.shape[0], int(K))
-        if self.backend == "cuda":  # all K segments in one C++ call (one launch: persistent)
+        # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one launch)
+        one_launch = self.backend == "cuda" or (
+            self.backend == "triton" and self._triton_kernel_choice() == "persistent")
+        if one_launch and self._dist is None:
             B = x.shape[1]
             if not self.per_step:
                 target = self._check_target(target, 1, B)

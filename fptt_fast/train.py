@@ -431,9 +431,9 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
     reference backend: reference.LSTMWithHead + fptt_fast.FPTT. BPTT: the same model
     + torch.optim.Adam with global-norm clipping.
 
-    Under torchrun (`dist`): FPTTLSTM gets the process group (cpu; cuda and triton are
-    refused, with the reason, as they cannot split their step yet); the reference model
-    takes rank 0's parameters before its optimiser is built."""
+    Under torchrun (`dist`): FPTTLSTM gets the process group (every fused backend: cpu,
+    triton and cuda split their step around the all-reduce); the reference model takes
+    rank 0's parameters before its optimiser is built."""
     backend = resolve_backend(cfg.backend, device)
     torch.manual_seed(cfg.seed)
     try:
@@ -444,7 +444,7 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                                  clip=cfg.clip, backend=backend, device=device,
                                  process_group=dist.pg if dist is not None else None)
             except NotImplementedError as e:
-                raise UsageError(f"--backend {backend} cannot run under torchrun yet ({e})") from None
+                raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
             return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
         if dist is not None:  # every rank starts from rank 0's parameters (as DDP does)

@@ -24,6 +24,9 @@ Called by fptt_fast.FPTTLSTM for backend="triton":
      kernels/fptt_update.py's phases (the same @triton.jit helpers, update_phase1 and
      update_phase2, over the same cached chunk tables), with its barrier between them
   -- grid barrier 3 (inside C) --
+With update=False (a constexpr) the launch ends after B: the gradients and the loss
+only, for data-parallel training, which all-reduces them before the update
+(fptt_fast.distributed; the update then runs as kernels/fptt_update.fused_update).
 
 Determinism: no float atomics anywhere. Every gradient element is one program's sum in
 a fixed order (steps, then batch tiles, then the tile's rows inside tl.dot / tl.sum),
@@ -358,7 +361,8 @@ def _lstm_segment_kernel(
         LOSS: tl.constexpr, PER_STEP: tl.constexpr, OPT: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
         BC: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr,
-        CHUNK: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
+        CHUNK: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
+        UPDATE: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
 
@@ -416,18 +420,20 @@ def _lstm_segment_kernel(
         for i in range(1, n_btiles):
             total += tl.load(lpart_ptr + i, cache_modifier=".cg")
         tl.store(loss_ptr, total * lscale)
-    tl.debug_barrier()
-    if nprog > 1:
-        fu.grid_barrier(bar_ptr, nprog)
 
-    # ---- C: the FPTT update, kernels/fptt_update.py's phases ----
-    fu.update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunks, pid, nprog,
-                     CHUNK, BLOCK)
-    tl.debug_barrier()
-    if nprog > 1:
-        fu.grid_barrier(bar_ptr, nprog)
-    fu.update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks,
-                     clip, pid, nprog, OPT, CHUNK, BLOCK, PBLOCK)
+    # ---- C: the FPTT update, kernels/fptt_update.py's phases (UPDATE=False: the launch
+    # ends with the gradients, read by the host after the launch: no barrier needed) ----
+    if UPDATE:
+        tl.debug_barrier()
+        if nprog > 1:
+            fu.grid_barrier(bar_ptr, nprog)
+        fu.update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunks, pid,
+                         nprog, CHUNK, BLOCK)
+        tl.debug_barrier()
+        if nprog > 1:
+            fu.grid_barrier(bar_ptr, nprog)
+        fu.update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr,
+                         n_chunks, clip, pid, nprog, OPT, CHUNK, BLOCK, PBLOCK)
 
 
 # ----------------------------------------------------------------------------------
@@ -485,7 +491,7 @@ def _check_tensor(name, t, shape, dtype, device):
 
 def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s,
                   s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out,
-                  tf32=False, *, grid_limit=None) -> None:
+                  tf32=False, *, update=True, grid_limit=None) -> None:
     """One FPTT segment (forward, loss, truncated backward, FPTT update) in ONE launch.
 
     Shapes (T = segment length, B batch, I input, H hidden, O output size); every tensor
@@ -514,6 +520,10 @@ def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_ba
             h0, c0 themselves: each batch row is read before it is written).
         loss_out: float32, 1 element, written with the unweighted segment loss.
         tf32: use TF32 tensor-core matmuls on the GPU (default: IEEE fp32).
+        update: False runs phases A and B only (the launch ends with `grads`, loss_out,
+            h_out and c_out written): params, the optimiser's state, steps and status are
+            read by nobody and left untouched. Data-parallel training runs this, then the
+            all-reduce of the gradients, then the FPTT update (fptt_fast.distributed).
         grid_limit (tests only): cap the number of programs.
 
     No host sync. Raises ValueError on bad shapes and beyond the limits (MAX_HIDDEN...).
@@ -578,7 +588,7 @@ def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_ba
             plan.n_chunks, float(clip), T, B, I, H, O, n_btiles, dscale, lscale)
     kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(optimizer), BB=BB, BH=BH, BK=BK,
               BR=BR, BC=BC, OP=OP, PREC="tf32" if tf32 else "ieee", CHUNK=chunk_size,
-              BLOCK=block, PBLOCK=pblock, num_warps=num_warps)
+              BLOCK=block, PBLOCK=pblock, UPDATE=bool(update), num_warps=num_warps)
     work = max(n_btiles, n_grad_tiles, plan.n_chunks)
     if dev.type == "cuda":
         with torch.cuda.device(dev):

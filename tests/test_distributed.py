@@ -5,14 +5,19 @@ multi-process scenario; each rank holds its rows of every batch and writes what 
 with. This process then computes the same training on ONE process holding all rows and
 compares:
   - fptt_fast.FPTT (cpu and reference backends) under DistributedDataParallel;
-  - FPTTLSTM(process_group=pg) (cpu and reference backends; 4 + 4 and 4 + 3 rows);
+  - FPTTLSTM(process_group=pg) on every backend: cpu and reference (4 + 4 and 4 + 3 rows),
+    triton (4 + 3 rows; CPU tensors through Triton's interpreter without a GPU, CUDA
+    tensors compiled with one) and cuda (4 + 3 rows, both ranks on the one GPU; skipped,
+    saying so, without a GPU). The one-process run of triton and cuda is their one-launch
+    step (no process group);
   - a checkpoint written by rank 0 and loaded by both ranks, and by one process;
-  - ranks that disagree on sizes or hyper-parameters, and the one-launch backends.
+  - ranks that disagree on sizes or hyper-parameters.
 Parameters, W-bar, lambda and the Adam state must be within TOL_UPDATE (2e-5 of max |w|,
 the project's fp32 tolerance over 20+ updates; tests/utils.py) of the one-process run
-after 24 updates, and bitwise identical across the two ranks. Each comparison is also
-checked to be able to fail: the run on one rank's rows alone (no all-reduce) must be far
-outside the tolerance.
+after 24 updates (triton and cuda: TOL_MATMUL, 1e-4, their gradients being reductions in
+another order than the one-process launch's), and bitwise identical across the two ranks.
+Each comparison is also checked to be able to fail: the run on one rank's rows alone (no
+all-reduce) must be far outside the tolerance.
 """
 import csv
 import datetime
@@ -30,9 +35,12 @@ import torch.nn.functional as F
 
 import fptt_fast
 from fptt_fast import distributed, reference
-from fptt_fast.lstm import PARAM_NAMES
+from fptt_fast.lstm import PARAM_NAMES, _cuda_segment_reason
+
+from .utils import device_of
 
 TOL_UPDATE = 2e-5   # tests/utils.py: fp32 element-wise update over 20+ steps
+TOL_MATMUL = 1e-4   # tests/utils.py: through matmuls and reductions
 TOL_LOSS = 1e-5     # relative: the global mean loss against the one-process loss
 WORLD = 2
 I, H, O = 3, 8, 2
@@ -45,7 +53,10 @@ SPAWN_DEADLINE_S = 240
 
 # FPTTLSTM cases: (name, backend, loss, per_step, global batch rows)
 LSTM_CASES = [("cpu-mse-terminal-B8", "cpu", "mse", False, 8),
-              ("reference-ce-perstep-B7", "reference", "ce", True, 7)]
+              ("reference-ce-perstep-B7", "reference", "ce", True, 7),
+              ("triton-mse-perstep-B7", "triton", "mse", True, 7),
+              ("cuda-ce-terminal-B7", "cuda", "ce", False, 7)]
+LSTM_TOL = {"cpu": TOL_UPDATE, "reference": TOL_UPDATE, "triton": TOL_MATMUL, "cuda": TOL_MATMUL}
 DDP_BACKENDS = ("cpu", "reference")
 DDP_B = 8
 
@@ -97,22 +108,35 @@ def ddp_model(backend, seed=0, pg=None):
     return net, model, fptt_fast.FPTT(model.parameters(), backend=backend, **HYPER)
 
 
+def lstm_unavailable(backend):
+    """Why FPTTLSTM(backend=...) cannot run in this test run, or None. Only cuda may be
+    missing (no GPU, or an extension built without CUDA); cpu, reference and triton must
+    run on every test machine, so there an error fails the test."""
+    if backend != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "cuda backend: needs a GPU (torch.cuda.is_available() is False)"
+    reason = _cuda_segment_reason("cuda")
+    return None if reason is None else f"cuda backend unavailable: {reason}"
+
+
 def lstm_model(backend, loss, per_step, pg=None, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA generators too: the same draw on every rank
     return fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend,
-                              process_group=pg, **HYPER)
+                              device=device_of(backend), process_group=pg, **HYPER)
 
 
 def lstm_train(m, data):
-    return torch.cat([m.train_sequence(x, y, K) for x, y in data])
+    dev = m.weight_hh_l0.device
+    return torch.cat([m.train_sequence(x.to(dev), y.to(dev), K).cpu() for x, y in data])
 
 
 def snapshot(params, opt):
-    """Everything the FPTT state holds, copied: w, w_bar, lam, exp_avg, exp_avg_sq, step,
-    and the status (last norm, skipped counts)."""
-    return {"params": [p.detach().clone() for p in params],
-            "state": [{n: t.clone() for n, t in opt.state[p].items()} for p in params],
-            "status": opt._status.clone()}
+    """Everything the FPTT state holds, copied to the CPU: w, w_bar, lam, exp_avg,
+    exp_avg_sq, step, and the status (last norm, skipped counts)."""
+    return {"params": [p.detach().cpu().clone() for p in params],
+            "state": [{n: t.cpu().clone() for n, t in opt.state[p].items()} for p in params],
+            "status": opt._status.cpu().clone()}
 
 
 # -- the ranks --------------------------------------------------------------------------------
@@ -132,10 +156,14 @@ def _worker(rank, world, init_file, out_dir):
     # 2. FPTTLSTM(process_group=pg); ranks seeded differently: rank 0's parameters win
     ck_path = os.path.join(out_dir, "checkpoint.pt")
     for name, backend, loss, per_step, B in LSTM_CASES:
+        if lstm_unavailable(backend) is not None:  # cuda without a GPU: its test skips
+            continue
         data = shard(batches(B, loss, per_step), rank, world, per_step)
+        t1 = time.perf_counter()
         m = lstm_model(backend, loss, per_step, pg, seed=10 + rank)
         losses = lstm_train(m, data[:N_BATCHES])
-        res[name] = {**snapshot(m.fptt_parameters(), m.optimizer), "losses": losses}
+        res[name] = {**snapshot(m.fptt_parameters(), m.optimizer), "losses": losses,
+                     "seconds": time.perf_counter() - t1}
         if backend != "cpu":
             continue
         # 3. checkpoint from rank 0, loaded by every rank into a freshly built module
@@ -163,21 +191,6 @@ def _worker(rank, world, init_file, out_dir):
             res[f"mismatch-{field}"] = None
         except ValueError as e:
             res[f"mismatch-{field}"] = str(e)
-    # 5. the one-launch backends: ranks agree, then NotImplementedError on every rank
-    try:
-        fptt_fast.FPTTLSTM(I, H, O, backend="triton", process_group=pg)
-        res["one-launch-triton"] = None
-    except NotImplementedError as e:
-        res["one-launch-triton"] = str(e)
-    except RuntimeError as e:  # triton not importable here: reported, the test skips
-        res["one-launch-triton"] = ("unavailable", str(e))
-    m = fptt_fast.FPTTLSTM(I, H, O, backend="cpu")
-    m.backend = "cuda"  # what a CUDA module resolves to (no GPU here): the same refusal
-    try:
-        distributed.attach_fpttlstm(m, pg)
-        res["one-launch-cuda"] = None
-    except NotImplementedError as e:
-        res["one-launch-cuda"] = str(e)
     res["seconds"] = time.perf_counter() - t0
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier(group=pg)
@@ -249,13 +262,13 @@ def assert_bitwise(a, b, what):
     assert torch.equal(a["status"], b["status"]), f"{what}: status (norm, skips) differs"
 
 
-def assert_matches_one_process(dist_res, one, half, what):
+def assert_matches_one_process(dist_res, one, half, what, tol=TOL_UPDATE):
     err = max_scaled_err(dist_res, one)
-    assert err <= TOL_UPDATE, f"{what}: {err:.3g} of max|w| from one process with all rows"
+    assert err <= tol, f"{what}: {err:.3g} of max|w| from one process with all rows"
     # able to fail: rank 0's rows alone, without the all-reduce, are far off
     off = max_scaled_err(half, one)
     print(f"{what}: {err:.2g} of max|w| from one process; rank 0's rows alone: {off:.2g}")
-    assert off > 100 * TOL_UPDATE, f"{what}: the half-batch run is only {off:.3g} off"
+    assert off > 100 * tol, f"{what}: the half-batch run is only {off:.3g} off"
     assert dist_res["status"][2].item() == 0, f"{what}: skipped steps"
 
 
@@ -277,6 +290,12 @@ def test_fptt_under_ddp_matches_one_process(ranks, backend):
 
 @pytest.mark.parametrize("name,backend,loss,per_step,B", LSTM_CASES, ids=[c[0] for c in LSTM_CASES])
 def test_fpttlstm_process_group_matches_one_process(ranks, name, backend, loss, per_step, B):
+    """The ranks' run against ONE process with all rows: for triton and cuda that one
+    process runs the one-launch step (forward, gradients and update in one launch, and on
+    cuda the K segments of a batch in one call), the ranks the split step."""
+    reason = lstm_unavailable(backend)
+    if reason is not None:
+        pytest.skip(reason)
     (r0, r1), _ = ranks
     assert_bitwise(r0[name], r1[name], name)
     assert torch.equal(r0[name]["losses"], r1[name]["losses"]), f"{name}: losses differ between ranks"
@@ -287,7 +306,8 @@ def test_fpttlstm_process_group_matches_one_process(ranks, name, backend, loss, 
     m = lstm_model(backend, loss, per_step, seed=10)
     lstm_train(m, shard(data, 0, WORLD, per_step))
     half = snapshot(m.fptt_parameters(), m.optimizer)
-    assert_matches_one_process(r0[name], one, half, name)
+    assert_matches_one_process(r0[name], one, half, name, LSTM_TOL[backend])
+    print(f"{name}: {r0[name]['seconds']:.1f} s on rank 0")
     # the loss returned is the global mean over all rows (4 + 3: weighted by rows)
     rel = ((r0[name]["losses"] - one_losses).abs() / one_losses.abs()).max().item()
     assert rel <= TOL_LOSS, f"{name}: global loss {rel:.3g} (relative) from the one-process loss"
@@ -330,17 +350,113 @@ def test_ranks_that_disagree_raise_at_construction(ranks, field, values):
     assert r0[f"mismatch-{field}"] == r1[f"mismatch-{field}"]
 
 
-def test_one_launch_backends_refuse_a_process_group(ranks):
-    (r0, r1), _ = ranks
-    for res in (r0, r1):
-        msg = res["one-launch-cuda"]
-        assert msg is not None and "cuda backend" in msg and "no split point" in msg, msg
-    triton = r0["one-launch-triton"]
-    if isinstance(triton, tuple):
-        pytest.skip(f"triton not runnable here, its refusal not checked: {triton[1]}")
-    for res in (r0, r1):
-        msg = res["one-launch-triton"]
-        assert msg is not None and "triton backend" in msg and "no split point" in msg, msg
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("loss,per_step", [("mse", True), ("ce", False)])
+def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step):
+    """distributed.segment_gradients, the first half of a data-parallel segment on the
+    one-launch backends (triton: update=False; cuda: the update made to write nothing):
+    the loss, (h, c) and six gradients of the one-launch step, bitwise, and nothing of the
+    parameters, the FPTT state or the optimiser's status touched, twice in a row (the
+    second launch sees what the first left: the same results again). One process, no
+    process group: the triton case runs on every machine."""
+    reason = lstm_unavailable(backend)
+    if reason is not None:
+        pytest.skip(reason)
+    dev = device_of(backend)
+    Tg, Bg = 4, 5
+    a = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend, device=dev,
+                           **HYPER)
+    lead = (Tg, Bg) if per_step else (Bg,)
+
+    def draw():
+        x = torch.randn(Tg, Bg, I, device=dev)
+        y = (torch.randn(*lead, O, device=dev) if loss == "mse"
+             else torch.randint(0, O, lead, device=dev))
+        return x, y
+
+    for _ in range(3):  # away from the start: w_bar != w, lam and the Adam moments non-zero
+        a.train_segment(*draw())
+    b = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend, device=dev,
+                           **HYPER)
+    b.load_state_dict(a.state_dict())
+    b.optimizer.load_state_dict(a.optimizer.state_dict())
+    before = snapshot(b.fptt_parameters(), b.optimizer)
+    assert before["status"][0].item() != 0  # the loaded status (last norm): not a fresh one
+    x, y = draw()
+    state = (torch.randn(Bg, H, device=dev), torch.randn(Bg, H, device=dev))
+    weight = 0.25 + torch.rand(()).item()
+    got = []
+    for _ in range(2):
+        loss_b, (h_b, c_b) = distributed.segment_gradients(b, x, y, state, weight)
+        got.append((loss_b.clone(), h_b, c_b, [g.clone() for g in b._grads]))
+        after = snapshot(b.fptt_parameters(), b.optimizer)
+        for n, u, v in zip(PARAM_NAMES, after["params"], before["params"]):
+            assert torch.equal(u, v), f"{backend}: the gradients launch changed {n}"
+        for n, su, sv in zip(PARAM_NAMES, after["state"], before["state"]):
+            for k in su:
+                assert torch.equal(su[k], sv[k]), f"{backend}: the gradients launch changed {k} of {n}"
+        assert torch.equal(after["status"], before["status"]), f"{backend}: status changed"
+    loss_a, (h_a, c_a) = a.train_segment(x, y, state, weight)  # writes a._grads, then updates
+    for loss_b, h_b, c_b, grads_b in got:
+        assert loss_b.shape == (1,) and torch.equal(loss_b[0], loss_a)
+        assert torch.equal(h_b, h_a) and torch.equal(c_b, c_a)
+        for n, ga, gb in zip(PARAM_NAMES, a._grads, grads_b):
+            assert torch.equal(ga, gb), f"{backend}: gradient of {n} differs from the one-launch step's"
+            assert gb.abs().max().item() > 0, n
+    assert not torch.equal(a.weight_hh_l0, b.weight_hh_l0)  # a did update (able to fail)
+    if backend == "cuda":  # the update of both launches saw the NaN table and wrote nothing
+        nan_hyper, sink = b.__dict__["_dp_update_off"]
+        assert sink[1].item() == 1 and sink[2].item() == 2 and sink[0].isnan().item(), sink
+
+
+def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkeypatch):
+    """Without a GPU, the cuda half of segment_gradients up to the launch: the arguments it
+    gives _C.lstm_train_cuda pass the CUDA glue's own checks (_C._check_lstm_segment_cuda_args
+    on CPU tensors, as the glue runs them before launching), and they are those of one
+    segment with its update made to write nothing: n_segs 1, no weight ramp, a [1, 12] table
+    of NaN for every parameter, a status of its own (not the optimiser's), the module's
+    gradient buffers. What the kernel then does with them needs a GPU:
+    test_gradients_launch_has_its_update_off[cuda]."""
+    ext = fptt_fast.backends.extension()
+    if not hasattr(ext, "_check_lstm_segment_cuda_args"):
+        pytest.fail("fptt_fast._C has no _check_lstm_segment_cuda_args (stale build?)")
+    m = fptt_fast.FPTTLSTM(I, H, O, loss="ce", backend="cpu", **HYPER)
+    m.backend = "cuda"  # what the module resolves to on a GPU; the launch is faked below
+    calls = []
+
+    class Glue:
+        @staticmethod
+        def lstm_train_cuda(x, target, h0, c0, n_segs, weight, ramp, loss, per_step, params,
+                            grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer,
+                            clip, status, h_out, c_out, losses_out, tf32, kernel):
+            dims = ext._check_lstm_segment_cuda_args(
+                x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s,
+                s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out, losses_out,
+                tf32, "cpu")
+            calls.append(dict(dims=tuple(dims), n_segs=n_segs, weight=weight, ramp=ramp,
+                              hyper=hyper, group_of=list(group_of), status=status, grads=grads,
+                              params=params, kernel=kernel, losses_out=losses_out))
+            return 1  # "general"
+
+    monkeypatch.setattr(distributed, "_extension", lambda: Glue)
+    x, y = torch.randn(T, 5, I), torch.randint(0, O, (5,))
+    state = (torch.randn(5, H), torch.randn(5, H))
+    for weight in (0.5, 1.0):
+        loss, (h, c) = distributed.segment_gradients(m, x, y, state, weight)
+        assert loss.shape == (1,) and h.shape == c.shape == (5, H)
+    assert len(calls) == 2 and m.last_kernel == "general"
+    for call, weight in zip(calls, (0.5, 1.0)):
+        assert call["dims"] == (T, 5, I, H, O)
+        assert call["n_segs"] == 1 and call["ramp"] is False and call["weight"] == weight
+        assert call["hyper"].shape == (1, 12) and call["hyper"].isnan().all()
+        assert call["group_of"] == [0] * 6
+        assert call["status"] is not m.optimizer._status and call["status"].shape == (3,)
+        assert call["kernel"] == fptt_fast.lstm.CUDA_KERNELS[m.cuda_kernel]
+        assert all(g is b for g, b in zip(call["grads"], m._grads))
+        for p, q in zip(call["params"], m.fptt_parameters()):
+            assert p.data_ptr() == q.data_ptr()
+    # the same NaN table and status at every launch (the glue caches by their addresses)
+    assert calls[0]["hyper"] is calls[1]["hyper"] and calls[0]["status"] is calls[1]["status"]
 
 
 def test_process_group_argument_checked():

@@ -5,12 +5,6 @@ Its match with the reference (every case, segment after segment, outputs poisone
 tested with every backend in test_lstm.py, on CUDA tensors where there is a GPU and
 through the interpreter otherwise.
 """
-import atexit
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import pytest
 import torch
@@ -18,7 +12,7 @@ import torch
 import fptt_fast
 from fptt_fast.kernels import lstm_segment as ls
 
-from .utils import (LSTM_KERNEL_KW, TF32_ATOL, TF32_RTOL, LSTMPair, assert_all_equal, backend_device,
+from .utils import (finish_background_compile, start_background_compile, LSTM_KERNEL_KW, TF32_ATOL, TF32_RTOL, LSTMPair, assert_all_equal, backend_device,
                     bind_args, lstm_run_bits, segment_grads, triton_compiled, with_grid_limit)
 
 gpu = pytest.mark.skipif(not triton_compiled(),
@@ -123,7 +117,7 @@ from triton.compiler import ASTSource
 from fptt_fast.kernels import lstm_segment as ls
 fn = ls._lstm_segment_kernel
 const = dict(LOSS=1, PER_STEP=True, OPT=1, BB=16, BH=32, BK=32, BR=32, BC=32, OP=16,
-             PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024)
+             PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024, UPDATE=True)
 kinds = {"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "tgt_ptr": "*i64"}
 sig = {}
 for n in fn.arg_names:
@@ -143,37 +137,15 @@ _SM90 = {}
 
 
 def start_sm90_compile():
-    """Start the compile below in a subprocess, once. tests/conftest.py calls this as soon
-    as the tests are chosen, so that its ~10 s of one core overlap the other tests (which
-    run on one core)."""
-    if "proc" not in _SM90:
-        work = tempfile.mkdtemp(prefix="fptt_sm90_")
-        env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(work, "cache"))
-        env.pop("TRITON_INTERPRET", None)
-        out, err = (open(os.path.join(work, n), "w+") for n in ("out", "err"))
-        _SM90.update(work=work, out=out, err=err, proc=subprocess.Popen(
-            [sys.executable, "-c", _AOT], env=env, stdout=out, stderr=err, text=True))
-        atexit.register(_SM90["proc"].kill)  # if the test never collects it
-    return _SM90
+    """Start the compile above in a subprocess, once (tests/conftest.py calls this as soon
+    as the tests are chosen, so that it overlaps the interpreter tests)."""
+    return start_background_compile(_SM90, _AOT, "fptt_sm90_")
 
 
 def test_gpu_path_compiles_for_sm90():
     """The GPU code path (grid barriers, tl.dot tiles >= 16) compiled ahead of time for
     sm_90, no GPU needed: catches what the interpreter does not check."""
-    job = start_sm90_compile()
-    try:
-        returncode = job["proc"].wait(timeout=600)
-        job["out"].seek(0)
-        job["err"].seek(0)
-        stdout, stderr = job["out"].read(), job["err"].read()
-    finally:
-        job["out"].close()
-        job["err"].close()
-        shutil.rmtree(job["work"], ignore_errors=True)
-    if returncode != 0 and ("ptxas" in stderr.lower() or "backend" in stderr.lower()
-                            and "not found" in stderr.lower()):
-        pytest.skip("no CUDA compiler toolchain in this triton install")
-    assert returncode == 0, stderr[-3000:]
+    stdout = finish_background_compile(start_sm90_compile())
     shared = int(stdout.split("SHARED")[1].split()[0])
     assert 0 < shared <= 48 * 1024, shared  # two blocks per SM on any sm_70+ GPU
     assert int(stdout.split("CUBIN")[1].split()[0]) > 0

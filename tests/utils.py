@@ -458,3 +458,43 @@ def bind_args(fn, args, kwargs):
     """fn's arguments by name (robust to a reordering of its positional arguments)."""
     bound = inspect.signature(fn).bind(*args, **kwargs)
     return dict(bound.arguments)
+
+
+def start_background_compile(registry, script, prefix):
+    """Run `script` (Python source) in a subprocess, once per registry dict: the ahead-of-time
+    Triton compiles for sm_90 (test_lstm_triton*.py), started by tests/conftest.py as soon
+    as the tests are chosen so that their seconds of one core overlap the other tests.
+    TRITON_INTERPRET is dropped (a real compile) and the Triton cache is private."""
+    import atexit
+    import subprocess
+    import sys
+    import tempfile
+    if "proc" not in registry:
+        work = tempfile.mkdtemp(prefix=prefix)
+        env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(work, "cache"))
+        env.pop("TRITON_INTERPRET", None)
+        out, err = (open(os.path.join(work, n), "w+") for n in ("out", "err"))
+        registry.update(work=work, out=out, err=err, proc=subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=out, stderr=err, text=True))
+        atexit.register(registry["proc"].kill)  # if the test never collects it
+    return registry
+
+
+def finish_background_compile(job):
+    """Wait for a start_background_compile job and return its stdout; skips when this
+    triton install has no CUDA toolchain, fails on any other error."""
+    import shutil
+    try:
+        returncode = job["proc"].wait(timeout=600)
+        job["out"].seek(0)
+        job["err"].seek(0)
+        stdout, stderr = job["out"].read(), job["err"].read()
+    finally:
+        job["out"].close()
+        job["err"].close()
+        shutil.rmtree(job["work"], ignore_errors=True)
+    if returncode != 0 and ("ptxas" in stderr.lower() or "backend" in stderr.lower()
+                            and "not found" in stderr.lower()):
+        pytest.skip("no CUDA compiler toolchain in this triton install")
+    assert returncode == 0, stderr[-3000:]
+    return stdout
