@@ -12,7 +12,8 @@ them), so every step times the step alone. Variants, all in one run (group "host
                       previous hot path, for comparison
   reference           FPTT(backend="reference").step()
   segment_cpu         FPTTLSTM(backend="cpu").train_segment on x [1, 1, 2] (omega=1, B=1),
-                      default input checks (NaN/inf scans on the CPU)
+                      default input checks (NaN/inf scans on the CPU); from the second
+                      call on the fast path, one C++ call (_C.CpuLstmPlan.train)
   segment_cpu_nocheck the same with check_inputs=False
 
 The issue's targets are ratios within one run: fptt_cpu <= 0.1 x torch_adam_foreach, and

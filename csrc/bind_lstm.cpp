@@ -8,7 +8,11 @@
 // gemm_builtin instead (a reference for the pointer arithmetic, and what a build without
 // torch would use).
 #include <torch/extension.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 
+#include <cmath>
+#include <initializer_list>
 #include <tuple>
 #include <vector>
 
@@ -42,8 +46,12 @@ void torch_gemm(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K
   at::Tensor a = view2d(A, M, K, lda, trans_a != 0);
   at::Tensor b = view2d(B, K, N, ldb, trans_b != 0);
   at::Tensor c = view2d(C, M, N, ldc, false);
-  if (beta == 0.f) at::mm_out(c, a, b);
-  else c.addmm_(a, b, beta, 1.0);
+  // at::cpu::: the CPU kernels of mm.out / addmm_ called directly, past the dispatcher and
+  // the autograd layer (a microsecond per call at these sizes, seven calls per segment at
+  // omega=1): the same structured kernel at::mm_out / Tensor::addmm_ reach, so the same
+  // BLAS call and bitwise the same results (issue 12).
+  if (beta == 0.f) at::cpu::mm_out(c, a, b);
+  else at::cpu::addmm_(c, a, b, beta, 1.0);
 }
 
 // What one segment step returns to the bindings.
@@ -174,8 +182,11 @@ class CpuLstmPlan {
               std::vector<at::Tensor> grads, at::Tensor workspace, std::vector<at::Tensor> w_bars,
               std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
               std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps, at::Tensor hyper,
-              int64_t optimizer, double clip, at::Tensor status)
-      : update_plan_(std::move(update_plan)), params_(std::move(params)),
+              int64_t optimizer, double clip, at::Tensor status, pybind11::object fptt,
+              int64_t loss, bool per_step, bool check_inputs, bool builtin_gemm)
+      : update_plan_(std::move(update_plan)), fptt_(std::move(fptt)), loss_(loss),
+        per_step_(per_step), check_inputs_(check_inputs), builtin_gemm_(builtin_gemm),
+        params_(std::move(params)),
         grads_(std::move(grads)), workspace_(std::move(workspace)), w_bars_(std::move(w_bars)),
         lams_(std::move(lams)), s1s_(std::move(s1s)), s2s_(std::move(s2s)),
         steps_(std::move(steps)), hyper_(std::move(hyper)), status_(std::move(status)),
@@ -186,6 +197,8 @@ class CpuLstmPlan {
                     status_.scalar_type() == at::kFloat && status_.is_contiguous() &&
                     status_.numel() == 3,
                 kFn, ": status must be a contiguous CPU float32 tensor of 3 elements");
+    FPTT_CHECK(loss_ == cpu::LOSS_MSE || loss_ == cpu::LOSS_CE, kFn,
+                ": loss code must be 0 (mse) or 1 (ce)");
   }
 
   // Returns (loss, h, c, skipped-step count), or (None, None, None, code < 0) with nothing
@@ -222,23 +235,215 @@ class CpuLstmPlan {
     grow_workspace(workspace_, cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O,
                                                                   per_step ? 1 : 0));
     note_outputs();
-    static const std::vector<cpu::UpdateSlot> kNoUpdate;
-    const int64_t work = d.T * d.B * (d.I + d.H + d.O) * d.H;
-    SegmentOut o = run_segment(x, target, h0, c0, params_, grads_, workspace_, d, loss, per_step,
-                               weight, update ? slots_ : kNoUpdate, optimizer_, clip_,
-                               builtin_gemm, work >= kReleaseGilMinWork);
-    float* st = status_.data_ptr<float>();
-    const int64_t count = update ? cpu::record_step_status(st, o.r) : int64_t(st[2]);
-    // the loss as torch.tensor(loss, dtype=torch.float32) makes it (a cast, no range check)
-    at::Tensor loss_t = at::empty({}, x.options());
-    *loss_t.data_ptr<float>() = static_cast<float>(o.loss);
+    dims_ = d;
+    validated_prints_ = true;
+    for (int k = 0; k < 6; ++k) grad_prints_[k] = grad_print(grads_[k]);
+    at::Tensor loss_t;
+    SegmentOut o;
+    const int64_t count =
+        run(x, target, h0, c0, d, loss, per_step, weight, update, builtin_gemm, &loss_t, &o);
     return py::make_tuple(loss_t, o.h, o.c, count);
+  }
+
+  // FPTTLSTM.train_segment's fast path (fptt_fast/lstm.py): train_segment(x, target, state,
+  // weight) of the module whose optimiser is `fptt` (the FPTT object given at construction)
+  // with the loss, per_step, check_inputs and builtin_gemm given there, in this one call.
+  // It takes the common case only and vouches for it itself; on anything else it returns
+  // None having done nothing, and Python runs its own checks and the step above (which
+  // raise today's errors, or take the case):
+  //   - the optimiser's plan must be the one this plan holds (fptt._plan), its groups,
+  //     hyper-parameters, clip and tensors as validated (the CpuUpdatePlan's check);
+  //   - this plan validated once with an update (step() ran), the gradient buffers and the
+  //     workspace's storage as then;
+  //   - x, target and the state (None, or a tuple/list of two tensors) exact torch.Tensors,
+  //     contiguous, strided, without conj/neg bits, on the CPU, of the dtypes and shapes
+  //     the module's checks require (ce targets int64: other integer dtypes are converted
+  //     by Python), sharing no memory with what the call writes; weight a Python float or
+  //     int (not bool), finite; the workspace large enough;
+  //   - with check_inputs: x, target and the state finite (mse), the ce classes in range.
+  //     Without: the ce classes in range all the same (the kernel indexes with them).
+  // Returns (loss, (h, c)) as train_segment does; a step whose gradient was not finite is
+  // reported through fptt._raise_new_skips, as _cpu_call does.
+  py::object train(py::handle x_obj, py::handle target_obj, py::handle state_obj,
+                   py::handle weight_obj) {
+    if (!validated_update_ || !validated_prints_ || fptt_.is_none()) return py::none();
+    const Names& nm = names();
+    PyObject* opt = fptt_.ptr();
+    {
+      PyObject* cur = PyObject_GetAttr(opt, nm.plan);
+      if (!cur) throw py::error_already_set();
+      const bool same = cur == update_plan_.ptr();
+      Py_DECREF(cur);
+      if (!same) return py::none();
+    }
+    py::object groups = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, nm.groups));
+    if (!groups) throw py::error_already_set();
+    py::object clip = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, nm.clip));
+    if (!clip) throw py::error_already_set();
+    if (cpu_update_plan_check(update_plan_, groups, clip)) return py::none();
+
+    // the inputs, as the module's checks would pass them unchanged
+    const checks::LstmDims& v = dims_;
+    if (!THPVariable_CheckExact(x_obj.ptr()) || !THPVariable_CheckExact(target_obj.ptr()))
+      return py::none();
+    const at::Tensor& x = THPVariable_Unpack(x_obj.ptr());
+    const at::Tensor& target = THPVariable_Unpack(target_obj.ptr());
+    if (!plain(x, at::kFloat) || x.dim() != 3 || x.size(2) != v.I || x.size(0) < 1 ||
+        x.size(1) < 1)
+      return py::none();
+    const int64_t T = x.size(0), B = x.size(1);
+    if (loss_ == cpu::LOSS_MSE) {
+      if (!plain(target, at::kFloat)) return py::none();
+      if (per_step_ ? !has_sizes(target, {T, B, v.O}) : !has_sizes(target, {B, v.O}))
+        return py::none();
+    } else {
+      if (!plain(target, at::kLong)) return py::none();
+      if (per_step_ ? !has_sizes(target, {T, B}) : !has_sizes(target, {B})) return py::none();
+    }
+    const at::Tensor* h0 = nullptr;
+    const at::Tensor* c0 = nullptr;
+    if (state_obj.is_none()) {
+      if (zeros_.numel() < B * v.H) zeros_ = at::zeros({B * v.H}, x.options());
+    } else {
+      PyObject* st = state_obj.ptr();
+      if (!(PyTuple_CheckExact(st) || PyList_CheckExact(st)) || PySequence_Fast_GET_SIZE(st) != 2)
+        return py::none();
+      PyObject* ho = PySequence_Fast_GET_ITEM(st, 0);
+      PyObject* co = PySequence_Fast_GET_ITEM(st, 1);
+      if (!THPVariable_CheckExact(ho) || !THPVariable_CheckExact(co)) return py::none();
+      h0 = &THPVariable_Unpack(ho);
+      c0 = &THPVariable_Unpack(co);
+      if (!plain(*h0, at::kFloat) || !plain(*c0, at::kFloat) || !has_sizes(*h0, {B, v.H}) ||
+          !has_sizes(*c0, {B, v.H}))
+        return py::none();
+    }
+    double weight = 0.0;
+    PyObject* w = weight_obj.ptr();
+    if (PyFloat_CheckExact(w)) {
+      weight = PyFloat_AS_DOUBLE(w);
+    } else if (PyLong_CheckExact(w)) {
+      weight = PyLong_AsDouble(w);
+      if (weight == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return py::none();
+      }
+    } else {
+      return py::none();
+    }
+    if (!std::isfinite(weight)) return py::none();
+
+    // what the call writes must be as validated; the inputs must not overlap it
+    for (int k = 0; k < 6; ++k)
+      if (grad_print(grads_[k]) != grad_prints_[k]) return py::none();
+    if (workspace_moved() || outputs_.empty()) return py::none();
+    if (workspace_.numel() < cpu::lstm_segment_workspace_floats(T, B, v.I, v.H, v.O,
+                                                                per_step_ ? 1 : 0))
+      return py::none();
+    if (shares_memory(x) || shares_memory(target) || (h0 && shares_memory(*h0)) ||
+        (c0 && shares_memory(*c0)))
+      return py::none();
+
+    // the data checks: Python's (check_inputs) or, without them, the kernel's own need
+    if (check_inputs_) {
+      if (!all_finite(x) || (loss_ == cpu::LOSS_MSE && !all_finite(target)) ||
+          (h0 && (!all_finite(*h0) || !all_finite(*c0))))
+        return py::none();
+    }
+    if (loss_ == cpu::LOSS_CE) {
+      const int64_t* cls = target.const_data_ptr<int64_t>();
+      for (int64_t i = 0, n = target.numel(); i < n; ++i)
+        if (cls[i] < 0 || cls[i] >= v.O) return py::none();
+    }
+
+    at::Tensor zh, zc;
+    if (!h0) {  // zero views of the plan's own zeros: only read (the kernel copies them)
+      zh = zeros_.narrow(0, 0, B * v.H).view({B, v.H});
+      h0 = c0 = &zh;
+    }
+    const checks::LstmDims d{T, B, v.I, v.H, v.O};
+    at::Tensor loss_t;
+    SegmentOut o;
+    const int64_t count = run(x, target, *h0, *c0, d, loss_, per_step_, weight, true,
+                              builtin_gemm_, &loss_t, &o);
+    PyObject* seen = PyObject_GetAttr(opt, nm.seen);
+    if (!seen) throw py::error_already_set();
+    const long long seen_v = PyLong_AsLongLong(seen);
+    Py_DECREF(seen);
+    if (seen_v == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (count != seen_v) fptt_.attr("_raise_new_skips")(count);
+    return py::make_tuple(loss_t, py::make_tuple(o.h, o.c));
   }
 
  private:
   struct Range {
     uintptr_t begin, end;
   };
+
+  // Attribute names train() reads from the optimiser, made once (GIL held).
+  struct Names {
+    PyObject *plan, *groups, *clip, *seen;
+  };
+  static const Names& names() {
+    static const Names n{PyUnicode_InternFromString("_plan"),
+                         PyUnicode_InternFromString("param_groups"),
+                         PyUnicode_InternFromString("clip"),
+                         PyUnicode_InternFromString("_seen_skipped")};
+    return n;
+  }
+
+  // The segment on checked arguments, and the status: the skipped-step count after it.
+  int64_t run(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
+              const at::Tensor& c0, const checks::LstmDims& d, int64_t loss, bool per_step,
+              double weight, bool update, bool builtin_gemm, at::Tensor* loss_t,
+              SegmentOut* o) {
+    static const std::vector<cpu::UpdateSlot> kNoUpdate;
+    const int64_t work = d.T * d.B * (d.I + d.H + d.O) * d.H;
+    *o = run_segment(x, target, h0, c0, params_, grads_, workspace_, d, loss, per_step, weight,
+                     update ? slots_ : kNoUpdate, optimizer_, clip_, builtin_gemm,
+                     work >= kReleaseGilMinWork);
+    float* st = status_.data_ptr<float>();
+    const int64_t count = update ? cpu::record_step_status(st, o->r) : int64_t(st[2]);
+    // the loss as torch.tensor(loss, dtype=torch.float32) makes it (a cast, no range check)
+    *loss_t = at::empty({}, x.options());
+    *loss_t->data_ptr<float>() = static_cast<float>(o->loss);
+    return count;
+  }
+
+  // A tensor the fast path takes as is: strided, contiguous, with storage, on the CPU, of
+  // `dtype`, no conj/neg bits (what the module's checks and .contiguous() leave unchanged).
+  static bool plain(const at::Tensor& t, at::ScalarType dtype) {
+    return t.defined() && t.layout() == at::kStrided && !t.is_nested() &&
+           t.scalar_type() == dtype && t.device().is_cpu() && t.has_storage() &&
+           t.is_contiguous() && !t.is_neg() && !t.is_conj();
+  }
+  static bool has_sizes(const at::Tensor& t, std::initializer_list<int64_t> s) {
+    return t.sizes().equals(c10::IntArrayRef(s));
+  }
+  static bool all_finite(const at::Tensor& t) {
+    const float* p = t.const_data_ptr<float>();
+    bool ok = true;
+    for (int64_t i = 0, n = t.numel(); i < n; ++i) ok &= std::isfinite(p[i]);
+    return ok;
+  }
+
+  // What the fast path compares of a gradient buffer (written by the call).
+  struct GradPrint {
+    const void* data = nullptr;
+    int64_t numel = -1;
+    bool ok = false;
+    bool operator!=(const GradPrint& g) const {
+      return data != g.data || numel != g.numel || ok != g.ok;
+    }
+  };
+  static GradPrint grad_print(const at::Tensor& g) {
+    GradPrint p;
+    p.ok = plain(g, at::kFloat);
+    if (p.ok) {
+      p.data = g.const_data_ptr();
+      p.numel = g.numel();
+    }
+    return p;
+  }
   static Range range_of(const at::Tensor& t) {
     const uintptr_t b = reinterpret_cast<uintptr_t>(t.const_data_ptr());
     return {b, b + uintptr_t(t.numel() * int64_t(t.element_size()))};
@@ -277,6 +482,13 @@ class CpuLstmPlan {
   }
 
   pybind11::object update_plan_;
+  pybind11::object fptt_;  // the FPTT optimiser (train() only; None: no fast path)
+  int64_t loss_;
+  bool per_step_, check_inputs_, builtin_gemm_;
+  checks::LstmDims dims_{0, 0, 0, 0, 0};  // I, H, O as validated
+  bool validated_prints_ = false;
+  GradPrint grad_prints_[6];
+  at::Tensor zeros_;  // the zero state of train(state=None), grown on demand, never written
   std::vector<at::Tensor> params_, grads_;
   at::Tensor workspace_;
   std::vector<at::Tensor> w_bars_, lams_, s1s_, s2s_, steps_;
@@ -313,16 +525,22 @@ void register_lstm_cpu(pybind11::module_& m) {
       .def(py::init<py::object, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, double,
-                    at::Tensor>(),
+                    at::Tensor, py::object, int64_t, bool, bool, bool>(),
            py::arg("update_plan"), py::arg("params"), py::arg("grads"), py::arg("workspace"),
            py::arg("w_bars"), py::arg("lams"), py::arg("s1s"), py::arg("s2s"), py::arg("steps"),
-           py::arg("hyper"), py::arg("optimizer"), py::arg("clip"), py::arg("status"))
+           py::arg("hyper"), py::arg("optimizer"), py::arg("clip"), py::arg("status"),
+           py::arg("fptt") = py::none(), py::arg("loss") = 0, py::arg("per_step") = false,
+           py::arg("check_inputs") = true, py::arg("builtin_gemm") = false)
       .def("step", &CpuLstmPlan::step, py::arg("x"), py::arg("target"), py::arg("h0"),
            py::arg("c0"), py::arg("loss"), py::arg("per_step"), py::arg("weight"),
            py::arg("update"), py::arg("param_groups"), py::arg("clip"),
            py::arg("builtin_gemm") = false,
            "One segment (and, if update, the FPTT update): (loss, h, c, skipped count), or "
            "(None, None, None, PLAN_*) having done nothing")
+      .def("train", &CpuLstmPlan::train, py::arg("x"), py::arg("target"), py::arg("state"),
+           py::arg("weight"),
+           "FPTTLSTM.train_segment's fast path: (loss, (h, c)), or None having done nothing "
+           "(Python's checks and step() then take the call)")
       // copy.deepcopy and pickle give None (as CpuUpdatePlan's): FPTTLSTM rebuilds its plan
       .def("__reduce__", [](const CpuLstmPlan&) {
         return py::make_tuple(py::type::of(py::none()), py::tuple());

@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from . import backends, reference
 from .layout import LOSS_CODE, OPT_CODE
-from .optim import FPTT
+from .optim import FPTT, GraphCache
 
 LOSSES = ("mse", "ce")
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -257,12 +257,27 @@ class FPTTLSTM(nn.Module):
         self._workspace = None  # its scratch memory, grown on demand and reused
         # cpu backend: True uses the torch-free built-in OpenMP GEMM instead of at::mm
         self.cpu_builtin_gemm = False
+        # cpu backend: the plan whose train() is train_segment's fast path (see there); set
+        # by _cpu_call, dropped whenever an attribute it depends on is assigned (__setattr__)
+        self._cpu_fast = None
         # data parallel (fptt_fast.distributed): ranks checked, parameters from rank 0
         self.process_group, self._dist = None, None
         if process_group is not None:
             from . import distributed
             self._dist = distributed.attach_fpttlstm(self, process_group)
             self.process_group = process_group
+
+    # Assigning any of these drops the cpu fast path's plan (_cpu_fast): it was built for
+    # their values (the optimiser, the buffers, the loss and the flags it bakes in).
+    _FAST_PATH_DEPENDS_ON = frozenset({
+        "optimizer", "_grads", "_workspace", "loss", "per_step", "check_inputs",
+        "cpu_builtin_gemm", "backend", "_dist", "process_group", "input_size", "hidden_size",
+        "output_size"})
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in FPTTLSTM._FAST_PATH_DEPENDS_ON:
+            self.__dict__["_cpu_fast"] = None
 
     # -- parameters and state dicts ---------------------------------------------------
     def fptt_parameters(self):
@@ -432,10 +447,13 @@ class FPTTLSTM(nn.Module):
         a PLAN_* code having done nothing: the optimiser refreshes itself and the call is
         made again."""
         opt = self.optimizer
+        flags = (opt, self.loss, self.per_step, self.check_inputs, self.cpu_builtin_gemm)
         for _ in range(3):
-            cached = self.__dict__.get("_cpu_plan")  # (optimiser plan, grads, workspace, plan)
+            # (optimiser plan, grads, workspace, plan, what the plan's train() bakes in)
+            cached = self.__dict__.get("_cpu_plan")
             if (cached is None or cached[0] is not opt._plan or opt._plan is None
-                    or cached[1] is not self._grads or cached[2] is not self._workspace):
+                    or cached[1] is not self._grads or cached[2] is not self._workspace
+                    or cached[4] != flags):
                 ext = backends.extension()
                 params = [p.detach() for p in self.fptt_parameters()]
                 if self._grads is None:
@@ -450,14 +468,17 @@ class FPTTLSTM(nn.Module):
                     [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
                     [] if sgd else [s["exp_avg_sq"] for s in sts],
                     [s["step"].view(1) for s in sts], opt._hyper, OPT_CODE[opt.base],
-                    float(opt.clip or 0.0), opt._status)
-                cached = (uplan, self._grads, self._workspace, plan)
+                    float(opt.clip or 0.0), opt._status, opt, LOSS_CODE[self.loss],
+                    bool(self.per_step), bool(self.check_inputs), bool(self.cpu_builtin_gemm))
+                cached = (uplan, self._grads, self._workspace, plan, flags)
                 self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
             loss, h, c, count = cached[3].step(x, target, state[0], state[1],
                                                LOSS_CODE[self.loss], self.per_step, weight,
                                                update, opt.param_groups, opt.clip,
                                                self.cpu_builtin_gemm)
             if count >= 0:
+                if self._dist is None:  # train_segment's fast path from the next call on
+                    self.__dict__["_cpu_fast"] = cached[3]
                 if update and count != opt._seen_skipped:
                     opt._raise_new_skips(count)
                 return loss, (h, c)
@@ -480,8 +501,15 @@ class FPTTLSTM(nn.Module):
         """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda, or
         the persistent triton kernel), segment p weighted (p + 1) / n_segs if ramp else
         `weight`: no host sync. Returns the losses [n_segs] and the final state."""
+        self.optimizer._raise_pending()
+        out = self._launch_only(x, target, state, weight, n_segs, ramp)
+        self.optimizer._after_device_step()
+        return out
+
+    def _launch_only(self, x, target, state, weight, n_segs=1, ramp=False):
+        """_launch without the optimiser's status bookkeeping (no event, no host work but
+        the launch): what a CUDA graph captures."""
         opt = self.optimizer
-        opt._raise_pending()
         params = [p.detach() for p in self.fptt_parameters()]
         if self._grads is None:
             self._grads = [torch.zeros_like(p) for p in params]
@@ -513,7 +541,6 @@ class FPTTLSTM(nn.Module):
                 self.per_step, *lists, h_out, c_out, losses, self.allow_tf32,
                 CUDA_KERNELS[self.cuda_kernel])
             self.last_kernel = CUDA_KERNEL_NAMES[ran]
-        opt._after_device_step()
         return losses, (h_out, c_out)
 
     def loss_and_grads(self, x, target, state=None, weight=1.0):
@@ -533,6 +560,14 @@ class FPTTLSTM(nn.Module):
 
     def train_segment(self, x, target, state=None, weight=1.0):
         """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
+        # cpu backend, the common case: ONE C++ call that checks the inputs itself and runs
+        # the segment (_C.CpuLstmPlan.train, csrc/bind_lstm.cpp); None, having done nothing,
+        # when anything is unusual: the checks below then raise today's errors or take it.
+        fast = self._cpu_fast
+        if fast is not None:
+            out = fast.train(x, target, state, weight)
+            if out is not None:
+                return out
         x, target, state, weight = self._inputs(x, target, state, weight)
         if self._dist is not None:
             return self._distributed_step(x, target, state, weight)
@@ -578,12 +613,21 @@ class FPTTLSTM(nn.Module):
         self.optimizer.step()
         return loss, state
 
-    def train_sequence(self, x, target, K, state=None):
+    def train_sequence(self, x, target, K, state=None, graph=None):
         """FPTT over one batch of sequences x [T, B, I]: K segments of ceil(T/K) steps,
         state carried (detached) from `state` (zeros if None), one update per segment.
         Terminal: segment p predicts `target` from its last state, weight (p+1)/K;
         per-step: each segment takes its own targets, weight 1. Returns the K unweighted
-        segment losses as a tensor [K]."""
+        segment losses as a tensor [K].
+
+        graph (cuda backend): None or True replays the K segments from a CUDA graph,
+        captured on the first call per shape (see _graphed_sequence); False launches
+        eagerly. Other backends run eagerly (graph=True raises ValueError there)."""
+        if graph is not None and not isinstance(graph, bool):
+            raise ValueError(f"graph must be None, True or False, got {graph!r}")
+        if graph and self.backend != "cuda":
+            raise ValueError(f"graph=True needs the cuda backend, this module runs "
+                             f"{self.backend!r}")
         self._check_device()
         x = self._check_x(x)
         if self.per_step:
@@ -596,7 +640,10 @@ class FPTTLSTM(nn.Module):
             B = x.shape[1]
             if not self.per_step:
                 target = self._check_target(target, 1, B)
-            losses, _ = self._launch(x, target, self._check_state(state, B), 1.0,
+            state = self._check_state(state, B)
+            if graph is not False and self.backend == "cuda":
+                return self._graphed_sequence(x, target, state, len(bounds))
+            losses, _ = self._launch(x, target, state, 1.0,
                                      n_segs=len(bounds), ramp=not self.per_step)
             return losses
         losses = []
@@ -606,6 +653,71 @@ class FPTTLSTM(nn.Module):
             loss, state = self.train_segment(x[a:b], tgt, state, weight)
             losses.append(loss)
         return torch.stack(losses)
+
+    # -- CUDA graphs (cuda backend) ------------------------------------------------------
+    # At most this many captured train_sequence graphs per module (least recently used
+    # dropped); each holds static copies of its inputs and its outputs.
+    MAX_GRAPHS = 8
+
+    def _graph_key(self, x, target, n_segs):
+        """What a captured launch bakes in: the shapes and dtypes of its inputs, the segment
+        count, the kernel arguments that are not read from memory (clip, optimiser, kernel
+        choice) and the address of every tensor it reads or writes outside its inputs
+        (parameters, gradient buffers, FPTT state, hyper table, status). Hyper-parameter
+        *values* are not in it: the kernels read them from the table, which FPTT refreshes
+        in place (_hyper_table) before each replay."""
+        opt = self.optimizer
+        flat = opt.flat_state
+        return (tuple(x.shape), tuple(target.shape), target.dtype, n_segs, self.per_step,
+                self.loss, float(opt.clip or 0.0), opt.base, self.cuda_kernel, self.allow_tf32,
+                tuple(p.data_ptr() for p in self.fptt_parameters()),
+                tuple(g.data_ptr() for g in self._grads),
+                tuple(t.data_ptr() for t in flat.values()),
+                opt._hyper.data_ptr(), opt._status.data_ptr(), x.device)
+
+    def _graphed_sequence(self, x, target, state, n_segs):
+        """train_sequence's cuda launch through a CUDA graph. The first call per key
+        (_graph_key) runs the launch eagerly from static copies of the inputs (the glue's
+        tables and scratch are built: the warm-up it requires before a capture, and this
+        call's real work), then captures the same launch into a torch.cuda.CUDAGraph on a
+        side stream (capture runs nothing). Later calls copy the inputs into the static
+        buffers, refresh the hyper table in place and replay. The losses are cloned out
+        of the graph's output. Bitwise the eager launch: the same kernels, arguments and
+        memory."""
+        opt = self.optimizer
+        opt._raise_pending()
+        if self._grads is None:  # the eager launch allocates them; the key needs them
+            self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
+        opt._hyper_table(x.device)  # validates and refreshes hyper-parameters, in place
+        graphs = self.__dict__.get("_graphs")
+        if graphs is None:  # a plain attribute (not a buffer); copies and pickles empty
+            graphs = self.__dict__["_graphs"] = GraphCache()
+        key = self._graph_key(x, target, n_segs)
+        ramp = not self.per_step
+        entry = graphs.pop(key, None)
+        if entry is None:
+            static = (x.clone(), target.clone(), state[0].clone(), state[1].clone())
+            losses, _ = self._launch_only(*static[:2], static[2:], 1.0, n_segs=n_segs, ramp=ramp)
+            out = losses.clone()
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side), torch.cuda.graph(g):
+                g_losses, _ = self._launch_only(*static[:2], static[2:], 1.0, n_segs=n_segs,
+                                                ramp=ramp)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            entry = (g, static, g_losses)
+            while len(graphs) >= self.MAX_GRAPHS:
+                graphs.pop(next(iter(graphs)))
+        else:
+            g, static, g_losses = entry
+            for dst, src in zip(static, (x, target, state[0], state[1])):
+                dst.copy_(src)
+            g.replay()
+            out = g_losses.clone()
+        graphs[key] = entry  # most recently used last
+        opt._after_device_step()
+        return out
 
     def extra_repr(self):
         return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "

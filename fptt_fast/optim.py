@@ -28,6 +28,13 @@ STATUS_NORM, STATUS_LAST_SKIPPED, STATUS_SKIPPED = 0, 1, 2
 PLAN_STALE, PLAN_HYPER, PLAN_FALLBACK = -1, -2, -3
 
 
+class GraphCache(dict):
+    """Captured CUDA graphs by key; copies and pickles empty (a graph holds addresses)."""
+
+    def __reduce__(self):
+        return (GraphCache, ())
+
+
 def _hyper_row(group):
     return (float(group["lr"]), float(group["alpha"]), float(group["beta"]), float(group["rho"]),
             float(group["c"]), float(group["weight_decay"]), float(group["betas"][0]),
@@ -50,6 +57,11 @@ class FPTT(torch.optim.Optimizer):
             and is counted in skipped_steps). Either way a gradient holding inf/NaN
             never changes w, w_bar, lam or the optimiser state.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (fptt_fast.backends).
+        graph: cuda/triton backends: step() replays a CUDA graph of the fused update,
+            captured at the first step per set of tensor addresses (parameters,
+            gradients, state; keep gradient buffers, e.g. zero_grad(set_to_none=False)),
+            after one eager step. Hyper-parameter changes are honoured (the table is
+            refreshed in place); a clip change captures anew. ValueError elsewhere.
 
     State per parameter, readable as opt.state[p][name]: w_bar, lam, step, and
     exp_avg/exp_avg_sq (Adam, AdamW) or momentum_buffer (SGD). They are views into
@@ -67,7 +79,8 @@ class FPTT(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, *, optimizer="adam", betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5,
-                 beta=0.5, rho=0.0, c=1.0, clip=None, nonfinite="raise", backend="auto"):
+                 beta=0.5, rho=0.0, c=1.0, clip=None, nonfinite="raise", backend="auto",
+                 graph=False):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if nonfinite not in NONFINITE:
@@ -87,6 +100,14 @@ class FPTT(torch.optim.Optimizer):
         self._seen_skipped = 0  # skipped steps already reported
         self._count_host = None  # (event, pinned float) for the non-blocking look
         self._build_state()
+        if not isinstance(graph, bool):
+            raise ValueError(f"graph must be True or False, got {graph!r}")
+        if graph and self.backend not in ("cuda", "triton"):
+            raise ValueError(f"graph=True needs the cuda or triton backend (CUDA tensors), "
+                             f"this optimiser runs {self.backend!r}")
+        self.graph = graph
+        self._graphs = GraphCache()  # captured steps, by _graph_key
+        self._graph_captures = 0
 
     # -- construction --------------------------------------------------------
     def add_param_group(self, param_group):
@@ -229,14 +250,67 @@ class FPTT(torch.optim.Optimizer):
         if self.backend == "cpu":
             norm, skipped = backends.extension().fused_update_cpu(*args)
             self._record(norm, skipped)
-        elif self.backend == "triton":
+            return loss
+        if self.backend == "triton":
             from .kernels import fptt_update
-            fptt_update.fused_update(*args, self._status)
-            self._after_device_step()
+
+            def launch():
+                fptt_update.fused_update(*args, self._status)
+                # its cached tables and scratch (a captured graph must hold them: the Triton
+                # plan cache evicts, the CUDA glue's keeps what a graph uses)
+                return fptt_update.get_plan(*args[:10], self._status)
         else:  # cuda
-            backends.extension().fused_update_cuda(*args, self._status)
-            self._after_device_step()
+            launch = lambda: backends.extension().fused_update_cuda(*args, self._status)  # noqa: E731
+        # graph mode replays a captured step; gradients copied by _gather (non-contiguous)
+        # have new addresses every step: those steps run eagerly
+        if (self.graph and self._graph_captures < self.MAX_GRAPH_CAPTURES
+                and all(p.grad is g for p, g in zip(L["objs"], L["grads"]))):
+            self._graph_step(launch, L, hyper)
+        else:
+            launch()
+        self._after_device_step()
         return loss
+
+    # -- CUDA graphs (graph=True; cuda and triton backends) --------------------------------
+    # Captures per optimiser before graph mode gives up and steps eagerly: gradients
+    # re-allocated every step (zero_grad(set_to_none=True) with a caching allocator that
+    # hands out other blocks) would otherwise capture, and keep, a graph per step.
+    MAX_GRAPH_CAPTURES = 16
+    MAX_GRAPHS = 4  # kept per optimiser, least recently used dropped
+
+    def _graph_key(self, L, hyper):
+        """What a captured step bakes in: the address of every tensor it reads or writes
+        (parameters, gradients, FPTT state, hyper table, status), which parameters step and
+        in which group, and the kernel arguments not read from memory (clip, optimiser).
+        Not the hyper-parameter values: the kernels read those from the table, which
+        _hyper_table refreshes in place before each step."""
+        return (tuple(t.data_ptr() for t in L["params"]), tuple(g.data_ptr() for g in L["grads"]),
+                tuple(L["group_of"]), float(self.clip or 0.0), self.base, hyper.data_ptr(),
+                self._status.data_ptr(), tuple(t.data_ptr() for t in self.flat_state.values()))
+
+    def _graph_step(self, launch, L, hyper):
+        """The step from a CUDA graph: the first step per key runs eagerly (its real work,
+        and the warm-up the glue needs: its slot tables are built outside a capture), then
+        the same launch is captured on a side stream (capture runs nothing); later steps
+        with that key replay it. Bitwise the eager step: same kernels, arguments, memory."""
+        key = self._graph_key(L, hyper)
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            launch()
+            dev = L["params"][0].device
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side), torch.cuda.graph(g):
+                held = launch()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            entry = (g, held)
+            self._graph_captures += 1
+            while len(self._graphs) >= self.MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+        else:
+            entry[0].replay()
+        self._graphs[key] = entry  # most recently used last
 
     # -- the cpu backend's plan ------------------------------------------------------
     def _plan_step(self):

@@ -613,3 +613,165 @@ def test_plans_are_classes_of_the_extension():
     ext = backends.extension()
     assert (ext.PLAN_STALE, ext.PLAN_HYPER, ext.PLAN_FALLBACK) == (-1, -2, -3)
     assert FPTT.step.hooked is True  # torch's wrapper is applied by FPTT itself
+
+
+# ---- train_segment's fast path (_C.CpuLstmPlan.train) -----------------------------------
+
+def _no_python_checks(monkeypatch, m):
+    def forbidden(*args, **kw):
+        raise AssertionError("train_segment left its fast path")
+
+    for name in ("_inputs", "_cpu_call", "_check_device"):
+        monkeypatch.setattr(m, name, forbidden)
+
+
+@pytest.mark.parametrize("loss,per_step", [("mse", False), ("ce", True)])
+def test_lstm_fast_path_is_one_call_and_bitwise_the_list_path(monkeypatch, loss, per_step):
+    """After the first segment, train_segment is the plan's train() alone (no Python check,
+    no _cpu_call), with state None, a tuple or a list, int or float weights, changing B and
+    omega: bitwise the list path throughout."""
+    sizes = (3, 4, 2)
+    a, b = lstm_pair(sizes, loss, per_step, LSTM_OPT["adam"], seed=40)
+    gen = torch.Generator().manual_seed(41)
+    # the largest segment first: a workspace growth is left to the checked step
+    run_segments([a, b], sizes, loss, per_step, 5, [4], gen)
+    assert a._cpu_fast is a._cpu_plan[3] and b._cpu_fast is None
+    _no_python_checks(monkeypatch, a)
+    states = [None, None]
+    for k, (omega, B) in enumerate([(1, 3), (3, 3), (2, 5), (4, 1), (2, 5)]):
+        x = torch.randn(omega, B, sizes[0], generator=gen)
+        lead = (omega, B) if per_step else (B,)
+        y = (torch.randn(*lead, sizes[2], generator=gen) if loss == "mse"
+             else torch.randint(0, sizes[2], lead, generator=gen))
+        w = [1, 0.25, 2, 0.5, 1.0][k]
+        outs = []
+        for i, m in enumerate((a, b)):
+            st = states[i]
+            if st is not None and st[0].shape[0] != B:
+                st = None
+            if st is not None and k % 2:
+                st = list(st)
+            l, states[i] = m.train_segment(x, y, st, weight=w)
+            outs.append([l, *states[i]])
+        assert_same(*outs)
+        assert isinstance(states[0], tuple) and outs[0][0].dim() == 0
+    monkeypatch.undo()
+    assert_same(lstm_outputs(a), lstm_outputs(b))
+
+
+def _bad_inputs(gen):
+    """(name, x, target, state, weight, error, message) for FPTTLSTM(2, 3, 2) mse, B=4."""
+    x, y = torch.randn(2, 4, 2, generator=gen), torch.randn(4, 2, generator=gen)
+    h = torch.randn(4, 3, generator=gen)
+
+    def poisoned(t, v):
+        t = t.clone()
+        t.view(-1)[1] = v
+        return t
+
+    return [
+        ("nan x", poisoned(x, float("nan")), y, None, 1.0, ValueError, "x holds NaN or inf"),
+        ("inf target", x, poisoned(y, float("inf")), None, 1.0, ValueError, "target holds"),
+        ("nan h", x, y, (poisoned(h, float("nan")), h), 1.0, ValueError, "state h holds"),
+        ("inf c", x, y, (h, poisoned(h, -float("inf"))), 1.0, ValueError, "state c holds"),
+        ("x shape", x[:, :, :1], y, None, 1.0, ValueError, "time-major"),
+        ("x dtype", x.double(), y, None, 1.0, TypeError, "x must be float32"),
+        ("x list", x.tolist(), y, None, 1.0, TypeError, "x must be a tensor"),
+        ("target shape", x, y[:3], None, 1.0, ValueError, "mse target must have shape"),
+        ("target dtype", x, y.double(), None, 1.0, TypeError, "mse target must be float32"),
+        ("state shape", x, y, (h[:2], h[:2]), 1.0, ValueError, "state h must have shape"),
+        ("state arity", x, y, (h,), 1.0, ValueError, "state must be a pair"),
+        ("state dtype", x, y, (h, h.double()), 1.0, TypeError, "state c must be float32"),
+        ("weight nan", x, y, None, float("nan"), ValueError, "weight must be finite"),
+        ("weight str", x, y, None, "1", None, None),  # float("1") works: taken by Python
+        ("weight text", x, y, None, "one", ValueError, "weight must be a number"),
+    ]
+
+
+def test_lstm_fast_path_refuses_as_the_python_checks_do():
+    """Every bad input reaches the same exception type and message as a module that never
+    took the fast path, and changes nothing; the fast path is still taken afterwards."""
+    gen = torch.Generator().manual_seed(42)
+    a, b = lstm_pair((2, 3, 2), "mse", False, LSTM_OPT["sgd"], seed=43)
+    b._cpu_call = a._cpu_call.__func__.__get__(b)  # b: the plan, but never the fast path
+    run_segments([a, b], (2, 3, 2), "mse", False, 4, [2], gen)
+    b._cpu_fast = None
+    b.__dict__["_cpu_plan"] = None
+    for name, x, y, st, w, err, msg in _bad_inputs(gen):
+        snap = lstm_outputs(a)
+        results = []
+        for m in (a, b):
+            if m is b:
+                m.__dict__["_cpu_fast"] = None  # b takes Python's checks every time
+            if err is None:
+                results.append(m.train_segment(x, y, st, weight=w))
+                continue
+            with pytest.raises(err) as info:
+                m.train_segment(x, y, st, weight=w)
+            results.append((type(info.value), str(info.value)))
+        if err is None:
+            assert_same([results[0][0], *results[0][1]], [results[1][0], *results[1][1]])
+            continue
+        assert results[0] == results[1], name
+        assert msg in results[0][1], name
+        assert_same(snap, lstm_outputs(a))
+    assert a._cpu_fast is not None
+    x, y = torch.randn(2, 4, 2, generator=gen), torch.randn(4, 2, generator=gen)
+    assert_same(list(a.train_segment(x, y))[:1], list(b.train_segment(x, y))[:1])
+
+
+def test_lstm_fast_path_ce_classes_and_input_conversions():
+    """ce: out-of-range classes raise ValueError (check_inputs) or the kernel's RuntimeError
+    (without), as before; int32 targets and non-contiguous x take Python's conversions."""
+    gen = torch.Generator().manual_seed(44)
+    for check in (True, False):
+        torch.manual_seed(45)
+        m = fptt_fast.FPTTLSTM(2, 3, 3, loss="ce", backend="cpu", check_inputs=check)
+        x, y = torch.randn(2, 4, 2, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+        m.train_segment(x, y)
+        assert m._cpu_fast is not None
+        bad = y.clone()
+        bad[2] = 3
+        with pytest.raises(ValueError if check else RuntimeError, match="class"):
+            m.train_segment(x, bad)
+        torch.manual_seed(45)
+        ref = fptt_fast.FPTTLSTM(2, 3, 3, loss="ce", backend="cpu", check_inputs=check)
+        ref.train_segment(x, y)
+        xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+        assert not xt.is_contiguous()
+        for mm, xx, yy in ((m, xt, y.int()), (ref, x, y)):
+            ref.__dict__["_cpu_fast"] = None  # ref: always Python's checks
+            l, _ = mm.train_segment(xx, yy)
+        assert_same([p.detach() for p in m.fptt_parameters()],
+                     [p.detach() for p in ref.fptt_parameters()])
+
+
+def test_lstm_fast_path_follows_attribute_changes():
+    """check_inputs=False (assigned) is honoured: a NaN input then reaches the update, whose
+    non-finite gradient the optimiser reports (FloatingPointError), nothing changed; a new
+    optimiser (assigned) is the one that steps."""
+    gen = torch.Generator().manual_seed(46)
+    torch.manual_seed(47)
+    m = fptt_fast.FPTTLSTM(2, 3, 1, backend="cpu")
+    x, y = torch.randn(2, 4, 2, generator=gen), torch.randn(4, 1, generator=gen)
+    m.train_segment(x, y)
+    m.train_segment(x, y)
+    assert m._cpu_fast is not None
+    m.check_inputs = False
+    assert m._cpu_fast is None
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    params = [p.detach().clone() for p in m.fptt_parameters()]
+    with pytest.raises(FloatingPointError):
+        m.train_segment(bad, y)
+    assert_same(params, [p.detach() for p in m.fptt_parameters()])
+    m.train_segment(x, y)
+    m.train_segment(x, y)
+    assert m._cpu_fast is not None
+    old = m.optimizer
+    m.optimizer = fptt_fast.FPTT(m.fptt_parameters(), lr=0.1, backend="cpu")
+    old_steps = [old.state[p]["step"].item() for p in m.fptt_parameters()]
+    m.train_segment(x, y)
+    m.train_segment(x, y)
+    assert [old.state[p]["step"].item() for p in m.fptt_parameters()] == old_steps
+    assert {m.optimizer.state[p]["step"].item() for p in m.fptt_parameters()} == {2.0}

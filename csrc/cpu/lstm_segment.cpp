@@ -29,6 +29,35 @@ namespace {
 // costs more than the work (and much more on a busy machine).
 constexpr int64_t kParallelMin = 1 << 15;
 
+// f(k) for k in [0, n): split over an OpenMP team if `parallel`, else a plain loop. Not an
+// if() clause: libgomp still builds and tears down a one-thread team for a parallel region
+// whose if() is false, about a microsecond per region on a busy 2-core VM, five regions
+// per segment step at omega=1: more than the whole tiny step (issue 12; same reasoning as
+// fused_update.cpp's for_each_chunk). Every f(k) writes its own outputs, so the results
+// do not depend on the branch taken.
+template <class F>
+inline void for_each(int64_t n, bool parallel, const F& f) {
+  if (parallel) {
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < n; ++k) f(k);
+  } else {
+    for (int64_t k = 0; k < n; ++k) f(k);
+  }
+}
+
+// f(b, j) for b in [0, rows), j in [0, cols): likewise, the team splitting the (b, j) pairs.
+template <class F>
+inline void for_each_2d(int64_t rows, int64_t cols, bool parallel, const F& f) {
+  if (parallel) {
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t j = 0; j < cols; ++j) f(b, j);
+  } else {
+    for (int64_t b = 0; b < rows; ++b)
+      for (int64_t j = 0; j < cols; ++j) f(b, j);
+  }
+}
+
 struct Layout {
   int64_t gates, hs, cs, pred, dhead, dh, dc, bsum, total;
 };
@@ -62,12 +91,11 @@ inline void call(const Gemm& g, int ta, int tb, int64_t M, int64_t N, int64_t K,
 
 // out[j] = sum over rows r of A[r, j] (A is [rows, cols]); fixed order, in double.
 void column_sums(const float* A, int64_t rows, int64_t cols, float* out) {
-#pragma omp parallel for schedule(static) if (rows * cols >= kParallelMin)
-  for (int64_t j = 0; j < cols; ++j) {
+  for_each(cols, rows * cols >= kParallelMin, [&](int64_t j) {
     double s = 0.0;
     for (int64_t r = 0; r < rows; ++r) s += A[r * cols + j];
     out[j] = float(s);
-  }
+  });
 }
 
 // Loss of the head outputs `pred` [P, O]; overwrites pred with d(weight * loss)/d pred.
@@ -91,8 +119,7 @@ void gemm_builtin(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t
                   int64_t ldc) {
   // Rows of C are split over threads; each element is accumulated over K in order.
   constexpr int64_t kBlockK = 256;
-#pragma omp parallel for schedule(static) if (M * N * K >= 8 * kParallelMin)
-  for (int64_t m = 0; m < M; ++m) {
+  for_each(M, M * N * K >= 8 * kParallelMin, [&](int64_t m) {
     float* __restrict c = C + m * ldc;
     if (beta == 0.f) {
       for (int64_t n = 0; n < N; ++n) c[n] = 0.f;
@@ -122,7 +149,7 @@ void gemm_builtin(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t
         c[n] += s;
       }
     }
-  }
+  });
 }
 
 int64_t lstm_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
@@ -150,9 +177,9 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
   for (int64_t j = 0; j < G; ++j) bsum[j] = a.b_ih[j] + a.b_hh[j];
   // input projection of all steps at once: gates = x W_ih^T + (b_ih + b_hh)
   call(gemm, 0, 1, T * B, G, I, a.x, I, a.w_ih, I, 0.f, gates, G);
-#pragma omp parallel for schedule(static) if (T * B * G >= kParallelMin)
-  for (int64_t r = 0; r < T * B; ++r)
+  for_each(T * B, T * B * G >= kParallelMin, [&](int64_t r) {
     for (int64_t j = 0; j < G; ++j) gates[r * G + j] += bsum[j];
+  });
   for (int64_t t = 0; t < T; ++t) {
     float* gt = gates + t * B * G;
     const float* h_prev = hs + t * BH;
@@ -160,9 +187,8 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
     float* h_new = hs + (t + 1) * BH;
     float* c_new = cs + (t + 1) * BH;
     call(gemm, 0, 1, B, G, H, h_prev, H, a.w_hh, H, 1.f, gt, G);
-#pragma omp parallel for collapse(2) schedule(static) if (BH >= kParallelMin / 4)
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < H; ++j) {
+    for_each_2d(B, H, BH >= kParallelMin / 4, [&](int64_t b, int64_t j) {
+      {
         float* row = gt + b * G;
         const lstm::CellForward f =
             lstm::cell_forward(row[j], row[H + j], row[2 * H + j], row[3 * H + j], c_prev[b * H + j]);
@@ -173,7 +199,7 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
         c_new[b * H + j] = f.c;
         h_new[b * H + j] = f.h;
       }
-    }
+    });
   }
   memcpy(a.h_out, hs + T * BH, sizeof(float) * BH);
   memcpy(a.c_out, cs + T * BH, sizeof(float) * BH);
@@ -196,9 +222,8 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
     const float* c_prev = cs + t * BH;
     const float* c_cur = cs + (t + 1) * BH;
     const float* dh_head = a.per_step ? dhead + t * BH : (t == T - 1 ? dhead : nullptr);
-#pragma omp parallel for collapse(2) schedule(static) if (BH >= kParallelMin / 4)
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t j = 0; j < H; ++j) {
+    for_each_2d(B, H, BH >= kParallelMin / 4, [&](int64_t b, int64_t j) {
+      {
         float* row = gt + b * G;
         const int64_t e = b * H + j;
         const float dh_tot = dh[e] + (dh_head ? dh_head[e] : 0.f);
@@ -210,7 +235,7 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
         row[3 * H + j] = d.d_ao;
         dc[e] = d.dc_prev;
       }
-    }
+    });
     if (t > 0) call(gemm, 0, 0, B, H, G, gt, G, a.w_hh, H, 0.f, dh, H);  // dh_{t-1}
   }
 
