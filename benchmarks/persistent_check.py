@@ -208,10 +208,14 @@ def timings(quick):
                 continue
             m = model(I, H, O, "mse", False, "adam", "cuda", kern)
             m.optimizer.nonfinite = "skip"
-            fn = lambda: m.train_sequence(x, y, K)  # noqa: E731
+            fn = lambda: m.train_sequence(x, y, K, graph=False)  # noqa: E731 (eager launch)
             n = 3 if K == 1000 else 5
             add(f"add T=1000 K={K} sequence cuda/{kern}", median_us(fn, n=n, reps=3),
                 kernel_us(fn, kname, n=n))
+            if kern == "persistent":  # train_sequence's own graph mode (the default on cuda)
+                fg = lambda: m.train_sequence(x, y, K)  # noqa: E731
+                add(f"add T=1000 K={K} sequence cuda/{kern} graph=None (replay)",
+                    median_us(fg, n=n, reps=3))
     net = Net(I, H, O).to(DEV)
 
     def bptt():
