@@ -15,6 +15,13 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    # the slowest tests (a full nvcc compile, the binding fuzz) carry timeout(...) marks
+    # for pytest-timeout, which the GPU harness runs with a short per-test default; CI may
+    # not have the plugin: declare the mark so it is known either way
+    config.addinivalue_line("markers", "timeout(seconds): per-test limit under pytest-timeout")
+
+
 def pytest_report_header(config):
     from .utils import device_of, triton_compiled
     triton = "compiled" if triton_compiled() else "interpreter"

@@ -660,6 +660,7 @@ def fuzz_results():
 
 
 # ---- tests ------------------------------------------------------------------------------
+@pytest.mark.timeout(600)  # the first one runs every target's worker (fuzz_results)
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_fuzzed_bad_arguments_raise_and_change_nothing(target, fuzz_results):
     if target in GPU_TARGETS and not HAS_CUDA:

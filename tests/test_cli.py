@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-TINY = ["--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every", "3", "--no-progress"]
+# CLI behaviour, pinned to the CPU (also where a GPU is present: the tests assert "backend: cpu")
+TINY = ["--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every", "3", "--no-progress",
+        "--device", "cpu"]
 
 
 def _script():

@@ -22,7 +22,8 @@ from fptt_fast.train import load_checkpoint
 
 from .test_cli import cli as run_script, ok, rows
 
-TINY = ["--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every", "3", "--no-progress"]
+TINY = ["--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every", "3", "--no-progress",
+        "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True)

@@ -44,6 +44,7 @@ def test_no_torch_headers_in_cu(path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+@pytest.mark.timeout(900)  # lstm_persistent.cu's eight variants take minutes of one core
 @pytest.mark.parametrize("path", CU_FILES, ids=os.path.basename)
 def test_cu_compiles_with_plain_nvcc(path, tmp_path):
     cmd = [NVCC, "-c", "-arch=sm_90", "-I", INCLUDE, path, "-o", str(tmp_path / "out.o")]

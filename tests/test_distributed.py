@@ -478,8 +478,10 @@ def test_shard_rows_cover_the_batch_once(batch, world):
 
 # -- the command line under torchrun ----------------------------------------------------------
 
+# on the CPU (gloo), also where a GPU is present: two processes cannot share one GPU
+# under NCCL, and this tests the command line, not the kernels
 CLI_RUN = ["--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every", "2",
-           "--no-progress"]
+           "--no-progress", "--device", "cpu"]
 
 
 def _run(cmd, cwd, env=None):

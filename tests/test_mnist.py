@@ -21,7 +21,7 @@ from fptt_fast.train import load_checkpoint, make_config
 from .test_cli import cli as run_script, ok, rows
 
 N_TRAIN, N_TEST = 64, 32
-FAST = ["--hidden", "8", "--batch", "16", "--eval-every", "2", "--no-progress"]
+FAST = ["--hidden", "8", "--batch", "16", "--eval-every", "2", "--no-progress", "--device", "cpu"]
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
          "t10k-labels-idx1-ubyte")
 
@@ -314,7 +314,8 @@ def test_training_uses_the_fused_segment_step(data, monkeypatch):
 
     monkeypatch.setattr(FPTTLSTM, "train_segment", spy)
     torch.set_num_threads(1)
-    run = train.Run(make_config("psmnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1)))
+    run = train.Run(make_config("psmnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1,
+                                                      device="cpu")))
     assert isinstance(run.trainer.model, FPTTLSTM) and run.trainer.model.loss == "ce"
     run.trainer.train_batch(*run.task.batch(16, run.gen, run.device))
     assert [s for s, _, _ in seen] == [79] * 9 + [73]
@@ -336,7 +337,8 @@ def test_evaluation_in_batches(data, monkeypatch):
     seven batches, the last short) equals one pass over all of them; --limit-test takes
     the first N images."""
     torch.set_num_threads(1)
-    run = train.Run(make_config("psmnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1)))
+    run = train.Run(make_config("psmnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1,
+                                                      device="cpu")))
     model, task = run.trainer.model, run.task
     with torch.no_grad():
         out, _ = model(mnist.sequences(task.data.test_images, task.permutation))
@@ -344,7 +346,7 @@ def test_evaluation_in_batches(data, monkeypatch):
     monkeypatch.setattr(train, "EVAL_BATCH", 5)
     assert task.evaluate(model) == pytest.approx(want, abs=1e-6)
     assert 0 < want < 1  # a model that is neither always right nor always wrong here
-    limited = train.Run(make_config("smnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1,
+    limited = train.Run(make_config("smnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1, device="cpu",
                                                    limit_test=7)))
     assert torch.equal(limited.task.test_labels, limited.task.data.test_labels[:7])
 
