@@ -7,6 +7,10 @@ triton     Triton kernels (fptt_fast.kernels), CUDA tensors; on the CPU only
 cuda       C++/CUDA kernels of fptt_fast._C, CUDA tensors
 auto       the fastest available for the tensors' device: cuda > triton > reference
            on a GPU, cpu > reference on the CPU
+
+Both choices are made here, in one place: `resolve` for the fused optimiser (FPTT) and
+`resolve_segment` for FPTTLSTM's segment step, which also weighs the one-launch kernels'
+size limits (and TF32) and returns the optimiser backend that goes with it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import torch
 from . import layout
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+# "auto", fastest first, per device type (the reference runs anywhere)
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 _ext = None
 _ext_error = None
@@ -85,11 +91,83 @@ def available(device_type: str = "cpu") -> dict:
 def resolve(backend: str, device_type: str) -> str:
     """The concrete backend to use; raises RuntimeError saying why one is unavailable."""
     if backend == "auto":
-        order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpu", "reference")
-        for b in order:
+        for b in AUTO_ORDER.get(device_type, ("reference",)):
             if unavailable_reason(b, device_type) is None:
                 return b
     reason = unavailable_reason(backend, device_type)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable for {device_type} tensors: {reason}")
     return backend
+
+
+# -- FPTTLSTM's segment step ------------------------------------------------------------
+
+def segment_unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None if FPTTLSTM's segment step can run on `backend` for `device_type` tensors,
+    else why not: the backend itself, then the segment kernel it needs."""
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None or backend == "reference":
+        return reason
+    if backend == "cpu" and not hasattr(extension(), "lstm_segment_step_cpu"):
+        return ("fptt_fast._C has no lstm_segment_step_cpu (built from older sources; rebuild "
+                "with pip install --no-build-isolation -e .)")
+    if backend == "cuda" and not hasattr(extension(), "lstm_segment_step_cuda"):
+        return "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
+    if backend == "triton":
+        try:
+            from .kernels import lstm_segment  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
+            return f"fptt_fast.kernels.lstm_segment is not importable ({e})"
+    return None
+
+
+def segment_size_limit_error(backend: str, I: int, H: int, O: int, tf32: bool = False):
+    """Why the one-launch segment kernel of `backend` cannot take these sizes (or TF32),
+    or None (the cpu and reference steps have no limit)."""
+    if backend == "cuda":
+        lim = getattr(extension(), "cuda_lstm_max_hidden", None)
+        if lim is not None and H > lim:
+            return (f"hidden_size={H} exceeds the CUDA one-launch segment kernel's limit "
+                    f"{lim} (csrc/cuda/lstm_segment.cu)")
+        if tf32:
+            return "the CUDA one-launch segment kernel has no TF32 mode (allow_tf32=True)"
+        return None
+    if backend != "triton":
+        return None
+    from .kernels import lstm_segment as ks
+    for name, v, limit in (("hidden_size", H, "MAX_HIDDEN"), ("input_size", I, "MAX_INPUT"),
+                           ("output_size", O, "MAX_OUTPUT")):
+        lim = getattr(ks, limit, None)
+        if lim is not None and v > lim:
+            return (f"{name}={v} exceeds the Triton one-launch segment kernel's limit "
+                    f"{limit}={lim} (kernels/lstm_segment.py)")
+    return None
+
+
+def resolve_segment(backend: str, device_type: str, sizes=None, tf32=False):
+    """(segment backend, FPTT optimiser backend) for FPTTLSTM(backend=...) on
+    `device_type`; sizes = (I, H, O) for the one-launch kernels' limits. "auto" takes the
+    first of AUTO_ORDER whose segment step is available and takes the sizes (or TF32);
+    the reference segment math comes with the fastest fused FPTT update ("auto"). An
+    explicit backend raises: RuntimeError if unavailable, ValueError naming a size limit."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS + ('auto',)}")
+    if backend == "auto":
+        for b in AUTO_ORDER.get(device_type, ("reference",)):
+            if b == "reference":
+                return "reference", "auto"
+            if segment_unavailable_reason(b, device_type) is None and (
+                    sizes is None or segment_size_limit_error(b, *sizes, tf32=tf32) is None):
+                return b, b
+        return "reference", "auto"
+    if backend == "cpu" and device_type != "cpu":
+        raise RuntimeError(f"backend 'cpu' runs CPU tensors, the module is on {device_type}")
+    reason = segment_unavailable_reason(backend, device_type)
+    if reason is not None:
+        what = "" if backend == "cpu" else " (one-launch LSTM segment step)"
+        raise RuntimeError(f"backend {backend!r}{what} is unavailable for {device_type} "
+                           f"tensors: {reason}")
+    err = None if sizes is None else segment_size_limit_error(backend, *sizes, tf32=tf32)
+    if err is not None:
+        raise ValueError(err)
+    return backend, backend

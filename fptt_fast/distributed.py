@@ -173,18 +173,12 @@ def segment_gradients(module, x, target, state, weight):
               (reading w, g, w_bar, lam once) and one grid barrier.
     """
     from .lstm import CUDA_KERNEL_NAMES, CUDA_KERNELS, LOSS_CODE
-    from .optim import OPT_CODE
 
     opt = module.optimizer
     params = [p.detach() for p in module.fptt_parameters()]
     if module._grads is None:
         module._grads = [torch.zeros_like(p) for p in params]
-    sts = [opt.state[p] for p in module.fptt_parameters()]
-    sgd = opt.base == "sgd"
-    w_bars, lams = [s["w_bar"] for s in sts], [s["lam"] for s in sts]
-    s1s = [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts]
-    s2s = [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts]
-    steps = [s["step"].view(1) for s in sts]
+    ka = opt.kernel_args(module.fptt_parameters(), x.device)
     h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
     loss = torch.empty(1, dtype=torch.float32, device=x.device)
     code = LOSS_CODE[module.loss]
@@ -192,17 +186,15 @@ def segment_gradients(module, x, target, state, weight):
         from .kernels import lstm_segment
         lstm_segment.train_segment(
             x, target, state[0], state[1], weight, code, module.per_step, params,
-            module._grads, w_bars, lams, s1s, s2s, steps, opt._hyper_table(x.device),
-            [0] * len(params), OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status,
-            h_out, c_out, loss[0], module.allow_tf32, update=False)
+            module._grads, *ka, h_out, c_out, loss[0], module.allow_tf32, update=False)
         module.last_kernel = "general"
     elif module.backend == "cuda":
         nan_hyper, sink = _update_off_tables(module, x.device)
+        ka = ka._replace(hyper=nan_hyper, group_of=[0] * len(params), status=sink)
         ran = _extension().lstm_train_cuda(
             x, target, state[0], state[1], 1, weight, False, code, module.per_step, params,
-            module._grads, w_bars, lams, s1s, s2s, steps, nan_hyper, [0] * len(params),
-            OPT_CODE[opt.base], float(opt.clip or 0.0), sink, h_out, c_out, loss,
-            module.allow_tf32, CUDA_KERNELS[module.cuda_kernel])
+            module._grads, *ka, h_out, c_out, loss, module.allow_tf32,
+            CUDA_KERNELS[module.cuda_kernel])
         module.last_kernel = CUDA_KERNEL_NAMES[ran]
     else:
         raise ValueError(f"segment_gradients: backend {module.backend!r} is not a one-launch "

@@ -49,14 +49,14 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .layout import LOSS_CODE, OPT_CODE
+from .layout import LOSS_CODE
 from .optim import FPTT, GraphCache
 
 LOSSES = ("mse", "ce")
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 HEAD_KEYS = ("head.weight", "head.bias")
 PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
-SEGMENT_BACKENDS = ("reference", "cpu", "triton", "cuda")
+SEGMENT_BACKENDS = backends.BACKENDS  # resolution: backends.resolve_segment
 # The CUDA backend's kernels (csrc/cuda/lstm_persistent.cu, csrc/cuda/lstm_segment.cu):
 # "auto" runs the persistent weight-stationary kernel where the shape fits it, else the
 # general one. Codes of _C.lstm_train_cuda's `kernel` argument and return value.
@@ -66,96 +66,6 @@ CUDA_KERNEL_NAMES = {1: "general", 2: "persistent"}
 # weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32). "auto" runs the
 # general one for now: the persistent one has not been measured on a GPU yet (issue 14).
 TRITON_KERNELS = ("auto", "general", "persistent")
-
-
-def _cpu_segment_reason():
-    reason = backends.unavailable_reason("cpu", "cpu")
-    if reason is None and not hasattr(backends.extension(), "lstm_segment_step_cpu"):
-        reason = ("fptt_fast._C has no lstm_segment_step_cpu (built from older sources; rebuild "
-                  "with pip install --no-build-isolation -e .)")
-    return reason
-
-
-def _triton_segment_reason(device_type: str):
-    reason = backends.unavailable_reason("triton", device_type)
-    if reason is None:
-        try:
-            from .kernels import lstm_segment  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
-            reason = f"fptt_fast.kernels.lstm_segment is not importable ({e})"
-    return reason
-
-
-def _cuda_segment_reason(device_type: str):
-    reason = backends.unavailable_reason("cuda", device_type)
-    if reason is None and not hasattr(backends.extension(), "lstm_segment_step_cuda"):
-        reason = "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
-    return reason
-
-
-def _size_limit_error(backend: str, I: int, H: int, O: int, tf32: bool = False):
-    """Why the one-launch kernel of `backend` cannot take these sizes (or TF32), or None."""
-    if backend == "cuda":
-        lim = getattr(backends.extension(), "cuda_lstm_max_hidden", None)
-        if lim is not None and H > lim:
-            return (f"hidden_size={H} exceeds the CUDA one-launch segment kernel's limit "
-                    f"{lim} (csrc/cuda/lstm_segment.cu)")
-        if tf32:
-            return "the CUDA one-launch segment kernel has no TF32 mode (allow_tf32=True)"
-        return None
-    if backend != "triton":
-        return None
-    from .kernels import lstm_segment as ks
-    for name, v, limit in (("hidden_size", H, "MAX_HIDDEN"), ("input_size", I, "MAX_INPUT"),
-                           ("output_size", O, "MAX_OUTPUT")):
-        lim = getattr(ks, limit, None)
-        if lim is not None and v > lim:
-            return (f"{name}={v} exceeds the Triton one-launch segment kernel's limit "
-                    f"{limit}={lim} (kernels/lstm_segment.py)")
-    return None
-
-
-def _resolve_segment_backend(backend: str, device_type: str, sizes=None, tf32=False):
-    """(segment backend, FPTT optimiser backend) for `backend` on `device_type`;
-    sizes = (I, H, O) for the one-launch kernels' limits. 'auto' passes over a kernel
-    that cannot take the sizes (or TF32): cuda, then triton, then the reference
-    segment math with the fused FPTT update; an explicit backend raises, naming the limit."""
-    if sizes is not None:
-        if backend == "auto" and device_type == "cuda":
-            for b in ("cuda", "triton"):
-                reason = (_cuda_segment_reason if b == "cuda" else _triton_segment_reason)(device_type)
-                if reason is None and _size_limit_error(b, *sizes, tf32=tf32) is None:
-                    return b, b
-            return "reference", "auto"
-        chosen = _resolve_segment_backend(backend, device_type)
-        err = _size_limit_error(chosen[0], *sizes, tf32=tf32)
-        if err is not None:
-            raise ValueError(err)
-        return chosen
-    if backend not in SEGMENT_BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {backend!r}; choose one of {SEGMENT_BACKENDS + ('auto',)}")
-    if backend == "auto":
-        if device_type == "cpu":
-            return ("cpu", "cpu") if _cpu_segment_reason() is None else ("reference", "auto")
-        if _cuda_segment_reason(device_type) is None:
-            return "cuda", "cuda"
-        if _triton_segment_reason(device_type) is None:
-            return "triton", "triton"
-        return "reference", "auto"
-    if backend == "reference":
-        return "reference", "reference"
-    if backend == "cpu":
-        if device_type != "cpu":
-            raise RuntimeError(f"backend 'cpu' runs CPU tensors, the module is on {device_type}")
-        reason = _cpu_segment_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend 'cpu' is unavailable: {reason}")
-        return "cpu", "cpu"
-    reason = (_triton_segment_reason if backend == "triton" else _cuda_segment_reason)(device_type)
-    if reason is not None:
-        raise RuntimeError(f"backend {backend!r} (one-launch LSTM segment step) is unavailable "
-                           f"for {device_type} tensors: {reason}")
-    return backend, backend
 
 
 class FPTTLSTM(nn.Module):
@@ -243,7 +153,7 @@ class FPTTLSTM(nn.Module):
         self.head = nn.Linear(H, O, **kw)
         self.requested_backend = backend
         dev_type = self.weight_hh_l0.device.type
-        self.backend, opt_backend = _resolve_segment_backend(backend, dev_type, (I, H, O), self.allow_tf32)
+        self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O), self.allow_tf32)
         if self.backend == "triton":
             self._triton_kernel_choice()  # ValueError now if "persistent" cannot take the sizes
         if check_inputs is None:  # reading the values is a host sync on a GPU
@@ -460,15 +370,11 @@ class FPTTLSTM(nn.Module):
                     self._grads = [torch.zeros_like(p) for p in params]
                     self._workspace = torch.empty(0, dtype=torch.float32)
                 uplan = opt._cpu_plan()
-                sts = [opt.state[p] for p in self.fptt_parameters()]
-                sgd = opt.base == "sgd"
+                ka = opt.kernel_args(self.fptt_parameters(), x.device)
                 plan = ext.CpuLstmPlan(
-                    uplan, params, self._grads, self._workspace, [s["w_bar"] for s in sts],
-                    [s["lam"] for s in sts],
-                    [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-                    [] if sgd else [s["exp_avg_sq"] for s in sts],
-                    [s["step"].view(1) for s in sts], opt._hyper, OPT_CODE[opt.base],
-                    float(opt.clip or 0.0), opt._status, opt, LOSS_CODE[self.loss],
+                    uplan, params, self._grads, self._workspace, ka.w_bars, ka.lams, ka.s1s,
+                    [] if opt.base == "sgd" else ka.s2s, ka.steps, ka.hyper, ka.optimizer,
+                    ka.clip, ka.status, opt, LOSS_CODE[self.loss],
                     bool(self.per_step), bool(self.check_inputs), bool(self.cpu_builtin_gemm))
                 cached = (uplan, self._grads, self._workspace, plan, flags)
                 self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
@@ -509,19 +415,13 @@ class FPTTLSTM(nn.Module):
     def _launch_only(self, x, target, state, weight, n_segs=1, ramp=False):
         """_launch without the optimiser's status bookkeeping (no event, no host work but
         the launch): what a CUDA graph captures."""
-        opt = self.optimizer
         params = [p.detach() for p in self.fptt_parameters()]
         if self._grads is None:
             self._grads = [torch.zeros_like(p) for p in params]
-        sts = [opt.state[p] for p in self.fptt_parameters()]
-        sgd = opt.base == "sgd"
         h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
         losses = torch.empty(n_segs, dtype=torch.float32, device=x.device)
-        lists = (params, self._grads, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
-                 [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-                 [s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
-                 [s["step"].view(1) for s in sts], opt._hyper_table(x.device), [0] * len(params),
-                 OPT_CODE[opt.base], float(opt.clip or 0.0), opt._status)
+        lists = (params, self._grads,
+                 *self.optimizer.kernel_args(self.fptt_parameters(), x.device))
         if self.backend == "triton" and self._triton_kernel_choice() == "persistent":
             from .kernels import lstm_persistent
             lstm_persistent.train(x, target, state[0], state[1], n_segs, weight, ramp,

@@ -7,6 +7,8 @@ one fused pass on the cpu/triton/cuda backends (FPTT.md steps 2-6).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import backends, reference
@@ -40,6 +42,23 @@ def _hyper_row(group):
             float(group["c"]), float(group["weight_decay"]), float(group["betas"][0]),
             float(group["betas"][1]), float(group["eps"]), float(group["momentum"]),
             float(group["dampening"]), float(bool(group["nesterov"])))
+
+
+class KernelArgs(NamedTuple):
+    """What a fused LSTM kernel needs from the optimiser (FPTT.kernel_args), in the order
+    every segment binding takes them after the parameters and their gradient buffers:
+    the FPTT state, the optimiser moments and step counters, the hyper-parameter table and
+    each tensor's row in it, the optimiser code, the clip and the status tensor."""
+    w_bars: list
+    lams: list
+    s1s: list        # SGD: momentum_buffer; Adam/AdamW: exp_avg
+    s2s: list        # SGD: momentum_buffer again (read by no kernel); Adam/AdamW: exp_avg_sq
+    steps: list      # step counters as 1-element views
+    hyper: torch.Tensor
+    group_of: list
+    optimizer: int
+    clip: float
+    status: torch.Tensor
 
 
 class FPTT(torch.optim.Optimizer):
@@ -160,6 +179,22 @@ class FPTT(torch.optim.Optimizer):
             self._status.copy_(old_status)
 
     # -- the update -------------------------------------------------------------
+    def kernel_args(self, params, device) -> KernelArgs:
+        """The optimiser's side of a fused LSTM segment launch over `params` (each in one
+        group of this optimiser, which owns their state): the typed interface FPTTLSTM and
+        fptt_fast.distributed use instead of reading FPTT's state dicts themselves. The
+        hyper-parameter table is refreshed (validated) for `device` first."""
+        sts = [self.state[p] for p in params]
+        sgd = self.base == "sgd"
+        group_index = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        return KernelArgs(
+            w_bars=[s["w_bar"] for s in sts], lams=[s["lam"] for s in sts],
+            s1s=[s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+            s2s=[s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
+            steps=[s["step"].view(1) for s in sts], hyper=self._hyper_table(device),
+            group_of=[group_index[id(p)] for p in params], optimizer=OPT_CODE[self.base],
+            clip=float(self.clip or 0.0), status=self._status)
+
     def _hyper_table(self, device):
         """The per-group hyper-parameter rows on the device, validated when they change
         (e.g. by an lr scheduler). Refreshed in place with a non-blocking copy, so the

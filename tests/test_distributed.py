@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 import fptt_fast
 from fptt_fast import distributed, reference
-from fptt_fast.lstm import PARAM_NAMES, _cuda_segment_reason
+from fptt_fast.backends import segment_unavailable_reason
+from fptt_fast.lstm import PARAM_NAMES
 
 from .utils import device_of
 
@@ -116,7 +117,7 @@ def lstm_unavailable(backend):
         return None
     if not torch.cuda.is_available():
         return "cuda backend: needs a GPU (torch.cuda.is_available() is False)"
-    reason = _cuda_segment_reason("cuda")
+    reason = segment_unavailable_reason("cuda", "cuda")
     return None if reason is None else f"cuda backend unavailable: {reason}"
 
 

@@ -13,13 +13,13 @@ import torch
 
 import fptt_fast
 from fptt_fast import backends
-from fptt_fast.lstm import _cuda_segment_reason
+from fptt_fast.backends import segment_unavailable_reason
 
 
 def _skip_reason():
     if not torch.cuda.is_available():
         return "no CUDA device (torch.cuda.is_available() is False)"
-    return _cuda_segment_reason("cuda")
+    return segment_unavailable_reason("cuda", "cuda")
 
 
 _REASON = _skip_reason()

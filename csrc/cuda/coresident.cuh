@@ -8,8 +8,24 @@
 
 #include <mutex>
 
+#include "fptt_fast/fptt_math.h"
+
 namespace fptt {
 namespace cuda {
+
+// The host pointer of a cooperative kernel's variant for `optimizer` (OPT_SGD, OPT_ADAM,
+// OPT_ADAMW), or nullptr for an unknown code. Kernels: a struct whose
+// `template <int OPT> static const void* ptr()` returns &kernel<OPT> (fused_update.cu,
+// lstm_segment.cu each define one for their kernel template).
+template <class Kernels>
+const void* kernel_for_optimizer(int optimizer) {
+  switch (optimizer) {
+    case OPT_SGD: return Kernels::template ptr<OPT_SGD>();
+    case OPT_ADAM: return Kernels::template ptr<OPT_ADAM>();
+    case OPT_ADAMW: return Kernels::template ptr<OPT_ADAMW>();
+    default: return nullptr;
+  }
+}
 
 // A cache of the answer, queried once per (device, variant) with host-side calls that
 // put no work on a stream, so later calls (e.g. while capturing a graph) query nothing.

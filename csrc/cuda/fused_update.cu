@@ -81,19 +81,12 @@ fused_update_kernel(UpdateTable t, float clip, float* __restrict__ status) {
   fused_update_phases<OPT>(t, clip, status, sh);
 }
 
-template <int OPT>
-const void* kernel_ptr() {
-  return reinterpret_cast<const void*>(&fused_update_kernel<OPT>);
-}
+struct Kernels {  // coresident.cuh's kernel_for_optimizer
+  template <int OPT>
+  static const void* ptr() { return reinterpret_cast<const void*>(&fused_update_kernel<OPT>); }
+};
 
-const void* kernel_for(int optimizer) {
-  switch (optimizer) {
-    case OPT_SGD: return kernel_ptr<OPT_SGD>();
-    case OPT_ADAM: return kernel_ptr<OPT_ADAM>();
-    case OPT_ADAMW: return kernel_ptr<OPT_ADAMW>();
-    default: return nullptr;
-  }
-}
+const void* kernel_for(int optimizer) { return kernel_for_optimizer<Kernels>(optimizer); }
 
 CoresidentCap g_cap;  // co-resident blocks per device and optimizer (coresident.cuh)
 

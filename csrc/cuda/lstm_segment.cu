@@ -336,19 +336,12 @@ lstm_segment_kernel(LstmSegmentArgs a, UpdateTable table, float clip,
   fused_update_phases<OPT>(table, clip, status, ush);
 }
 
-template <int OPT>
-const void* kernel_ptr() {
-  return reinterpret_cast<const void*>(&lstm_segment_kernel<OPT>);
-}
+struct Kernels {  // coresident.cuh's kernel_for_optimizer
+  template <int OPT>
+  static const void* ptr() { return reinterpret_cast<const void*>(&lstm_segment_kernel<OPT>); }
+};
 
-const void* kernel_for(int optimizer) {
-  switch (optimizer) {
-    case OPT_SGD: return kernel_ptr<OPT_SGD>();
-    case OPT_ADAM: return kernel_ptr<OPT_ADAM>();
-    case OPT_ADAMW: return kernel_ptr<OPT_ADAMW>();
-    default: return nullptr;
-  }
-}
+const void* kernel_for(int optimizer) { return kernel_for_optimizer<Kernels>(optimizer); }
 
 CoresidentCap g_cap;  // co-resident blocks per device and optimizer (coresident.cuh)
 
