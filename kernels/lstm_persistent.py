@@ -205,27 +205,7 @@ def _head_loss(lg_ptr, tp, rows, rm, oo, om, bo, tgt_ptr, trow, B, O, dscale,
     for r in tl.static_range(1, NP):
         logits += tl.load(base + r * B * OP, mask=m2, other=0.0, cache_modifier=".cg")
     logits += bo[None, :]
-    if LOSS == 0:
-        y = tl.load(tgt_ptr + trow * B * O + rows[:, None] * O + oo[None, :], mask=m2, other=0.0)
-        diff = tl.where(m2, logits - y, 0.0)
-        lsum = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-        dp = (2.0 * dscale) * diff
-    else:
-        y = tl.load(tgt_ptr + trow * B + rows, mask=rm, other=0).to(tl.int32)
-        z = tl.where(om[None, :], logits, float("-inf"))
-        mx = tl.max(z, axis=1)
-        e = tl.where(om[None, :], tl.exp(z - mx[:, None]), 0.0)
-        se = tl.sum(e, axis=1)
-        onehot = oo[None, :] == y[:, None]
-        picked = tl.sum(tl.where(onehot, z, 0.0), axis=1)
-        # a class outside [0, O) poisons its row with NaN (as the general kernel): the
-        # update then sees a non-finite norm and skips; no host sync to check it
-        bad = (y < 0) | (y >= O)
-        lrow = tl.where(bad, float("nan"), mx + tl.log(se) - picked)
-        lsum = tl.sum(tl.where(rm, lrow, 0.0), axis=0)
-        dp = dscale * (e / se[:, None] - tl.where(onehot, 1.0, 0.0))
-        dp = tl.where(m2, tl.where(bad[:, None], float("nan"), dp), 0.0)
-    return lsum, dp
+    return ls._loss_tile(logits, tgt_ptr, trow, rows, rm, oo, om, B, O, dscale, LOSS)
 
 
 @triton.jit

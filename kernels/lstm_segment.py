@@ -122,6 +122,37 @@ def _tanh(x):
 
 
 @triton.jit
+def _loss_tile(logits, tgt_ptr, trow, rows, rm, ocols, om, B, O, dscale, LOSS: tl.constexpr):
+    """The task loss of one [rows, O] tile of logits at target row trow (MSE: targets
+    [.., B, O] floats; CE: [.., B] class indices): (the loss summed over the tile's rows,
+    dP = d(dscale * that sum)/d logits). Shared by the general and the persistent kernel;
+    the CPU and CUDA kernels have theirs in lstm_math.h, all tested against the reference."""
+    m2 = rm[:, None] & om[None, :]
+    if LOSS == 0:
+        y = tl.load(tgt_ptr + trow * B * O + rows[:, None] * O + ocols[None, :], mask=m2,
+                    other=0.0)
+        diff = tl.where(m2, logits - y, 0.0)
+        lsum = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
+        dp = (2.0 * dscale) * diff
+    else:
+        y = tl.load(tgt_ptr + trow * B + rows, mask=rm, other=0).to(tl.int32)
+        z = tl.where(om[None, :], logits, float("-inf"))
+        mx = tl.max(z, axis=1)
+        e = tl.where(om[None, :], tl.exp(z - mx[:, None]), 0.0)
+        se = tl.sum(e, axis=1)
+        onehot = ocols[None, :] == y[:, None]
+        picked = tl.sum(tl.where(onehot, z, 0.0), axis=1)
+        # a class index out of [0, O) poisons its row with NaN, as the CUDA kernel does:
+        # the update sees a non-finite norm and skips (no host sync to check)
+        bad = (y < 0) | (y >= O)
+        lrow = tl.where(bad, float("nan"), mx + tl.log(se) - picked)
+        lsum = tl.sum(tl.where(rm, lrow, 0.0), axis=0)
+        dp = dscale * (e / se[:, None] - tl.where(onehot, 1.0, 0.0))
+        dp = tl.where(m2, tl.where(bad[:, None], float("nan"), dp), 0.0)
+    return lsum, dp
+
+
+@triton.jit
 def _bias_pair(bih_ptr, bhh_ptr, off, cols, cm):
     return (tl.load(bih_ptr + off + cols, mask=cm, other=0.0)
             + tl.load(bhh_ptr + off + cols, mask=cm, other=0.0))
@@ -221,27 +252,8 @@ def _batch_tile_forward_backward(
         logits = _gate_acc(tl.zeros([BB, OP], dtype=tl.float32), hs_ptr + (t + 1) * BH_, H,
                            rows, rm, wo_ptr, H, 0, ocols, om, H, BK, PREC) + bo[None, :]
         m2 = rm[:, None] & om[None, :]
-        if LOSS == 0:
-            y = tl.load(tgt_ptr + tp * B * O + rows[:, None] * O + ocols[None, :], mask=m2,
-                        other=0.0)
-            diff = tl.where(m2, logits - y, 0.0)
-            lsum += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-            dp = (2.0 * dscale) * diff
-        else:
-            y = tl.load(tgt_ptr + tp * B + rows, mask=rm, other=0).to(tl.int32)
-            z = tl.where(om[None, :], logits, float("-inf"))
-            mx = tl.max(z, axis=1)
-            e = tl.where(om[None, :], tl.exp(z - mx[:, None]), 0.0)
-            se = tl.sum(e, axis=1)
-            onehot = ocols[None, :] == y[:, None]
-            picked = tl.sum(tl.where(onehot, z, 0.0), axis=1)
-            # a class index out of [0, O) poisons its row with NaN, as the CUDA kernel
-            # does: the update sees a non-finite norm and skips (no host sync to check)
-            bad = (y < 0) | (y >= O)
-            lrow = tl.where(bad, float("nan"), mx + tl.log(se) - picked)
-            lsum += tl.sum(tl.where(rm, lrow, 0.0), axis=0)
-            dp = dscale * (e / se[:, None] - tl.where(onehot, 1.0, 0.0))
-            dp = tl.where(m2, tl.where(bad[:, None], float("nan"), dp), 0.0)
+        l_t, dp = _loss_tile(logits, tgt_ptr, tp, rows, rm, ocols, om, B, O, dscale, LOSS)
+        lsum += l_t
         tl.store(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :], dp, mask=m2)
     tl.store(lpart_ptr + tile, lsum)
 
