@@ -68,6 +68,7 @@ def world(tmp_path_factory):
     return d
 
 
+# (command, message) cases: a table of the same shape as test_cli.py's BAD, other cases
 REFUSED = [
     # paths: checked before training, named in the user's words
     (["train", "add", "--out", "README.md"], "--out README.md is not a folder"),

@@ -267,6 +267,9 @@ int64_t lstm_grid_size_cuda(int64_t optimizer, int64_t device) {
 }  // namespace
 
 void register_lstm_cuda(pybind11::module_& m) {
+  // Two signatures that share most argument names (duplicates reports their lists as one
+  // shape): lstm_segment_step_cuda is one segment, lstm_train_cuda K of them; kept apart
+  // because each list is the binding's documented Python signature.
   m.def("lstm_segment_step_cuda", &lstm_segment_step_cuda,
         "One FPTT LSTM segment step on CUDA tensors in one cooperative kernel launch: forward "
         "over the segment, head and loss, backward, the six gradients (written to grads) and "
