@@ -3,22 +3,13 @@
 
 #include <stdint.h>
 
+#include "fptt_fast/update_slot.h"
+
 namespace fptt {
 namespace cpu {
 
-// One parameter tensor taking part in a fused FPTT update. Every array holds n
-// contiguous fp32 elements; s2 is unused (may be null) for SGD.
-struct UpdateSlot {
-  float* w;            // parameter, updated in place
-  const float* g;      // task gradient (not modified)
-  float* w_bar;        // running average
-  float* lam;          // dual variable
-  float* s1;           // SGD momentum buffer, or Adam exp_avg
-  float* s2;           // Adam exp_avg_sq
-  float* step;         // one float: updates this tensor has had (torch's state["step"])
-  const float* hyper;  // its group's row of H_COUNT floats (fptt_math.h)
-  int64_t n;
-};
+// The update slot: update_slot.h (one definition for the CPU and CUDA kernels).
+using UpdateSlot = ::fptt::UpdateSlot;
 
 struct UpdateResult {
   double norm;   // global L2 norm of the regularised gradient, before clipping

@@ -17,6 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fptt_fast/update_slot.h"
+
 namespace fptt {
 namespace cuda {
 
@@ -27,21 +29,9 @@ constexpr int64_t kChunk = 4096;
 // Threads per block of the fused kernel.
 constexpr int kThreads = 256;
 
-// One parameter tensor taking part in the update; device pointers. Every array holds
-// n contiguous fp32 elements, shape [n] (any original shape, flattened).
-struct UpdateSlot {
-  float* w;            // [n] parameter, updated in place
-  const float* g;      // [n] task gradient (read only)
-  float* w_bar;        // [n] running average W-bar
-  float* lam;          // [n] dual variable lambda
-  float* s1;           // [n] SGD momentum buffer, or Adam/AdamW exp_avg
-  float* s2;           // [n] Adam/AdamW exp_avg_sq; nullptr for SGD (never read)
-  float* step;         // [1] updates this tensor has had (torch's state["step"], float)
-  const float* hyper;  // [H_COUNT] its group's hyper-parameter row (fptt_math.h HyperIndex)
-  int64_t n;           // elements; 0 is allowed (the step count still advances)
-  int64_t chunk_begin; // index of its first chunk in the global chunk numbering:
-                       // chunk_begin[i] = sum_{j<i} chunks_of(n[j]); ascending
-};
+// The update slot (device pointers): update_slot.h, one definition for the CPU and CUDA
+// kernels; chunk_begin numbers its chunks for the grid.
+using UpdateSlot = ::fptt::UpdateSlot;
 
 // Per-slot scalars saved in phase 1 and read in phase 2 (device scratch, see
 // UpdateTable::scalars). Part of the API only so the glue can size the workspace.
