@@ -83,3 +83,22 @@ def test_binding_refuses_tf32_and_large_hidden():
     args[7][1] = torch.empty(4 * H, H, device=DEV)
     with pytest.raises(RuntimeError, match="kLstmMaxHidden"):
         ext.lstm_segment_step_cuda(*args)
+
+
+@pytest.mark.parametrize("bad", ["float64", "cpu", "shape"])
+def test_binding_names_loss_out(bad):
+    """A bad loss_out is refused naming loss_out, the argument the caller wrote (the
+    K-segment binding underneath calls it losses_out: the H200 fuzz of 2026-11-27 caught
+    that name in this binding's errors), and nothing is written."""
+    ext = backends.extension()
+    m = fptt_fast.FPTTLSTM(2, 8, 1, backend="cuda", device=DEV)
+    x, y = torch.randn(3, 2, 2, device=DEV), torch.randn(2, 1, device=DEV)
+    state = (torch.randn(2, 8, device=DEV), torch.randn(2, 8, device=DEV))
+    args = list(_binding_args(m, x, y, state))
+    args[-2] = {"float64": torch.empty((), dtype=torch.float64, device=DEV),
+                "cpu": torch.empty(()),
+                "shape": torch.empty(1, 1, device=DEV)}[bad]
+    before = [p.detach().clone() for p in m.fptt_parameters()]
+    with pytest.raises(RuntimeError, match=r"(?<![A-Za-z_])loss_out\b"):
+        ext.lstm_segment_step_cuda(*args)
+    assert all(torch.equal(a, p) for a, p in zip(before, m.fptt_parameters()))

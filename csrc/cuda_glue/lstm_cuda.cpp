@@ -225,6 +225,10 @@ void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::
                             at::Tensor loss_out, bool tf32) {
   FPTT_CHECK(loss_out.defined() && loss_out.dim() <= 1 && loss_out.numel() == 1,
               "lstm_segment_step_cuda: loss_out must hold 1 float");
+  // checked here under this binding's name: lstm_train_cuda checks its view as
+  // "losses_out", a name the caller of this binding never wrote (the H200 fuzz of
+  // 2026-11-27 refused such calls with that unnamed argument)
+  checks::check_tensor("lstm_segment_step_cuda", loss_out, {"loss_out"}, at::kCUDA, nullptr);
   lstm_train_cuda(x, target, h0, c0, 1, weight, false, loss, per_step, std::move(params),
                   std::move(grads), std::move(w_bars), std::move(lams), std::move(s1s),
                   std::move(s2s), std::move(steps), hyper, std::move(group_of), optimizer, clip,
