@@ -26,7 +26,7 @@
 #                                          one omega=100 segment of the persistent kernel
 #                                          (benchmarks/ncu_run.py); report in logs/ncu.log
 #   GPU_CHECK_STAGES="tests ncu" bash benchmarks/gpu_check.sh   the build and those stages only
-#   (names: persistent tests paper ncu sanitizer-memcheck sanitizer-racecheck
+#   (names: persistent tests tests-host paper ncu sanitizer-memcheck sanitizer-racecheck
 #   sanitizer-synccheck bench-update); GPU_CHECK_WORKERS: pytest-xdist workers (default 6)
 #   bash benchmarks/gpu_check.sh --quick   on any machine (CI runs this): no rebuild, no
 #                                          tests, tiny benchmarks; proves the harness works.
@@ -97,8 +97,19 @@ if [ "$NCU" = 1 ]; then
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis $PY benchmarks/ncu_run.py
 fi
+# The suite in two stages, so that the part a GPU changes finishes (and prints its failure
+# summary) first: the kernels, bindings, graphs and distributed tests; then the command
+# line, training loop and reference tests, which CI runs on the CPU anyway.
 # -v: each result is logged as it completes, so a stage cut by its limit still names them
-stage tests 150 $PY -m pytest tests -v -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 60 -rfE --durations=20
+GPU_TESTS="tests/test_bindings.py tests/test_update.py tests/test_update_cuda.py tests/test_update_triton.py
+  tests/test_lstm.py tests/test_lstm_cuda.py tests/test_lstm_persistent.py tests/test_lstm_triton.py
+  tests/test_lstm_triton_persistent.py tests/test_graphs.py tests/test_distributed.py
+  tests/test_host_path.py tests/test_layout.py tests/test_foundation.py"
+HOST_TESTS="tests/test_cli.py tests/test_cli_faults.py tests/test_mnist.py tests/test_train.py
+  tests/test_reference.py tests/test_cuda_sources.py"
+PYTEST_XDIST=(-v -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 60 -rfE --durations=15)
+stage tests 150 $PY -m pytest $GPU_TESTS "${PYTEST_XDIST[@]}"
+stage tests-host 90 $PY -m pytest $HOST_TESTS "${PYTEST_XDIST[@]}"
 if [ "$PAPER" = 1 ]; then
   # the run folders (checkpoints, logs) go into logs.tgz; the CSV and figure beside it
   stage paper 150 fptt-fast compare add --paper --out "$OUTDIR/logs/paper"

@@ -1,4 +1,6 @@
 """Foundation pieces: the Add task's data, and the package without its extension."""
+import os
+
 import pytest
 import torch
 
@@ -48,3 +50,20 @@ def test_without_extension_reference_works_and_cpu_says_why(monkeypatch, fresh_s
     before = p.detach().clone()
     opt.step()
     assert not torch.equal(p.detach(), before)
+
+
+def test_gpu_harness_runs_every_test_file():
+    """benchmarks/gpu_check.sh runs the suite in two named lists (GPU_TESTS, HOST_TESTS):
+    a test file missing from both would never run on a GPU."""
+    import glob
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "benchmarks", "gpu_check.sh")) as f:
+        script = f.read()
+    listed = []
+    for name in ("GPU_TESTS", "HOST_TESTS"):
+        m = re.search(name + r'="([^"]*)"', script)
+        assert m, f"{name} not found in gpu_check.sh"
+        listed += m.group(1).split()
+    files = sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "tests", "test_*.py")))
+    assert sorted(listed) == files
