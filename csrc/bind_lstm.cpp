@@ -183,14 +183,18 @@ class CpuLstmPlan {
               std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
               std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps, at::Tensor hyper,
               int64_t optimizer, double clip, at::Tensor status, pybind11::object fptt,
-              int64_t loss, bool per_step, bool check_inputs, bool builtin_gemm)
+              int64_t loss, bool per_step, bool check_inputs, bool builtin_gemm,
+              std::vector<int64_t> group_of)
       : update_plan_(std::move(update_plan)), fptt_(std::move(fptt)), loss_(loss),
         per_step_(per_step), check_inputs_(check_inputs), builtin_gemm_(builtin_gemm),
         params_(std::move(params)),
         grads_(std::move(grads)), workspace_(std::move(workspace)), w_bars_(std::move(w_bars)),
         lams_(std::move(lams)), s1s_(std::move(s1s)), s2s_(std::move(s2s)),
         steps_(std::move(steps)), hyper_(std::move(hyper)), status_(std::move(status)),
-        optimizer_(optimizer), clip_(clip), group_of_(params_.size(), 0) {
+        optimizer_(optimizer), clip_(clip),
+        // each parameter's row of hyper (FPTT.kernel_args' group_of); empty: all row 0
+        group_of_(group_of.empty() ? std::vector<int64_t>(params_.size(), 0)
+                                   : std::move(group_of)) {
     FPTT_CHECK(params_.size() == 6 && grads_.size() == 6, kFn,
                 ": the plan takes the six parameters and their six gradient buffers");
     FPTT_CHECK(status_.defined() && status_.device().is_cpu() &&
@@ -228,7 +232,8 @@ class CpuLstmPlan {
                             w_bars_[k].data_ptr<float>(), lams_[k].data_ptr<float>(),
                             s1s_[k].data_ptr<float>(),
                             optimizer_ == OPT_SGD ? nullptr : s2s_[k].data_ptr<float>(),
-                            steps_[k].data_ptr<float>(), hp, params_[k].numel()});
+                            steps_[k].data_ptr<float>(), hp + group_of_[k] * H_COUNT,
+                            params_[k].numel()});
       }
     }
     if (loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
@@ -525,12 +530,13 @@ void register_lstm_cpu(pybind11::module_& m) {
       .def(py::init<py::object, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, double,
-                    at::Tensor, py::object, int64_t, bool, bool, bool>(),
+                    at::Tensor, py::object, int64_t, bool, bool, bool, std::vector<int64_t>>(),
            py::arg("update_plan"), py::arg("params"), py::arg("grads"), py::arg("workspace"),
            py::arg("w_bars"), py::arg("lams"), py::arg("s1s"), py::arg("s2s"), py::arg("steps"),
            py::arg("hyper"), py::arg("optimizer"), py::arg("clip"), py::arg("status"),
            py::arg("fptt") = py::none(), py::arg("loss") = 0, py::arg("per_step") = false,
-           py::arg("check_inputs") = true, py::arg("builtin_gemm") = false)
+           py::arg("check_inputs") = true, py::arg("builtin_gemm") = false,
+           py::arg("group_of") = std::vector<int64_t>())
       .def("step", &CpuLstmPlan::step, py::arg("x"), py::arg("target"), py::arg("h0"),
            py::arg("c0"), py::arg("loss"), py::arg("per_step"), py::arg("weight"),
            py::arg("update"), py::arg("param_groups"), py::arg("clip"),

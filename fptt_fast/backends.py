@@ -164,9 +164,10 @@ def resolve_segment(backend: str, device_type: str, sizes=None, tf32=False):
         raise RuntimeError(f"backend 'cpu' runs CPU tensors, the module is on {device_type}")
     reason = segment_unavailable_reason(backend, device_type)
     if reason is not None:
-        what = "" if backend == "cpu" else " (one-launch LSTM segment step)"
-        raise RuntimeError(f"backend {backend!r}{what} is unavailable for {device_type} "
-                           f"tensors: {reason}")
+        if backend == "cpu":
+            raise RuntimeError(f"backend 'cpu' is unavailable: {reason}")
+        raise RuntimeError(f"backend {backend!r} (one-launch LSTM segment step) is unavailable "
+                           f"for {device_type} tensors: {reason}")
     err = None if sizes is None else segment_size_limit_error(backend, *sizes, tf32=tf32)
     if err is not None:
         raise ValueError(err)

@@ -378,7 +378,8 @@ class FPTTLSTM(nn.Module):
                     uplan, params, self._grads, self._workspace, ka.w_bars, ka.lams, ka.s1s,
                     [] if opt.base == "sgd" else ka.s2s, ka.steps, ka.hyper, ka.optimizer,
                     ka.clip, ka.status, opt, LOSS_CODE[self.loss],
-                    bool(self.per_step), bool(self.check_inputs), bool(self.cpu_builtin_gemm))
+                    bool(self.per_step), bool(self.check_inputs), bool(self.cpu_builtin_gemm),
+                    ka.group_of)
                 cached = (uplan, self._grads, self._workspace, plan, flags)
                 self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
             loss, h, c, count = cached[3].step(x, target, state[0], state[1],
@@ -576,7 +577,8 @@ class FPTTLSTM(nn.Module):
                 tuple(p.data_ptr() for p in self.fptt_parameters()),
                 tuple(g.data_ptr() for g in self._grads),
                 tuple(t.data_ptr() for t in flat.values()),
-                opt._hyper.data_ptr(), opt._status.data_ptr(), x.device)
+                opt._hyper.data_ptr(), opt._status.data_ptr(), x.device,
+                tuple(opt.kernel_args(self.fptt_parameters(), x.device).group_of))
 
     def _graphed_sequence(self, x, target, state, n_segs):
         """train_sequence's cuda launch through a CUDA graph. The first call per key
@@ -605,19 +607,22 @@ class FPTTLSTM(nn.Module):
             side = torch.cuda.Stream(device=x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side), torch.cuda.graph(g):
+            # stream=side: torch.cuda.graph's own default capture stream is made once per
+            # process, on whichever device was current then
+            with torch.cuda.stream(side), torch.cuda.graph(g, stream=side):
                 g_losses, _ = self._launch_only(*static[:2], static[2:], 1.0, n_segs=n_segs,
                                                 ramp=ramp)
             torch.cuda.current_stream(x.device).wait_stream(side)
-            entry = (g, static, g_losses)
+            entry = (g, static, g_losses, self.last_kernel)
             while len(graphs) >= self.MAX_GRAPHS:
                 graphs.pop(next(iter(graphs)))
         else:
-            g, static, g_losses = entry
+            g, static, g_losses, kernel = entry
             for dst, src in zip(static, (x, target, state[0], state[1])):
                 dst.copy_(src)
             g.replay()
             out = g_losses.clone()
+            self.last_kernel = kernel  # the kernel this graph captured
         graphs[key] = entry  # most recently used last
         opt._after_device_step()
         return out

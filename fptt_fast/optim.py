@@ -121,9 +121,11 @@ class FPTT(torch.optim.Optimizer):
         self._build_state()
         if not isinstance(graph, bool):
             raise ValueError(f"graph must be True or False, got {graph!r}")
-        if graph and self.backend not in ("cuda", "triton"):
-            raise ValueError(f"graph=True needs the cuda or triton backend (CUDA tensors), "
-                             f"this optimiser runs {self.backend!r}")
+        if graph and (self.backend not in ("cuda", "triton")
+                      or self._status.device.type != "cuda"):
+            raise ValueError(f"graph=True needs the cuda or triton backend on CUDA tensors, "
+                             f"this optimiser runs {self.backend!r} on "
+                             f"{self._status.device.type} tensors")
         self.graph = graph
         self._graphs = GraphCache()  # captured steps, by _graph_key
         self._graph_captures = 0
@@ -336,7 +338,7 @@ class FPTT(torch.optim.Optimizer):
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side), torch.cuda.graph(g):
+            with torch.cuda.stream(side), torch.cuda.graph(g, stream=side):
                 held = launch()
             torch.cuda.current_stream(dev).wait_stream(side)
             entry = (g, held)

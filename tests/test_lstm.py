@@ -393,3 +393,36 @@ def test_module_cast_to_other_dtype_raises():
     m.double()
     with pytest.raises(TypeError, match="float32"):
         m.train_segment(torch.randn(2, 1, 2), torch.randn(1, 1))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_parameter_groups_are_honoured(backend, fresh_seed):
+    """An FPTTLSTM whose optimiser holds two groups (the head with lr=0) updates each
+    parameter with its own group's hyper-parameters on every backend, as the reference
+    does: the head stays put, the LSTM weights move, and all match the reference. (The
+    review of 2026-11-27 found the cpu step reading group 0's row for every parameter.)"""
+    dev = backend_device(backend, "lstm")
+    models = {}
+    for b in (backend, "reference"):
+        torch.manual_seed(fresh_seed)
+        m = fptt_fast.FPTTLSTM(3, 5, 2, backend=b, device=dev, optimizer="sgd", lr=0.1,
+                               momentum=0.9)
+        ps = m.fptt_parameters()
+        m.optimizer = fptt_fast.FPTT([{"params": ps[:4]}, {"params": ps[4:], "lr": 0.0}],
+                                     lr=0.1, optimizer="sgd", momentum=0.9,
+                                     backend=m.optimizer.backend)
+        models[b] = m
+    head_before = [p.detach().clone() for p in models[backend].fptt_parameters()[4:]]
+    lstm_before = [p.detach().clone() for p in models[backend].fptt_parameters()[:4]]
+    g = torch.Generator().manual_seed(fresh_seed)
+    for _ in range(3):
+        x = torch.randn(4, 6, 3, generator=g).to(dev)
+        y = torch.randn(6, 2, generator=g).to(dev)
+        for m in models.values():
+            m.train_segment(x, y)
+    fused, ref = (models[b].fptt_parameters() for b in (backend, "reference"))
+    assert all(torch.equal(a, b) for a, b in zip(head_before, fused[4:]))
+    assert not any(torch.equal(a, b) for a, b in zip(lstm_before, fused[:4]))
+    scale = max(p.abs().max().item() for p in ref)
+    for a, b in zip(fused, ref):
+        assert scaled_err(a.detach(), b.detach(), scale) <= TOL_MATMUL
