@@ -623,31 +623,7 @@ _CAPS: dict = {}
 
 
 def _co_resident_cap(dev, sizes, args, kw) -> int:
-    """Programs surely resident at once (the syncs spin): at most fptt_update's 2 blocks
-    per SM, fewer if the compiled kernel's registers, shared memory or threads say so.
-    Compiled (not launched) once per shape and config (as lstm_segment._co_resident_cap)."""
-    key = (dev.index, sizes, tuple(sorted(kw.items())))
-    cap = _CAPS.get(key)
-    if cap is None:
-        k = _lstm_persistent_kernel.warmup(*args, grid=(1,), **kw)
-        if hasattr(k, "_init_handles"):
-            k._init_handles()  # loads the binary; sets n_regs
-        n_regs = int(getattr(k, "n_regs", 0) or 255)
-        props = torch.cuda.get_device_properties(dev)
-        num_warps = kw["num_warps"]
-        regs_block = num_warps * (-(-n_regs * 32 // 256) * 256)
-        regs_sm = int(getattr(props, "regs_per_multiprocessor", 65536) or 65536)
-        smem_sm = int(getattr(props, "shared_memory_per_multiprocessor", 0) or 0)
-        if smem_sm == 0:
-            idx = dev.index if dev.index is not None else torch.cuda.current_device()
-            smem_sm = triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
-        shared = int(k.metadata.shared) + 1024
-        threads_sm = int(getattr(props, "max_threads_per_multi_processor", 2048) or 2048)
-        per_sm = min(fu._BLOCKS_PER_SM, regs_sm // max(1, regs_block), smem_sm // shared,
-                     threads_sm // (32 * num_warps))
-        if per_sm < 1:
-            raise RuntimeError(f"the persistent Triton LSTM kernel does not fit one SM "
-                               f"(registers {n_regs}/thread, shared memory {k.metadata.shared} B)")
-        cap = per_sm * fu._sm_count(dev)
-        _CAPS[key] = cap
-    return cap
+    """Programs surely resident at once (the group syncs spin): lstm_segment's
+    co_resident_cap for this kernel."""
+    return ls.co_resident_cap(_lstm_persistent_kernel, _CAPS, dev, sizes, args, kw,
+                              "the persistent Triton LSTM kernel")

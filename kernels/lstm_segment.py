@@ -616,13 +616,22 @@ _CAPS: dict = {}
 
 
 def _co_resident_cap(dev, sizes, args, kw) -> int:
-    """Programs that are surely resident at once (the grid barriers spin): at most
-    fptt_update's 2 blocks per SM, fewer if the compiled kernel's registers, shared
-    memory or threads say so. Compiled (not launched) once per shape and config."""
+    """Programs that are surely resident at once (the grid barriers spin): see
+    co_resident_cap."""
+    return co_resident_cap(_lstm_segment_kernel, _CAPS, dev, sizes, args, kw,
+                           "the LSTM segment kernel")
+
+
+def co_resident_cap(kernel, caps, dev, sizes, args, kw, what) -> int:
+    """Programs of `kernel` surely resident at once on `dev`: at most fptt_update's 2
+    blocks per SM, fewer if the compiled kernel's registers, shared memory or threads say
+    so. Compiled (not launched) once per shape and config and cached in `caps`. Shared by
+    the kernels whose programs wait on each other (this one's grid barriers,
+    lstm_persistent's group syncs)."""
     key = (dev.index, sizes, tuple(sorted(kw.items())))
-    cap = _CAPS.get(key)
+    cap = caps.get(key)
     if cap is None:
-        k = _lstm_segment_kernel.warmup(*args, grid=(1,), **kw)
+        k = kernel.warmup(*args, grid=(1,), **kw)
         if hasattr(k, "_init_handles"):
             k._init_handles()  # loads the binary; sets n_regs
         n_regs = int(getattr(k, "n_regs", 0) or 255)  # unknown: the per-thread maximum
@@ -640,8 +649,8 @@ def _co_resident_cap(dev, sizes, args, kw) -> int:
         per_sm = min(fu._BLOCKS_PER_SM, regs_sm // max(1, regs_block), smem_sm // shared,
                      threads_sm // (32 * num_warps))
         if per_sm < 1:
-            raise RuntimeError(f"the LSTM segment kernel does not fit one SM (registers "
-                               f"{n_regs}/thread, shared memory {k.metadata.shared} B)")
+            raise RuntimeError(f"{what} does not fit one SM (registers {n_regs}/thread, "
+                               f"shared memory {k.metadata.shared} B)")
         cap = per_sm * fu._sm_count(dev)
-        _CAPS[key] = cap
+        caps[key] = cap
     return cap

@@ -206,3 +206,41 @@ def test_hidden_limit():
         ls.train_segment(torch.zeros(1, 1, 1), torch.zeros(1, 1), None, None, 1.0, 0, False,
                          params, params, [], [], [], [], [], None, [], 1, 1.0, None,
                          None, None, torch.zeros(1))
+
+
+def test_co_resident_cap_takes_the_tightest_sm_limit(monkeypatch):
+    """lstm_segment.co_resident_cap (used by both Triton LSTM kernels, whose programs wait
+    on each other) on stand-ins for the compiled kernel and the device: blocks per SM are
+    the least of fptt_update's cap, registers, shared memory and threads, times the SMs;
+    cached per key; and a kernel that fits no SM is refused naming it."""
+    import types
+    fu = ls.fu
+    props = types.SimpleNamespace(regs_per_multiprocessor=65536,
+                                  shared_memory_per_multiprocessor=228 * 1024,
+                                  max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: props)
+    monkeypatch.setattr(fu, "_sm_count", lambda dev: 132)
+    compiled = []
+
+    def kernel(n_regs, shared):
+        def warmup(*args, grid, **kw):
+            compiled.append(grid)
+            return types.SimpleNamespace(n_regs=n_regs, metadata=types.SimpleNamespace(shared=shared))
+        return types.SimpleNamespace(warmup=warmup)
+
+    dev = torch.device("cuda", 0)
+    kw = dict(num_warps=8)
+    # 255 registers x 256 threads = 65280 of 65536 per SM: one block
+    assert ls.co_resident_cap(kernel(255, 0), {}, dev, (1,), (), kw, "k") == 132
+    # 64 registers: fptt_update's cap decides
+    assert ls.co_resident_cap(kernel(64, 0), {}, dev, (1,), (), kw, "k") == fu._BLOCKS_PER_SM * 132
+    # shared memory: 100 KB (+1 KB reserved) per block -> 2 per SM, unless the cap is lower
+    assert ls.co_resident_cap(kernel(32, 100 * 1024), {}, dev, (1,), (), kw, "k") == \
+        min(2, fu._BLOCKS_PER_SM) * 132
+    caps = {}
+    ls.co_resident_cap(kernel(64, 0), caps, dev, (7,), (), kw, "k")
+    n = len(compiled)
+    ls.co_resident_cap(kernel(64, 0), caps, dev, (7,), (), kw, "k")
+    assert len(compiled) == n  # cached: compiled once per key
+    with pytest.raises(RuntimeError, match="the big kernel does not fit one SM"):
+        ls.co_resident_cap(kernel(32, 300 * 1024), {}, dev, (1,), (), kw, "the big kernel")

@@ -399,14 +399,17 @@ class LSTMPair:
         assert scaled_err(s_f[0], s_r[0], 1.0) <= state_tol, tag + " h"
         c_scale = min(TOL_MATMUL / state_tol, max(1.0, s_r[1].abs().max().item()))
         assert scaled_err(s_f[1], s_r[1], c_scale) <= state_tol, tag + " c"
-        # Each gradient against its own scale, floored at 1 % of the largest gradient: a
-        # tensor whose batch contributions nearly cancel (a head bias under CE with few
-        # rows) is small while its rounding error scales with the contributions; measured
-        # against its own max it failed ~1 seed in 25 in the interpreter (issue 14), and two
-        # GPU cases (cuda, random shapes) failed on 2026-11-27 with the reason cut from the log.
+        # Each gradient against its own scale, floored at 1 % of the largest gradient and at
+        # 1e-2 (so 1e-6 absolute: the fp32 rounding of a few terms of size ~1, the size of
+        # the loss gradients dL/dpred here, is ~1e-7): a tensor whose batch contributions
+        # nearly cancel (a head bias under CE with few rows; at H = 1, MSE, B = 3, seed 26:
+        # head weight 8.3e-5 with an error of 6e-8, head bias an error of 1.2e-7) is small
+        # while its rounding error scales with the contributions. Against its own max alone it failed ~1 seed in
+        # 25 in the interpreter (issue 14); two GPU cases (cuda, random shapes) failed on
+        # 2026-11-27 with the reason cut from the log.
         g_scale = max(b.abs().max().item() for b in g_r)
         for name, a, b in zip(PARAM_NAMES, g_f, g_r):
-            err = scaled_err(a, b, max(b.abs().max().item(), 0.01 * g_scale, 1e-6))
+            err = scaled_err(a, b, max(b.abs().max().item(), 0.01 * g_scale, 1e-2))
             assert err <= TOL_MATMUL, f"{tag} grad {name}: error {err:.3g}"
         self.compare_params()
         assert self.m.optimizer._status[STATUS_LAST_SKIPPED].item() == 0.0, tag
