@@ -21,6 +21,7 @@
 #include "fptt_fast/lstm_segment.h"
 #include "fptt_fast/registry.h"
 #include "fptt_fast/lstm_checks.h"
+#include "fptt_fast/update_slots.h"
 
 namespace fptt {
 
@@ -142,15 +143,9 @@ std::tuple<double, at::Tensor, at::Tensor, double, bool> lstm_segment_step_cpu(
   grow_workspace(workspace, need);
 
   std::vector<cpu::UpdateSlot> slots;
-  if (update) {
-    const float* hp = hyper.data_ptr<float>();
-    for (int k = 0; k < 6; ++k)
-      slots.push_back({params[k].data_ptr<float>(), grads[k].data_ptr<float>(),
-                       w_bars[k].data_ptr<float>(), lams[k].data_ptr<float>(),
-                       s1s[k].data_ptr<float>(),
-                       optimizer == OPT_SGD ? nullptr : s2s[k].data_ptr<float>(),
-                       steps[k].data_ptr<float>(), hp + group_of[k] * H_COUNT, params[k].numel()});
-  }
+  if (update)
+    slots = update_slots(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
+                         optimizer == OPT_SGD);
   SegmentOut o = run_segment(x, target, h0, c0, params, grads, workspace, d, loss, per_step,
                              weight, slots, optimizer, clip, builtin_gemm, /*release_gil=*/true);
   return {o.loss, o.h, o.c, o.r.norm, o.r.skipped};
@@ -225,15 +220,8 @@ class CpuLstmPlan {
       if (!validated_ || (update && !validated_update_)) {
         validated_ = true;
         validated_update_ = validated_update_ || update;
-        slots_.clear();
-        const float* hp = hyper_.data_ptr<float>();
-        for (int k = 0; k < 6; ++k)
-          slots_.push_back({params_[k].data_ptr<float>(), grads_[k].data_ptr<float>(),
-                            w_bars_[k].data_ptr<float>(), lams_[k].data_ptr<float>(),
-                            s1s_[k].data_ptr<float>(),
-                            optimizer_ == OPT_SGD ? nullptr : s2s_[k].data_ptr<float>(),
-                            steps_[k].data_ptr<float>(), hp + group_of_[k] * H_COUNT,
-                            params_[k].numel()});
+        slots_ = update_slots(params_, grads_, w_bars_, lams_, s1s_, s2s_, steps_, hyper_,
+                              group_of_, optimizer_ == OPT_SGD);
       }
     }
     if (loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);

@@ -34,6 +34,7 @@
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
 #include "fptt_fast/update_checks.h"
+#include "fptt_fast/update_slots.h"
 
 namespace fptt {
 
@@ -63,14 +64,8 @@ std::tuple<double, bool> fused_update_cpu(
                                         s2s, steps, hyper, group_of, optimizer, clip,
                                         /*status=*/nullptr, at::kCPU);
   const size_t n = params.size();
-  std::vector<fptt::cpu::UpdateSlot> slots(n);
-  const float* hp = hyper.data_ptr<float>();
-  for (size_t i = 0; i < n; ++i) {
-    slots[i] = {params[i].data_ptr<float>(), grads[i].data_ptr<float>(),
-                w_bars[i].data_ptr<float>(), lams[i].data_ptr<float>(), s1s[i].data_ptr<float>(),
-                optimizer == fptt::OPT_SGD ? nullptr : s2s[i].data_ptr<float>(),
-                steps[i].data_ptr<float>(), hp + group_of[i] * fptt::H_COUNT, params[i].numel()};
-  }
+  const std::vector<fptt::UpdateSlot> slots = fptt::update_slots(
+      params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer == fptt::OPT_SGD);
   fptt::cpu::UpdateResult r;
   {
     pybind11::gil_scoped_release no_gil;
@@ -421,14 +416,7 @@ class CpuUpdatePlan {
     }
     checks::check_fused_update_args(kFn, p, g, wb, lm, a, b, st, hyper_, go, optimizer_, clip_,
                                     &status_, at::kCPU);
-    const float* hp = hyper_.data_ptr<float>();
-    const bool sgd = optimizer_ == OPT_SGD;
-    slots_.resize(p.size());
-    for (size_t k = 0; k < p.size(); ++k)
-      slots_[k] = {p[k].data_ptr<float>(), g[k].data_ptr<float>(), wb[k].data_ptr<float>(),
-                   lm[k].data_ptr<float>(), a[k].data_ptr<float>(),
-                   sgd ? nullptr : b[k].data_ptr<float>(), st[k].data_ptr<float>(),
-                   hp + go[k] * H_COUNT, p[k].numel()};
+    slots_ = update_slots(p, g, wb, lm, a, b, st, hyper_, go, optimizer_ == OPT_SGD);
     grad_prints_ = cur_prints_;
     validated_ = true;
   }

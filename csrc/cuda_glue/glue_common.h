@@ -26,6 +26,7 @@
 
 #include "fptt_fast/cuda_kernels.h"
 #include "fptt_fast/fptt_math.h"
+#include "fptt_fast/update_slots.h"
 
 namespace fptt {
 namespace glue {
@@ -43,9 +44,8 @@ struct SlotTable {
   std::vector<int64_t> key;  // device, sgd, then per slot its 8 pointers and its size
 };
 
-// The update slots of params[i] (with its gradient, FPTT state, optimiser moments, step
-// counter and hyper-parameter row hyper[group_of[i]]), for tensors the caller has checked
-// (update_checks.h). s2s is unused (may be empty) for SGD.
+// The update slots (update_slots.h) and the cache key that identifies them: device,
+// optimiser family, every slot's pointers and size.
 inline SlotTable make_slot_table(const std::vector<at::Tensor>& params,
                                  const std::vector<at::Tensor>& grads,
                                  const std::vector<at::Tensor>& w_bars,
@@ -55,25 +55,12 @@ inline SlotTable make_slot_table(const std::vector<at::Tensor>& params,
                                  const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
                                  const std::vector<int64_t>& group_of, bool sgd,
                                  int device_index) {
-  const size_t n = params.size();
   SlotTable t;
-  t.slots.resize(n);
-  t.key.reserve(2 + 9 * n);
+  t.slots = update_slots(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, sgd);
+  t.key.reserve(2 + 9 * t.slots.size());
   t.key.push_back(device_index);
   t.key.push_back(sgd);
-  const float* hp = hyper.data_ptr<float>();
-  for (size_t i = 0; i < n; ++i) {
-    cuda::UpdateSlot& s = t.slots[i];
-    s.w = fptr(params[i]);
-    s.g = fptr(grads[i]);
-    s.w_bar = fptr(w_bars[i]);
-    s.lam = fptr(lams[i]);
-    s.s1 = fptr(s1s[i]);
-    s.s2 = sgd ? nullptr : fptr(s2s[i]);
-    s.step = fptr(steps[i]);
-    s.hyper = hp + group_of[i] * H_COUNT;
-    s.n = params[i].numel();
-    s.chunk_begin = 0;  // numbered by upload_slot_table
+  for (const cuda::UpdateSlot& s : t.slots) {
     for (const void* p : {(const void*)s.w, (const void*)s.g, (const void*)s.w_bar,
                           (const void*)s.lam, (const void*)s.s1, (const void*)s.s2,
                           (const void*)s.step, (const void*)s.hyper})
