@@ -282,9 +282,31 @@ def _start_distributed(cfg):
     from .train import UsageError, resolve_device
 
     try:
-        return distributed.init_from_env(resolve_device(cfg.device).type)
+        d = distributed.init_from_env(resolve_device(cfg.device).type)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if d is not None and d.owned:
+        _GROUP_STARTED.append(True)  # main() leaves through _exit_after_group
+    return d
+
+
+# Non-empty once this process started a torchrun process group (_start_distributed).
+_GROUP_STARTED = []
+
+
+def _exit_after_group(code: int) -> None:
+    """The end of a process that ran a torchrun process group (destroyed by now, every
+    file written and closed): flush and leave without interpreter shutdown.
+
+    Why: gloo runs each collective on a worker thread that drops the collective's tensors
+    a moment after the caller sees it complete, and dropping a tensor with a Python object
+    takes the GIL. A rank that stops right after a collective (the refusal after
+    distributed.agree) can reach interpreter shutdown first; the worker is then ended
+    inside that destructor and the process dies in std::terminate (SIGABRT: exit -6, not
+    2; about 1 run in 8 on a 2-core machine; cf. pytorch/pytorch#179291)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _distributed_line(run) -> str:
@@ -420,6 +442,13 @@ def _rank_prefix() -> str:
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    if _GROUP_STARTED:
+        _exit_after_group(code)
+    return code
+
+
+def _main(argv=None) -> int:
     from .train import Interrupted, UsageError
 
     args = build_parser().parse_args(argv)
