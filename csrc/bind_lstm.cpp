@@ -71,32 +71,15 @@ SegmentOut run_segment(const at::Tensor& x, const at::Tensor& target, const at::
                        const checks::LstmDims& d, int64_t loss, bool per_step, double weight,
                        const std::vector<cpu::UpdateSlot>& slots, int64_t optimizer,
                        double clip, bool builtin_gemm, bool release_gil) {
-  const int64_t T = d.T, B = d.B, I = d.I, H = d.H, O = d.O;
   SegmentOut out;
-  out.h = at::empty({B, H}, x.options());
-  out.c = at::empty({B, H}, x.options());
+  out.h = at::empty({d.B, d.H}, x.options());
+  out.c = at::empty({d.B, d.H}, x.options());
 
-  cpu::LstmSegmentArgs a;
-  a.T = T; a.B = B; a.I = I; a.H = H; a.O = O;
-  a.x = x.data_ptr<float>();
-  a.target_f = loss == cpu::LOSS_MSE ? target.data_ptr<float>() : nullptr;
-  a.target_i = loss == cpu::LOSS_CE ? target.data_ptr<int64_t>() : nullptr;
-  a.loss = int(loss);
-  a.per_step = per_step ? 1 : 0;
-  a.weight = float(weight);
-  a.h0 = h0.data_ptr<float>();
-  a.c0 = c0.data_ptr<float>();
-  const float* p[6];
-  float* g[6];
-  for (int k = 0; k < 6; ++k) {
-    p[k] = params[k].data_ptr<float>();
-    g[k] = grads[k].data_ptr<float>();
-  }
-  a.w_ih = p[0]; a.w_hh = p[1]; a.b_ih = p[2]; a.b_hh = p[3]; a.w_o = p[4]; a.b_o = p[5];
-  a.g_w_ih = g[0]; a.g_w_hh = g[1]; a.g_b_ih = g[2]; a.g_b_hh = g[3]; a.g_w_o = g[4]; a.g_b_o = g[5];
+  cpu::LstmSegmentArgs a = checks::segment_args(x, target, h0, c0, params, grads, d, loss,
+                                                 per_step, weight);
   a.h_out = out.h.data_ptr<float>();
   a.c_out = out.c.data_ptr<float>();
-  a.workspace = workspace.data_ptr<float>();
+  a.scratch = workspace.data_ptr<float>();
 
   auto run = [&] {
     at::NoGradGuard no_grad;
@@ -125,19 +108,23 @@ void grow_workspace(at::Tensor& workspace, int64_t need) {
   }
 }
 
-std::tuple<double, at::Tensor, at::Tensor, double, bool> lstm_segment_step_cpu(
-    at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0, std::vector<at::Tensor> params,
-    std::vector<at::Tensor> grads, at::Tensor workspace, int64_t loss, bool per_step, double weight,
-    bool update, std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-    std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps,
-    at::Tensor hyper, std::vector<int64_t> group_of, int64_t optimizer, double clip,
-    bool builtin_gemm) {
+// The list binding: every argument on every call, in the order of every segment binding
+// (lstm_segment_step_cuda's, kernels/lstm_segment.py's train_segment) up to status, then
+// the CPU's own. Returns (unweighted loss, h, c); with update, the step's norm, whether it
+// was skipped and the skipped-step count are in status, as the GPU bindings write them.
+std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(
+    at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0, double weight, int64_t loss,
+    bool per_step, std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+    std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
+    std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps, at::Tensor hyper,
+    std::vector<int64_t> group_of, int64_t optimizer, double clip, at::Tensor status,
+    at::Tensor workspace, bool update, bool builtin_gemm) {
   // Every check (lstm_checks.h, shared with the CUDA glue's and bound for tests) before
   // any data is touched: a refused call changes nothing, not even the workspace's size.
   int64_t need = 0;
   const checks::LstmDims d = checks::check_lstm_segment_cpu_args(
-      x, target, h0, c0, params, grads, workspace, loss, per_step, weight, update, w_bars, lams,
-      s1s, s2s, steps, hyper, group_of, optimizer, clip, at::kCPU, &need);
+      x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s, s2s, steps,
+      hyper, group_of, optimizer, clip, status, workspace, update, at::kCPU, &need);
   // The only data-reading check, last: the kernel indexes the head's outputs with the classes.
   if (loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
   grow_workspace(workspace, need);
@@ -148,7 +135,8 @@ std::tuple<double, at::Tensor, at::Tensor, double, bool> lstm_segment_step_cpu(
                          optimizer == OPT_SGD);
   SegmentOut o = run_segment(x, target, h0, c0, params, grads, workspace, d, loss, per_step,
                              weight, slots, optimizer, clip, builtin_gemm, /*release_gil=*/true);
-  return {o.loss, o.h, o.c, o.r.norm, o.r.skipped};
+  if (update) cpu::record_step_status(status.data_ptr<float>(), o.r);
+  return {o.loss, o.h, o.c};
 }
 
 // ---- the plan: FPTTLSTM.train_segment's hot path on the cpu backend -----------------------
@@ -173,13 +161,15 @@ constexpr int64_t kReleaseGilMinWork = 1 << 16;
 
 class CpuLstmPlan {
  public:
-  CpuLstmPlan(pybind11::object update_plan, std::vector<at::Tensor> params,
-              std::vector<at::Tensor> grads, at::Tensor workspace, std::vector<at::Tensor> w_bars,
-              std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
-              std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps, at::Tensor hyper,
-              int64_t optimizer, double clip, at::Tensor status, pybind11::object fptt,
-              int64_t loss, bool per_step, bool check_inputs, bool builtin_gemm,
-              std::vector<int64_t> group_of)
+  // The arguments: lstm_segment_step_cpu's from params to status (FPTT.kernel_args), then
+  // the plan's own.
+  CpuLstmPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+              std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
+              std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
+              std::vector<at::Tensor> steps, at::Tensor hyper, std::vector<int64_t> group_of,
+              int64_t optimizer, double clip, at::Tensor status, at::Tensor workspace,
+              pybind11::object update_plan, pybind11::object fptt, int64_t loss, bool per_step,
+              bool check_inputs, bool builtin_gemm)
       : update_plan_(std::move(update_plan)), fptt_(std::move(fptt)), loss_(loss),
         per_step_(per_step), check_inputs_(check_inputs), builtin_gemm_(builtin_gemm),
         params_(std::move(params)),
@@ -203,7 +193,7 @@ class CpuLstmPlan {
   // Returns (loss, h, c, skipped-step count), or (None, None, None, code < 0) with nothing
   // done when the optimiser's plan says its groups, hyper-parameters or tensors changed.
   pybind11::tuple step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-                       const at::Tensor& c0, int64_t loss, bool per_step, double weight,
+                       const at::Tensor& c0, double weight, int64_t loss, bool per_step,
                        bool update, pybind11::handle groups, pybind11::handle clip,
                        bool builtin_gemm) {
     namespace py = pybind11;
@@ -213,10 +203,10 @@ class CpuLstmPlan {
         kFn, x, target, h0, c0, params_, grads_, loss, per_step, weight, at::kCPU, 0);
     if (!validated_ || (update && !validated_update_) || workspace_moved() ||
         shares_memory(x) || shares_memory(target) || shares_memory(h0) || shares_memory(c0)) {
-      checks::check_lstm_segment_cpu_args(x, target, h0, c0, params_, grads_, workspace_, loss,
-                                          per_step, weight, update, w_bars_, lams_, s1s_, s2s_,
-                                          steps_, hyper_, group_of_, optimizer_, clip_, at::kCPU,
-                                          nullptr);
+      checks::check_lstm_segment_cpu_args(x, target, h0, c0, weight, loss, per_step, params_,
+                                          grads_, w_bars_, lams_, s1s_, s2s_, steps_, hyper_,
+                                          group_of_, optimizer_, clip_, status_, workspace_,
+                                          update, at::kCPU, nullptr);
       if (!validated_ || (update && !validated_update_)) {
         validated_ = true;
         validated_update_ = validated_update_ || update;
@@ -244,7 +234,7 @@ class CpuLstmPlan {
   // It takes the common case only and vouches for it itself; on anything else it returns
   // None having done nothing, and Python runs its own checks and the step above (which
   // raise today's errors, or take the case):
-  //   - the optimiser's plan must be the one this plan holds (fptt._plan), its groups,
+  //   - the optimiser's plan must be the one this plan holds (not retired), its groups,
   //     hyper-parameters, clip and tensors as validated (the CpuUpdatePlan's check);
   //   - this plan validated once with an update (step() ran), the gradient buffers and the
   //     workspace's storage as then;
@@ -256,23 +246,17 @@ class CpuLstmPlan {
   //   - with check_inputs: x, target and the state finite (mse), the ce classes in range.
   //     Without: the ce classes in range all the same (the kernel indexes with them).
   // Returns (loss, (h, c)) as train_segment does; a step whose gradient was not finite is
-  // reported through fptt._raise_new_skips, as _cpu_call does.
+  // reported through fptt.report_skipped, as _cpu_call does.
   py::object train(py::handle x_obj, py::handle target_obj, py::handle state_obj,
                    py::handle weight_obj) {
     if (!validated_update_ || !validated_prints_ || fptt_.is_none()) return py::none();
     const Names& nm = names();
     PyObject* opt = fptt_.ptr();
-    {
-      PyObject* cur = PyObject_GetAttr(opt, nm.plan);
-      if (!cur) throw py::error_already_set();
-      const bool same = cur == update_plan_.ptr();
-      Py_DECREF(cur);
-      if (!same) return py::none();
-    }
     py::object groups = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, nm.groups));
     if (!groups) throw py::error_already_set();
     py::object clip = py::reinterpret_steal<py::object>(PyObject_GetAttr(opt, nm.clip));
     if (!clip) throw py::error_already_set();
+    // PLAN_STALE too when the optimiser has dropped the plan this one holds (retire())
     if (cpu_update_plan_check(update_plan_, groups, clip)) return py::none();
 
     // the inputs, as the module's checks would pass them unchanged
@@ -356,14 +340,12 @@ class CpuLstmPlan {
     const checks::LstmDims d{T, B, v.I, v.H, v.O};
     at::Tensor loss_t;
     SegmentOut o;
+    const int64_t before = int64_t(status_.data_ptr<float>()[2]);
     const int64_t count = run(x, target, *h0, *c0, d, loss_, per_step_, weight, true,
                               builtin_gemm_, &loss_t, &o);
-    PyObject* seen = PyObject_GetAttr(opt, nm.seen);
-    if (!seen) throw py::error_already_set();
-    const long long seen_v = PyLong_AsLongLong(seen);
-    Py_DECREF(seen);
-    if (seen_v == -1 && PyErr_Occurred()) throw py::error_already_set();
-    if (count != seen_v) fptt_.attr("_raise_new_skips")(count);
+    // a skipped step (the count grew) is reported as FPTT.step reports one: report_skipped
+    // raises for nonfinite="raise"
+    if (count != before) fptt_.attr("report_skipped")(count);
     return py::make_tuple(loss_t, py::make_tuple(o.h, o.c));
   }
 
@@ -374,13 +356,11 @@ class CpuLstmPlan {
 
   // Attribute names train() reads from the optimiser, made once (GIL held).
   struct Names {
-    PyObject *plan, *groups, *clip, *seen;
+    PyObject *groups, *clip;
   };
   static const Names& names() {
-    static const Names n{PyUnicode_InternFromString("_plan"),
-                         PyUnicode_InternFromString("param_groups"),
-                         PyUnicode_InternFromString("clip"),
-                         PyUnicode_InternFromString("_seen_skipped")};
+    static const Names n{PyUnicode_InternFromString("param_groups"),
+                         PyUnicode_InternFromString("clip")};
     return n;
   }
 
@@ -499,34 +479,39 @@ class CpuLstmPlan {
 }  // namespace
 
 void register_lstm_cpu(pybind11::module_& m) {
+  // The argument list repeats lstm_segment_step_cuda's (cuda_glue/lstm_cuda.cpp) up to
+  // status on purpose: one order for every segment binding (issue 10); each list is its
+  // binding's documented Python signature.
   m.def("lstm_segment_step_cpu", &lstm_segment_step_cpu,
         "One FPTT LSTM segment step on CPU tensors: forward over the segment, head and loss, "
-        "backward, gradients (written to grads) and, if update, the fused FPTT update. Returns "
-        "(unweighted loss, h, c, norm, skipped).",
+        "backward, gradients (written to grads) and, if update, the fused FPTT update (its "
+        "norm and skip recorded in status). Arguments in the order of lstm_segment_step_cuda "
+        "up to status. Returns (unweighted loss, h, c).",
         pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("workspace"),
-        pybind11::arg("loss"), pybind11::arg("per_step"), pybind11::arg("weight"),
-        pybind11::arg("update"), pybind11::arg("w_bars"), pybind11::arg("lams"),
-        pybind11::arg("s1s"), pybind11::arg("s2s"), pybind11::arg("steps"),
-        pybind11::arg("hyper"), pybind11::arg("group_of"), pybind11::arg("optimizer"),
-        pybind11::arg("clip"), pybind11::arg("builtin_gemm") = false);
+        pybind11::arg("weight"), pybind11::arg("loss"), pybind11::arg("per_step"),
+        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("w_bars"),
+        pybind11::arg("lams"), pybind11::arg("s1s"), pybind11::arg("s2s"),
+        pybind11::arg("steps"), pybind11::arg("hyper"), pybind11::arg("group_of"),
+        pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"),
+        pybind11::arg("workspace"), pybind11::arg("update") = true,
+        pybind11::arg("builtin_gemm") = false);
   namespace py = pybind11;
   py::class_<CpuLstmPlan>(m, "CpuLstmPlan",
                           "FPTTLSTM.train_segment's plan on the cpu backend (csrc/bind_lstm.cpp): "
                           "the parameters, gradient buffers, workspace and FPTT state, held; "
                           "step() runs one segment")
-      .def(py::init<py::object, std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor, int64_t, double,
-                    at::Tensor, py::object, int64_t, bool, bool, bool, std::vector<int64_t>>(),
-           py::arg("update_plan"), py::arg("params"), py::arg("grads"), py::arg("workspace"),
-           py::arg("w_bars"), py::arg("lams"), py::arg("s1s"), py::arg("s2s"), py::arg("steps"),
-           py::arg("hyper"), py::arg("optimizer"), py::arg("clip"), py::arg("status"),
-           py::arg("fptt") = py::none(), py::arg("loss") = 0, py::arg("per_step") = false,
-           py::arg("check_inputs") = true, py::arg("builtin_gemm") = false,
-           py::arg("group_of") = std::vector<int64_t>())
+                    std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>, int64_t, double,
+                    at::Tensor, at::Tensor, py::object, py::object, int64_t, bool, bool, bool>(),
+           py::arg("params"), py::arg("grads"), py::arg("w_bars"), py::arg("lams"),
+           py::arg("s1s"), py::arg("s2s"), py::arg("steps"), py::arg("hyper"),
+           py::arg("group_of"), py::arg("optimizer"), py::arg("clip"), py::arg("status"),
+           py::arg("workspace"), py::arg("update_plan"), py::arg("fptt") = py::none(),
+           py::arg("loss") = 0, py::arg("per_step") = false, py::arg("check_inputs") = true,
+           py::arg("builtin_gemm") = false)
       .def("step", &CpuLstmPlan::step, py::arg("x"), py::arg("target"), py::arg("h0"),
-           py::arg("c0"), py::arg("loss"), py::arg("per_step"), py::arg("weight"),
+           py::arg("c0"), py::arg("weight"), py::arg("loss"), py::arg("per_step"),
            py::arg("update"), py::arg("param_groups"), py::arg("clip"),
            py::arg("builtin_gemm") = false,
            "One segment (and, if update, the FPTT update): (loss, h, c, skipped count), or "
@@ -535,7 +520,7 @@ void register_lstm_cpu(pybind11::module_& m) {
            py::arg("weight"),
            "FPTTLSTM.train_segment's fast path: (loss, (h, c)), or None having done nothing "
            "(Python's checks and step() then take the call)")
-      // copy.deepcopy and pickle give None (as CpuUpdatePlan's): FPTTLSTM rebuilds its plan
+  // copy.deepcopy and pickle give None (as CpuUpdatePlan's): FPTTLSTM rebuilds its plan
       .def("__reduce__", [](const CpuLstmPlan&) {
         return py::make_tuple(py::type::of(py::none()), py::tuple());
       });

@@ -277,6 +277,7 @@ class CpuUpdatePlan {
   // 0 when the groups, hyper-parameters (if `hyper`), clip and every parameter and state
   // tensor are as validated; else the PlanCode saying what Python must do. Reads no data.
   int64_t check_current(py::handle groups, py::handle clip, bool hyper) const {
+    if (retired_) return PLAN_STALE;  // its optimiser holds another plan now
     if (!same_structure(groups.ptr())) return PLAN_STALE;
     double c = 0.0;
     if (!read_clip(clip.ptr(), &c) || !same_bits(&c, &clip_, 1)) return PLAN_STALE;
@@ -321,6 +322,10 @@ class CpuUpdatePlan {
   }
 
   // After Python validated the groups' hyper-parameters and refreshed the table in place.
+  // The optimiser dropped this plan (FPTT._drop_plan): every later check says PLAN_STALE,
+  // so a CpuLstmPlan built on it rebuilds instead of reading the optimiser's attributes.
+  void retire() { retired_ = true; }
+
   void accept_hyper(py::handle groups) {
     FPTT_CHECK(same_structure(groups.ptr()),
                 "CpuUpdatePlan.accept_hyper: the groups are not those of this plan");
@@ -434,6 +439,7 @@ class CpuUpdatePlan {
   const void* status_ptr_ = nullptr;
   std::vector<cpu::UpdateSlot> slots_;
   bool validated_ = false;
+  bool retired_ = false;
 };
 
 // For the LSTM plan (csrc/bind_lstm.cpp declares it: the two files share no header for this,
@@ -469,6 +475,8 @@ void register_update_cpu(pybind11::module_& m) {
            "0 if the plan is current for these groups and clip, else a PLAN_* code")
       .def("accept_hyper", &CpuUpdatePlan::accept_hyper, py::arg("param_groups"),
            "Take the groups' current hyper-parameters as validated (the table was refreshed)")
+      .def("retire", &CpuUpdatePlan::retire,
+           "The optimiser replaced this plan: every later step() or check says PLAN_STALE")
       .def("__len__", &CpuUpdatePlan::size)
       // copy.deepcopy and pickle give None: a plan holds raw pointers into its owner's
       // tensors, so a copy must build its own (the owner rebuilds a missing plan).

@@ -70,17 +70,17 @@ void check_fused_update_args(std::vector<at::Tensor> params, std::vector<at::Ten
 }
 
 pybind11::tuple check_lstm_cpu_args(at::Tensor x, at::Tensor target, at::Tensor h0,
-                                    at::Tensor c0, std::vector<at::Tensor> params,
-                                    std::vector<at::Tensor> grads, at::Tensor workspace,
-                                    int64_t loss, bool per_step, double weight, bool update,
+                                    at::Tensor c0, double weight, int64_t loss, bool per_step,
+                                    std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                     std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
                                     std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
                                     std::vector<at::Tensor> steps, at::Tensor hyper,
                                     std::vector<int64_t> group_of, int64_t optimizer,
-                                    double clip, bool /*builtin_gemm*/, std::string device_type) {
+                                    double clip, at::Tensor status, at::Tensor workspace,
+                                    bool update, bool /*builtin_gemm*/, std::string device_type) {
   const fptt::checks::LstmDims d = fptt::checks::check_lstm_segment_cpu_args(
-      x, target, h0, c0, params, grads, workspace, loss, per_step, weight, update, w_bars, lams,
-      s1s, s2s, steps, hyper, group_of, optimizer, clip, parse_device_type(device_type),
+      x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s, s2s, steps,
+      hyper, group_of, optimizer, clip, status, workspace, update, parse_device_type(device_type),
       nullptr);
   // as the binding does, last; only where the target's data is host memory
   if (loss == fptt::cpu::LOSS_CE && target.device().is_cpu())
@@ -120,12 +120,12 @@ void register_check_bindings(pybind11::module_& m) {
   m.def("_check_lstm_segment_cpu_args", &check_lstm_cpu_args,
         "TEST ONLY: the argument checks of lstm_segment_step_cpu (same arguments) on device type "
         "device_type; returns (T, B, I, H, O) or raises RuntimeError. Runs no kernel.",
-        py::arg("x"), py::arg("target"), py::arg("h0"), py::arg("c0"), py::arg("params"),
-        py::arg("grads"), py::arg("workspace"), py::arg("loss"), py::arg("per_step"),
-        py::arg("weight"), py::arg("update"), py::arg("w_bars"), py::arg("lams"), py::arg("s1s"),
-        py::arg("s2s"), py::arg("steps"), py::arg("hyper"), py::arg("group_of"),
-        py::arg("optimizer"), py::arg("clip"), py::arg("builtin_gemm") = false,
-        py::arg("device_type") = "cpu");
+        py::arg("x"), py::arg("target"), py::arg("h0"), py::arg("c0"), py::arg("weight"),
+        py::arg("loss"), py::arg("per_step"), py::arg("params"), py::arg("grads"),
+        py::arg("w_bars"), py::arg("lams"), py::arg("s1s"), py::arg("s2s"), py::arg("steps"),
+        py::arg("hyper"), py::arg("group_of"), py::arg("optimizer"), py::arg("clip"),
+        py::arg("status"), py::arg("workspace"), py::arg("update") = true,
+        py::arg("builtin_gemm") = false, py::arg("device_type") = "cpu");
   m.def("_check_lstm_segment_cuda_args", &check_lstm_cuda_args,
         "TEST ONLY: the argument checks of lstm_segment_step_cuda (same arguments) on device "
         "type device_type ('cpu': CPU tensors stand in for CUDA ones); returns (T, B, I, H, O) "

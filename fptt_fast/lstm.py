@@ -362,37 +362,34 @@ class FPTTLSTM(nn.Module):
         opt = self.optimizer
         flags = (opt, self.loss, self.per_step, self.check_inputs, self.cpu_builtin_gemm)
         for _ in range(3):
+            uplan = opt.cpu_plan()
             # (optimiser plan, grads, workspace, plan, what the plan's train() bakes in)
             cached = self.__dict__.get("_cpu_plan")
-            if (cached is None or cached[0] is not opt._plan or opt._plan is None
-                    or cached[1] is not self._grads or cached[2] is not self._workspace
-                    or cached[4] != flags):
+            if (cached is None or cached[0] is not uplan or cached[1] is not self._grads
+                    or cached[2] is not self._workspace or cached[4] != flags):
                 ext = backends.extension()
                 params = [p.detach() for p in self.fptt_parameters()]
                 if self._grads is None:
                     self._grads = [torch.zeros_like(p) for p in params]
                     self._workspace = torch.empty(0, dtype=torch.float32)
-                uplan = opt._cpu_plan()
                 ka = opt.kernel_args(self.fptt_parameters(), x.device)
-                plan = ext.CpuLstmPlan(
-                    uplan, params, self._grads, self._workspace, ka.w_bars, ka.lams, ka.s1s,
-                    [] if opt.base == "sgd" else ka.s2s, ka.steps, ka.hyper, ka.optimizer,
-                    ka.clip, ka.status, opt, LOSS_CODE[self.loss],
-                    bool(self.per_step), bool(self.check_inputs), bool(self.cpu_builtin_gemm),
-                    ka.group_of)
+                # the segment bindings' order: params, grads, the optimiser's KernelArgs,
+                # then the CPU's own
+                plan = ext.CpuLstmPlan(params, self._grads, *ka, self._workspace, uplan, opt,
+                                       LOSS_CODE[self.loss], bool(self.per_step),
+                                       bool(self.check_inputs), bool(self.cpu_builtin_gemm))
                 cached = (uplan, self._grads, self._workspace, plan, flags)
                 self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
-            loss, h, c, count = cached[3].step(x, target, state[0], state[1],
-                                               LOSS_CODE[self.loss], self.per_step, weight,
-                                               update, opt.param_groups, opt.clip,
-                                               self.cpu_builtin_gemm)
+            loss, h, c, count = cached[3].step(x, target, state[0], state[1], weight,
+                                               LOSS_CODE[self.loss], self.per_step, update,
+                                               opt.param_groups, opt.clip, self.cpu_builtin_gemm)
             if count >= 0:
                 if self._dist is None:  # train_segment's fast path from the next call on
                     self.__dict__["_cpu_fast"] = cached[3]
-                if update and count != opt._seen_skipped:
-                    opt._raise_new_skips(count)
+                if update:
+                    opt.report_skipped(count)
                 return loss, (h, c)
-            opt._refresh_plan(count)
+            opt.refresh_cpu_plan(count)
         raise RuntimeError("FPTTLSTM: the cpu segment plan is still stale after a rebuild (a bug)")
 
     def _triton_kernel_choice(self):
@@ -411,9 +408,9 @@ class FPTTLSTM(nn.Module):
         """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda, or
         the persistent triton kernel), segment p weighted (p + 1) / n_segs if ramp else
         `weight`: no host sync. Returns the losses [n_segs] and the final state."""
-        self.optimizer._raise_pending()
+        self.optimizer.device_step_begin()
         out = self._launch_only(x, target, state, weight, n_segs, ramp)
-        self.optimizer._after_device_step()
+        self.optimizer.device_step_end()
         return out
 
     def _launch_only(self, x, target, state, weight, n_segs=1, ramp=False):
@@ -571,14 +568,13 @@ class FPTTLSTM(nn.Module):
         *values* are not in it: the kernels read them from the table, which FPTT refreshes
         in place (_hyper_table) before each replay."""
         opt = self.optimizer
-        flat = opt.flat_state
+        ka = opt.kernel_args(self.fptt_parameters(), x.device)
         return (tuple(x.shape), tuple(target.shape), target.dtype, n_segs, self.per_step,
-                self.loss, float(opt.clip or 0.0), opt.base, self.cuda_kernel, self.allow_tf32,
+                self.loss, ka.clip, ka.optimizer, self.cuda_kernel, self.allow_tf32,
                 tuple(p.data_ptr() for p in self.fptt_parameters()),
                 tuple(g.data_ptr() for g in self._grads),
-                tuple(t.data_ptr() for t in flat.values()),
-                opt._hyper.data_ptr(), opt._status.data_ptr(), x.device,
-                tuple(opt.kernel_args(self.fptt_parameters(), x.device).group_of))
+                tuple(t.data_ptr() for t in (*ka.w_bars, *ka.lams, *ka.s1s, *ka.s2s, *ka.steps)),
+                ka.hyper.data_ptr(), ka.status.data_ptr(), x.device, tuple(ka.group_of))
 
     def _graphed_sequence(self, x, target, state, n_segs):
         """train_sequence's cuda launch through a CUDA graph. The first call per key
@@ -590,10 +586,10 @@ class FPTTLSTM(nn.Module):
         of the graph's output. Bitwise the eager launch: the same kernels, arguments and
         memory."""
         opt = self.optimizer
-        opt._raise_pending()
+        opt.device_step_begin()
         if self._grads is None:  # the eager launch allocates them; the key needs them
             self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
-        opt._hyper_table(x.device)  # validates and refreshes hyper-parameters, in place
+        # (the key's kernel_args validates and refreshes the hyper table, in place)
         graphs = self.__dict__.get("_graphs")
         if graphs is None:  # a plain attribute (not a buffer); copies and pickles empty
             graphs = self.__dict__["_graphs"] = GraphCache()
@@ -624,7 +620,7 @@ class FPTTLSTM(nn.Module):
             out = g_losses.clone()
             self.last_kernel = kernel  # the kernel this graph captured
         graphs[key] = entry  # most recently used last
-        opt._after_device_step()
+        opt.device_step_end()
         return out
 
     def extra_repr(self):

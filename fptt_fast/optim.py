@@ -174,13 +174,18 @@ class FPTT(torch.optim.Optimizer):
             self.state[p] = st
             offset += p.numel()
         self.flat_state = flat
-        self._plan = None  # it holds the old buffers
+        self._drop_plan()  # it holds the old buffers
         old_status = getattr(self, "_status", None)
         self._status = torch.zeros(3, device=device)
         if old_status is not None:  # a group added later keeps the counts
             self._status.copy_(old_status)
 
-    # -- the update -------------------------------------------------------------
+    # -- the fused-kernel interface ----------------------------------------------------
+    # What a kernel that runs this optimiser's update inside its own launch (FPTTLSTM,
+    # fptt_fast.distributed) uses, and nothing else of FPTT's: kernel_args (the tensors
+    # and codes), device_step_begin / device_step_end around a device launch,
+    # report_skipped after a host-run (cpu) step, and on the cpu backend cpu_plan /
+    # refresh_cpu_plan (the C++ update plan a CpuLstmPlan is built on).
     def kernel_args(self, params, device) -> KernelArgs:
         """The optimiser's side of a fused LSTM segment launch over `params` (each in one
         group of this optimiser, which owns their state): the typed interface FPTTLSTM and
@@ -210,7 +215,7 @@ class FPTT(torch.optim.Optimizer):
                 host = host.pin_memory()
             if self._hyper is None or self._hyper.shape != host.shape or self._hyper.device != device:
                 self._hyper = torch.empty(host.shape, device=device)
-                self._plan = None  # it holds the old table
+                self._drop_plan()  # it holds the old table
             self._hyper.copy_(host, non_blocking=True)
             self._hyper_key = key
         return self._hyper
@@ -255,7 +260,7 @@ class FPTT(torch.optim.Optimizer):
             count = plan.step(self.param_groups, self.clip)
             if count >= 0:
                 if count != self._seen_skipped:
-                    self._raise_new_skips(count)
+                    self.report_skipped(count)
                 return None
         return _hooked_step(self) if closure is None else _hooked_step(self, closure)
 
@@ -268,12 +273,12 @@ class FPTT(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._raise_pending()
+        self.device_step_begin()
         if self.backend == "cpu":
             count = self._plan_step()
             if count is not None:
                 if count != self._seen_skipped:
-                    self._raise_new_skips(count)
+                    self.report_skipped(count)
                 return loss
         L = self._gather()
         if not L["params"]:
@@ -305,7 +310,7 @@ class FPTT(torch.optim.Optimizer):
             self._graph_step(launch, L, hyper)
         else:
             launch()
-        self._after_device_step()
+        self.device_step_end()
         return loss
 
     # -- CUDA graphs (graph=True; cuda and triton backends) --------------------------------
@@ -367,16 +372,24 @@ class FPTT(torch.optim.Optimizer):
                 return code
             if code == PLAN_FALLBACK:
                 return None
-            self._refresh_plan(code)
+            self.refresh_cpu_plan(code)
         raise RuntimeError("FPTT: the cpu step plan is still stale after a rebuild (a bug)")
 
-    def _cpu_plan(self):
-        """The C++ plan of the cpu backend, built if there is none."""
+    def _drop_plan(self):
+        """Forget the cpu plan, retired first (cpu_plan)."""
+        if self._plan is not None:
+            self._plan.retire()
+        self._plan = None
+
+    def cpu_plan(self):
+        """The C++ update plan of the cpu backend (_C.CpuUpdatePlan), built if there is
+        none. A plan this optimiser drops is retired first (its checks then say PLAN_STALE),
+        so whatever was built on it (FPTTLSTM's CpuLstmPlan) knows to rebuild."""
         if self._plan is None:
-            self._refresh_plan(PLAN_STALE)
+            self.refresh_cpu_plan(PLAN_STALE)
         return self._plan
 
-    def _refresh_plan(self, code):
+    def refresh_cpu_plan(self, code):
         """Act on a plan's code: PLAN_STALE, build a new plan (the hyper-parameters are
         validated here, the clip and every tensor by the shared checks in C++); PLAN_HYPER,
         validate the groups' hyper-parameters, refresh the table in place and let the plan
@@ -386,7 +399,7 @@ class FPTT(torch.optim.Optimizer):
             if self._plan is not None:  # (the table kept its place)
                 self._plan.accept_hyper(self.param_groups)
                 return
-        self._plan = None
+        self._drop_plan()
         params = self._params()
         hyper = self._hyper_table(params[0].device if params else torch.device("cpu"))
         sts = [self.state[p] for p in params]
@@ -410,16 +423,18 @@ class FPTT(torch.optim.Optimizer):
         self._status[STATUS_LAST_SKIPPED] = float(skipped)
         if skipped:
             self._status[STATUS_SKIPPED] += 1
-        self._raise_new_skips(int(self._status[STATUS_SKIPPED].item()))
+        self.report_skipped(int(self._status[STATUS_SKIPPED].item()))
 
-    def _after_device_step(self):
-        """Queue a non-blocking look at the skipped-step count (nonfinite='raise').
+    def device_step_end(self):
+        """After launching a step on the device (the fused update, or an FPTTLSTM launch
+        that updates this optimiser's parameters): queue a non-blocking look at the
+        skipped-step count (nonfinite='raise').
         The count is cumulative, so the newest snapshot covers every earlier step even
         when the host runs several steps ahead of the GPU."""
         if self.nonfinite != "raise":
             return
         if self._status.device.type == "cpu":  # the interpreter: the result is here already
-            self._raise_new_skips(int(self._status[STATUS_SKIPPED].item()))
+            self.report_skipped(int(self._status[STATUS_SKIPPED].item()))
             return
         if torch.cuda.is_current_stream_capturing():
             return
@@ -430,6 +445,11 @@ class FPTT(torch.optim.Optimizer):
         ev.record()
         self._pending = (ev, count)
 
+    def device_step_begin(self):
+        """Before launching a step on the device: raise for steps skipped by earlier device
+        steps that have finished by now (nonfinite='raise'; never waits)."""
+        self._raise_pending()
+
     def _raise_pending(self, wait=False):
         if self._pending is None:
             return
@@ -439,10 +459,12 @@ class FPTT(torch.optim.Optimizer):
         elif not ev.query():
             return
         self._pending = None
-        self._raise_new_skips(int(count.item()))
+        self.report_skipped(int(count.item()))
 
-    def _raise_new_skips(self, count):
-        """Raise (nonfinite='raise') if steps were skipped since the last report."""
+    def report_skipped(self, count):
+        """Take the cumulative skipped-step count `count` after a step the host ran (the cpu
+        kernels return it): raise FloatingPointError (nonfinite='raise') if steps were
+        skipped since the last report."""
         new = count - self._seen_skipped
         self._seen_skipped = count
         if new > 0 and self.nonfinite == "raise":
@@ -510,7 +532,7 @@ class FPTT(torch.optim.Optimizer):
         self.clip = reference.validate_clip(state_dict["fptt"]["clip"])
         self.nonfinite = state_dict["fptt"]["nonfinite"]
         self._hyper_key = None
-        self._plan = None  # rebuilt (and the loaded hyper-parameters validated) at the next step
+        self._drop_plan()  # rebuilt (and the loaded hyper-parameters validated) at the next step
         self._pending = None  # a report pending from before the load no longer applies
         self._seen_skipped = int(self._status[STATUS_SKIPPED].item())
 

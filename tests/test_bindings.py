@@ -53,12 +53,12 @@ HAS_CUDA = torch.cuda.is_available()
 
 UPDATE_KEYS = ("params", "grads", "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of",
                "optimizer", "clip")
-LSTM_CPU_KEYS = ("x", "target", "h0", "c0", "params", "grads", "workspace", "loss", "per_step",
-                 "weight", "update", "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of",
-                 "optimizer", "clip", "builtin_gemm")
-LSTM_CUDA_KEYS = ("x", "target", "h0", "c0", "weight", "loss", "per_step", "params", "grads",
-                  "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of", "optimizer",
-                  "clip", "status", "h_out", "c_out", "loss_out", "tf32")
+# every segment binding: these first, in this order (issue 10), then the backend's own
+LSTM_KEYS = ("x", "target", "h0", "c0", "weight", "loss", "per_step", "params", "grads",
+             "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of", "optimizer", "clip",
+             "status")
+LSTM_CPU_KEYS = LSTM_KEYS + ("workspace", "update", "builtin_gemm")
+LSTM_CUDA_KEYS = LSTM_KEYS + ("h_out", "c_out", "loss_out", "tf32")
 STATE_LISTS = ("w_bars", "lams", "s1s", "s2s", "steps")
 
 # name: (family, flavour of the arguments, device of the tensors, device_type given to a
@@ -206,16 +206,19 @@ def build_lstm(case):
              w_bars=[s["w_bar"] for s in sts], lams=[s["lam"] for s in sts],
              s1s=[s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
              steps=[s["step"].view(1) for s in sts], hyper=opt._hyper_table(torch.device(dev)),
-             group_of=[0] * 6, optimizer=OPT_CODE[opt_name], clip=float(opt.clip or 0.0))
+             group_of=[0] * 6, optimizer=OPT_CODE[opt_name], clip=float(opt.clip or 0.0),
+             status=opt._status)
     if case.flavour == "cpu":
         update = rng.random() < 0.75
-        a.update(update=update, s2s=[] if sgd else [s["exp_avg_sq"] for s in sts],
+        # SGD: no s2s, or s1s again as FPTT.kernel_args gives it (s2s is not read)
+        a.update(update=update, s2s=rng.choice([[], a["s1s"]]) if sgd
+                 else [s["exp_avg_sq"] for s in sts],
                  workspace=rng.choice([torch.empty(0), torch.zeros(rng.randint(1, 40)),
                                        torch.zeros(5000)]),
                  builtin_gemm=rng.random() < 0.3)
     else:
         update = True
-        a.update(s2s=a["s1s"] if sgd else [s["exp_avg_sq"] for s in sts], status=opt._status,
+        a.update(s2s=a["s1s"] if sgd else [s["exp_avg_sq"] for s in sts],
                  loss_out=torch.zeros((), device=dev), tf32=False,
                  # h_out/c_out may be h0/c0 (documented in cuda_lstm.h): sometimes they are
                  h_out=a["h0"] if rng.random() < 0.2 else torch.zeros(B, H, device=dev),
@@ -239,11 +242,14 @@ def build_lstm(case):
         case.lists += ["w_bars", "lams", "s1s", "steps", "group_of"] + ([] if sgd else ["s2s"])
         case.ints += ["optimizer", "group_of"]
         case.floats.append("clip")
+    if update:
+        case.used.append(("status", None))
+        case.written.add(("status", None))
     if case.flavour == "cpu":
         case.used.append(("workspace", None))
         case.written.add(("workspace", None))
     else:
-        for k in ("status", "h_out", "c_out", "loss_out"):
+        for k in ("h_out", "c_out", "loss_out"):
             case.used.append((k, None))
             case.written.add((k, None))
         for o in ("h_out", "c_out"):
@@ -834,13 +840,17 @@ def test_valid_lstm_calls_pass_and_match_reference(index):
                              optimizer=m.optimizer.base, clip=m.optimizer.clip, backend="reference")
     ref.load_lstm_state_dict(m.lstm_state_dict())
     x, y, h0, c0 = a["x"], a["target"], a["h0"].clone(), a["c0"].clone()
-    loss, h, c, norm, skipped = ext().lstm_segment_step_cpu(*[a[k] for k in LSTM_CPU_KEYS])
+    loss, h, c = ext().lstm_segment_step_cpu(*[a[k] for k in LSTM_CPU_KEYS])
     assert a["workspace"].numel() >= 1  # grown if it was too small
     if a["update"]:
         l_ref, (h_ref, c_ref) = ref.train_segment(x, y, (h0, c0), weight=a["weight"])
         scale = max(p.abs().max().item() for p in ref.fptt_parameters())
         for p, q in zip(m.fptt_parameters(), ref.fptt_parameters()):
             assert _scaled_err(p.detach(), q.detach(), scale) <= 1e-4
+        st = a["status"]  # [norm, last skipped, skipped count], as the reference's
+        assert st[1:].tolist() == [0.0, float(ref.optimizer.skipped_steps)]
+        norm = ref.optimizer.last_norm.item()
+        assert abs(st[0].item() - norm) <= 1e-4 * max(1.0, norm)
     else:
         l_ref, (h_ref, c_ref), grads = ref.loss_and_grads(x, y, (h0, c0), weight=a["weight"])
         for g, r in zip(a["grads"], grads.values()):

@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import fptt_fast
 from fptt_fast import backends
 from fptt_fast.lstm import LOSS_CODE
-from fptt_fast.optim import FPTT, OPT_CODE, STATUS_SKIPPED
+from fptt_fast.optim import FPTT, STATUS_SKIPPED
 
 from .utils import (LSTM_OPT, NONE_GRAD, SHAPES_CPU, SPLIT, TOL_UPDATE, assert_bitwise_equal,
                     assert_norm_close, assert_unchanged, compare, draw_grads, make_pair,
@@ -102,8 +102,8 @@ def test_hot_path_gathers_nothing_in_python(monkeypatch):
         raise AssertionError("a slow-path method ran on the hot path")
 
     # instance attributes of oa only: ol (the list path) keeps its methods
-    for name in ("_gather", "_hyper_table", "_refresh_plan", "_record", "_plan_step",
-                 "_raise_pending"):
+    for name in ("_gather", "_hyper_table", "refresh_cpu_plan", "_record", "_plan_step",
+                 "_raise_pending", "device_step_begin"):
         monkeypatch.setattr(oa, name, forbidden)
     for _ in range(5):
         step_all([(pa, oa), (pl, ol)], grads())
@@ -435,25 +435,20 @@ def test_plan_copies_to_none():
 
 def lstm_list_path(self, x, target, state, weight, update):
     """FPTTLSTM._cpu_call before the plan (issue 12): every list gathered, the list binding
-    _C.lstm_segment_step_cpu, the hyper table re-keyed and the status recorded in Python."""
+    _C.lstm_segment_step_cpu, the hyper table re-keyed (kernel_args) and the skips reported
+    from Python."""
     ext = backends.extension()
     params = [p.detach() for p in self.fptt_parameters()]
     if self._grads is None:
         self._grads = [torch.zeros_like(p) for p in params]
         self._workspace = torch.empty(0, dtype=torch.float32)
     opt = self.optimizer
-    sts = [opt.state[p] for p in self.fptt_parameters()]
-    sgd = opt.base == "sgd"
-    loss, h, c, norm, skipped = ext.lstm_segment_step_cpu(
-        x, target, state[0], state[1], params, self._grads, self._workspace,
-        LOSS_CODE[self.loss], self.per_step, weight, update,
-        [s["w_bar"] for s in sts], [s["lam"] for s in sts],
-        [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-        [] if sgd else [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
-        opt._hyper_table(params[0].device), [0] * len(params), OPT_CODE[opt.base],
-        float(opt.clip or 0.0), self.cpu_builtin_gemm)
-    if update:
-        opt._record(norm, skipped)
+    ka = opt.kernel_args(self.fptt_parameters(), params[0].device)
+    loss, h, c = ext.lstm_segment_step_cpu(
+        x, target, state[0], state[1], weight, LOSS_CODE[self.loss], self.per_step, params,
+        self._grads, *ka, self._workspace, update, self.cpu_builtin_gemm)
+    if update:  # the binding recorded the step in status
+        opt.report_skipped(int(ka.status[STATUS_SKIPPED].item()))
     return torch.tensor(loss, dtype=torch.float32), (h, c)
 
 
@@ -528,7 +523,8 @@ def test_lstm_hot_path_has_no_python_lists(monkeypatch):
     def forbidden(*args, **kw):
         raise AssertionError("a slow-path method ran on the hot path")
 
-    for name in ("_hyper_table", "_refresh_plan", "_record", "_cpu_plan"):
+    for name in ("_hyper_table", "refresh_cpu_plan", "_record", "cpu_plan", "kernel_args",
+                 "report_skipped"):
         monkeypatch.setattr(a.optimizer, name, forbidden)
     x, y = torch.randn(3, 2, 2, generator=gen), torch.randn(2, 1, generator=gen)
     cached = a._cpu_plan
@@ -573,7 +569,7 @@ def test_lstm_changes_between_segments_are_honoured():
     for m in (a, b):
         m.load_lstm_state_dict(sd)
     run_segments([a, b], sizes, "ce", False, 4, [3, 2], gen)
-    assert a._cpu_plan[0] is a.optimizer._plan
+    assert a._cpu_plan[0] is a.optimizer.cpu_plan()
     assert_same(lstm_outputs(a), lstm_outputs(b))
 
 
@@ -607,6 +603,30 @@ def test_lstm_module_deepcopies():
     c = copy.deepcopy(a)
     assert c._cpu_plan[3] is None and c._cpu_plan[0] is None
     assert_same(*[[p.detach() for p in m.fptt_parameters()] for m in (c, a)])
+
+
+def test_a_dropped_update_plan_is_retired():
+    """FPTT retires the C++ plan it drops (here at load_state_dict): the plan's own checks,
+    and the LSTM fast path built on it, then say it is stale, with no look at FPTT's
+    private attributes; the next segment rebuilds and matches the list path."""
+    sizes = (2, 3, 1)
+    a, b = lstm_pair(sizes, "mse", False, LSTM_OPT["adam"], seed=30)
+    gen = torch.Generator().manual_seed(31)
+    run_segments([a, b], sizes, "mse", False, 3, [2, 2], gen)
+    opt, ext = a.optimizer, backends.extension()
+    old, fast = opt.cpu_plan(), a._cpu_fast
+    x, y = torch.randn(2, 3, 2, generator=gen), torch.randn(3, 1, generator=gen)
+    for m in (a, b):
+        m.optimizer.load_state_dict(copy.deepcopy(m.optimizer.state_dict()))
+    assert old.check(opt.param_groups, opt.clip) == ext.PLAN_STALE
+    assert old.step(opt.param_groups, opt.clip) == ext.PLAN_STALE
+    before = lstm_outputs(a)
+    assert fast.train(x, y, None, 1.0) is None  # declined, having done nothing
+    assert_same(lstm_outputs(a), before)
+    for m in (a, b):
+        m.train_segment(x, y)
+    assert opt.cpu_plan() is not old and a._cpu_plan[0] is opt.cpu_plan()
+    assert_same(lstm_outputs(a), lstm_outputs(b))
 
 
 def test_plans_are_classes_of_the_extension():

@@ -161,7 +161,7 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
   const int64_t T = a.T, B = a.B, I = a.I, H = a.H, O = a.O, G = 4 * H, BH = B * H;
   const int64_t P = a.per_step ? T * B : B;
   const Layout l = layout(T, B, I, H, O, a.per_step);
-  float* ws = a.workspace;
+  float* ws = a.scratch;
   float* gates = ws + l.gates;
   float* hs = ws + l.hs;
   float* cs = ws + l.cs;

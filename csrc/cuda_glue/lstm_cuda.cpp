@@ -159,20 +159,8 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
     glue::record_once(entry->scratch, entry->scratch_streams, stream);
   }
 
-  cuda::LstmSegmentArgs a;
-  a.T = T; a.B = B; a.I = I; a.H = H; a.O = O;
-  a.loss = int(loss);
-  a.per_step = per_step ? 1 : 0;
-  a.weight = float(weight);
-  a.x = x.data_ptr<float>();
-  a.target_f = loss == cuda::LSTM_LOSS_MSE ? target.data_ptr<float>() : nullptr;
-  a.target_i = loss == cuda::LSTM_LOSS_CE ? target.data_ptr<int64_t>() : nullptr;
-  a.h0 = h0.data_ptr<float>();
-  a.c0 = c0.data_ptr<float>();
-  a.w_ih = fptr(params[0]); a.w_hh = fptr(params[1]); a.b_ih = fptr(params[2]);
-  a.b_hh = fptr(params[3]); a.w_o = fptr(params[4]); a.b_o = fptr(params[5]);
-  a.g_w_ih = fptr(grads[0]); a.g_w_hh = fptr(grads[1]); a.g_b_ih = fptr(grads[2]);
-  a.g_b_hh = fptr(grads[3]); a.g_w_o = fptr(grads[4]); a.g_b_o = fptr(grads[5]);
+  cuda::LstmSegmentArgs a =
+      checks::segment_args(x, target, h0, c0, params, grads, dims, loss, per_step, weight);
   a.h_out = fptr(h_out);
   a.c_out = fptr(c_out);
   a.loss_out = fptr(losses_out);

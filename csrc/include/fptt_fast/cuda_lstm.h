@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "fptt_fast/cuda_kernels.h"
+#include "fptt_fast/lstm_args.h"
 #include "fptt_fast/lstm_math.h"
 
 namespace fptt {
@@ -35,40 +36,8 @@ using LstmLoss = ::fptt::lstm::LossCode;
 constexpr LstmLoss LSTM_LOSS_MSE = ::fptt::lstm::LOSS_MSE;
 constexpr LstmLoss LSTM_LOSS_CE = ::fptt::lstm::LOSS_CE;
 
-// One segment's inputs and outputs; device pointers, contiguous row-major fp32 unless
-// said otherwise. None of the outputs may alias an input, except h_out/c_out may alias
-// h0/c0 (they are written after h0/c0 are read).
-struct LstmSegmentArgs {
-  int64_t T, B, I, H, O;      // all >= 1; H <= kLstmMaxHidden
-  int loss;                   // LstmLoss
-  int per_step;               // 1: loss = mean over the steps of the per-step losses
-  float weight;               // the gradients are those of weight * loss
-  const float* x;             // [T, B, I]
-  const float* target_f;      // mse: [B, O], per_step [T, B, O]; nullptr for ce
-  const int64_t* target_i;    // ce: [B], per_step [T, B], classes in [0, O) (an out-of-range
-                              // class makes its row's loss and gradients NaN, so the
-                              // update is skipped as non-finite); nullptr for mse
-  const float* h0;            // [B, H] state entering the segment (treated as a constant)
-  const float* c0;            // [B, H]
-  float* w_ih;                // [G, I]  weight_ih_l0 (updated in place by the FPTT update)
-  float* w_hh;                // [G, H]  weight_hh_l0
-  float* b_ih;                // [G]     bias_ih_l0
-  float* b_hh;                // [G]     bias_hh_l0
-  float* w_o;                 // [O, H]  head.weight
-  float* b_o;                 // [O]     head.bias
-  float* g_w_ih;              // [G, I]  gradient buffers, overwritten with the task
-  float* g_w_hh;              // [G, H]  gradients of weight * loss (the update table's
-  float* g_b_ih;              // [G]     g pointers must be these six)
-  float* g_b_hh;              // [G]
-  float* g_w_o;               // [O, H]
-  float* g_b_o;               // [O]
-  float* h_out;               // [B, H]  state leaving the segment
-  float* c_out;               // [B, H]
-  float* loss_out;            // [1]     unweighted segment loss (mean over the batch, and
-                              //         over the steps if per_step)
-  float* scratch;             // lstm_scratch_floats(T, B, I, H, O, per_step) floats,
-                              //         16-byte aligned; no initialisation needed
-};
+// One segment's inputs and outputs (device pointers): lstm_args.h, shared with the CPU step.
+using LstmSegmentArgs = ::fptt::lstm::LstmSegmentArgs;
 
 // Floats of scratch one segment needs (the layout is private to lstm_segment.cu):
 // about T*B*(G + 2H) + P*(O + H + 2) + G*H + 2*B*H.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "fptt_fast/cuda_lstm.h"     // kLstmMaxHidden: plain C++, no CUDA headers
+#include "fptt_fast/lstm_args.h"
 #include "fptt_fast/lstm_segment.h"  // LOSS_MSE/LOSS_CE, lstm_segment_workspace_floats
 #include "fptt_fast/update_checks.h"
 
@@ -22,6 +23,35 @@ namespace checks {
 struct LstmDims {
   int64_t T, B, I, H, O;
 };
+
+// The kernel arguments (lstm_args.h) of checked segment inputs, the one filling for the
+// CPU binding and the CUDA glue: sizes, loss, inputs, the six parameters and gradient
+// buffers (in LstmSegmentArgs order). The outputs and scratch are left null: the caller
+// sets them.
+inline lstm::LstmSegmentArgs segment_args(const at::Tensor& x, const at::Tensor& target,
+                                          const at::Tensor& h0, const at::Tensor& c0,
+                                          const std::vector<at::Tensor>& params,
+                                          const std::vector<at::Tensor>& grads,
+                                          const LstmDims& d, int64_t loss, bool per_step,
+                                          double weight) {
+  lstm::LstmSegmentArgs a{};
+  a.T = d.T; a.B = d.B; a.I = d.I; a.H = d.H; a.O = d.O;
+  a.loss = int(loss);
+  a.per_step = per_step ? 1 : 0;
+  a.weight = float(weight);
+  a.x = x.data_ptr<float>();
+  a.target_f = loss == lstm::LOSS_MSE ? target.data_ptr<float>() : nullptr;
+  a.target_i = loss == lstm::LOSS_CE ? target.data_ptr<int64_t>() : nullptr;
+  a.h0 = h0.data_ptr<float>();
+  a.c0 = c0.data_ptr<float>();
+  float** p[6] = {&a.w_ih, &a.w_hh, &a.b_ih, &a.b_hh, &a.w_o, &a.b_o};
+  float** g[6] = {&a.g_w_ih, &a.g_w_hh, &a.g_b_ih, &a.g_b_hh, &a.g_w_o, &a.g_b_o};
+  for (int k = 0; k < 6; ++k) {
+    *p[k] = params[k].data_ptr<float>();
+    *g[k] = grads[k].data_ptr<float>();
+  }
+  return a;
+}
 
 // "params[1] (weight_hh_l0)", "grads[4] (head.weight)"
 inline ArgName lstm_param_name(int k, const char* list = "params") {
@@ -110,19 +140,29 @@ inline void add_lstm_inputs(AliasCheck& ac, const at::Tensor& x, const at::Tenso
   }
 }
 
-// Everything lstm_segment_step_cpu accepts, on device type `dev`. The state lists (w_bars
-// ... group_of), optimizer and clip are read, and checked, only if `update`. The workspace
+// The optimiser's status [norm, last skipped, skipped count] a segment step writes.
+inline void check_status(const char* fn, const at::Tensor& status, c10::DeviceType dev,
+                         const c10::Device& device) {
+  check_tensor(fn, status, {"status"}, dev, &device);
+  FPTT_CHECK(status.numel() == 3, fn,
+              ": status must hold 3 floats [norm, skipped, count], got ", status.numel());
+}
+
+// Everything lstm_segment_step_cpu accepts, on device type `dev`: the arguments in the
+// order of every segment binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's),
+// then the CPU's own. The state lists (w_bars ... group_of), optimizer, clip and status are
+// read, and checked, only if `update`. The workspace
 // may be too small (the binding grows it, with resize_, after these checks): then its
 // storage must be resizable. *workspace_need: the floats the segment needs.
 inline LstmDims check_lstm_segment_cpu_args(
     const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0, const at::Tensor& c0,
-    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-    const at::Tensor& workspace, int64_t loss, bool per_step, double weight, bool update,
-    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
-    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
-    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-    const std::vector<int64_t>& group_of, int64_t optimizer, double clip, c10::DeviceType dev,
-    int64_t* workspace_need) {
+    double weight, int64_t loss, bool per_step, const std::vector<at::Tensor>& params,
+    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_bars,
+    const std::vector<at::Tensor>& lams, const std::vector<at::Tensor>& s1s,
+    const std::vector<at::Tensor>& s2s, const std::vector<at::Tensor>& steps,
+    const at::Tensor& hyper, const std::vector<int64_t>& group_of, int64_t optimizer,
+    double clip, const at::Tensor& status, const at::Tensor& workspace, bool update,
+    c10::DeviceType dev, int64_t* workspace_need) {
   const char* fn = "lstm_segment_step_cpu";
   const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
                                                per_step, weight, dev, /*max_hidden=*/0);
@@ -140,12 +180,14 @@ inline LstmDims check_lstm_segment_cpu_args(
     check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
                           optimizer, dev, &device);
     check_clip(fn, clip);
+    check_status(fn, status, dev, device);
   }
 
   AliasCheck ac(48);
   add_lstm_inputs(ac, x, target, true, h0, c0);
   add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer, update,
                     /*grads_written=*/true);
+  if (update) ac.add(status, {"status"}, true);
   // The workspace as its whole storage: it is resized in place (a storage too small for
   // the segment is reallocated, and every tensor sharing it moves along) and then written
   // from its data pointer on, so any argument sharing its storage, wherever in it, could be
@@ -183,9 +225,7 @@ inline LstmDims check_lstm_segment_cuda_args(
   check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
                         optimizer, dev, &device);
   check_clip(fn, clip);
-  check_tensor(fn, status, {"status"}, dev, &device);
-  FPTT_CHECK(status.numel() == 3, fn,
-              ": status must hold 3 floats [norm, skipped, count], got ", status.numel());
+  check_status(fn, status, dev, device);
   check_tensor(fn, h_out, {"h_out"}, dev, &device);
   check_shape(fn, h_out, {"h_out"}, {d.B, d.H});
   check_tensor(fn, c_out, {"c_out"}, dev, &device);

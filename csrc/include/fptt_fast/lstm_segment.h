@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "fptt_fast/lstm_args.h"
 #include "fptt_fast/lstm_math.h"
 
 namespace fptt {
@@ -33,21 +34,10 @@ using LossKind = ::fptt::lstm::LossCode;
 using ::fptt::lstm::LOSS_CE;
 using ::fptt::lstm::LOSS_MSE;
 
-struct LstmSegmentArgs {
-  int64_t T, B, I, H, O;     // omega steps, batch, input, hidden, output sizes (all >= 1)
-  const float* x;            // [T, B, I]
-  const float* target_f;     // mse: [B, O] or, per_step, [T, B, O]
-  const int64_t* target_i;   // ce: [B] or, per_step, [T, B]; classes in [0, O)
-  int loss;                  // LossKind
-  int per_step;              // loss = mean over the segment's steps, else terminal
-  float weight;              // gradients are those of weight * loss
-  const float *h0, *c0;      // [B, H]
-  const float *w_ih, *w_hh, *b_ih, *b_hh, *w_o, *b_o;   // nn.LSTM / nn.Linear layouts
-  float *g_w_ih, *g_w_hh, *g_b_ih, *g_b_hh, *g_w_o, *g_b_o;  // gradients, overwritten
-  float* h_out;              // [B, H] final state
-  float* c_out;
-  float* workspace;          // lstm_segment_workspace_floats(...) floats
-};
+// One segment's inputs and outputs (host pointers): lstm_args.h, shared with the CUDA
+// kernels. Here scratch is the workspace (lstm_segment_workspace_floats floats); the
+// parameters are only read and loss_out is unused (lstm_segment_grads returns the loss).
+using LstmSegmentArgs = ::fptt::lstm::LstmSegmentArgs;
 
 int64_t lstm_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
                                       int per_step);
