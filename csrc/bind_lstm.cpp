@@ -108,9 +108,10 @@ void grow_workspace(at::Tensor& workspace, int64_t need) {
   }
 }
 
-// The list binding: every argument on every call, in the order of every segment binding
-// (lstm_segment_step_cuda's, kernels/lstm_segment.py's train_segment) up to status, then
-// the CPU's own. Returns (unweighted loss, h, c); with update, the step's norm, whether it
+// The list binding: every argument on every call, in the order of every one-segment
+// binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's train_segment) up to
+// status, then the CPU's own. (The K-segment launches, lstm_train_cuda and
+// kernels/lstm_persistent.train, take n_segs, weight and the ramp flag in place of weight.) Returns (unweighted loss, h, c); with update, the step's norm, whether it
 // was skipped and the skipped-step count are in status, as the GPU bindings write them.
 std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(
     at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0, double weight, int64_t loss,
@@ -447,6 +448,7 @@ class CpuLstmPlan {
         outputs_.push_back(range_of(*t));
     if (optimizer_ != OPT_SGD)
       for (const at::Tensor& t : s2s_) outputs_.push_back(range_of(t));
+    outputs_.push_back(range_of(status_));  // written with update (the list binding's check)
     const c10::Storage& st = workspace_.storage();
     ws_data_ = st.data();
     ws_bytes_ = st.nbytes();
@@ -520,7 +522,7 @@ void register_lstm_cpu(pybind11::module_& m) {
            py::arg("weight"),
            "FPTTLSTM.train_segment's fast path: (loss, (h, c)), or None having done nothing "
            "(Python's checks and step() then take the call)")
-  // copy.deepcopy and pickle give None (as CpuUpdatePlan's): FPTTLSTM rebuilds its plan
+      // copy.deepcopy and pickle give None (as CpuUpdatePlan's): FPTTLSTM rebuilds its plan
       .def("__reduce__", [](const CpuLstmPlan&) {
         return py::make_tuple(py::type::of(py::none()), py::tuple());
       });

@@ -304,8 +304,11 @@ def _exit_after_group(code: int) -> None:
     distributed.agree) can reach interpreter shutdown first; the worker is then ended
     inside that destructor and the process dies in std::terminate (SIGABRT: exit -6, not
     2; about 1 run in 8 on a 2-core machine; cf. pytorch/pytorch#179291)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`| head`): nothing left to say there
+            pass
     os._exit(code)
 
 
@@ -442,7 +445,21 @@ def _rank_prefix() -> str:
 
 
 def main(argv=None) -> int:
-    code = _main(argv)
+    """The command line; returns the exit code. A process that started a torchrun process
+    group does not return: it leaves through _exit_after_group (an exception nobody
+    caught prints its traceback and exits 1, as Python would)."""
+    try:
+        code = _main(argv)
+    except BaseException as e:
+        if not _GROUP_STARTED:
+            raise
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        else:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
     if _GROUP_STARTED:
         _exit_after_group(code)
     return code

@@ -18,8 +18,9 @@ state). The returned loss is the *unweighted* segment loss (a detached 0-dim ten
 
 Backends (`backend=`):
   reference  fptt_fast.reference: ReferenceLSTM's math, autograd, FPTT(backend="reference")
-  cpu        one C++ call (fptt_fast._C.lstm_segment_step_cpu): forward, loss, backward
-             and the fused FPTT update (fptt::cpu::fused_update), OpenMP, deterministic
+  cpu        one C++ call (fptt_fast._C.CpuLstmPlan, held per module): forward, loss,
+             backward and the fused FPTT update (fptt::cpu::fused_update), OpenMP,
+             deterministic
   triton     ONE Triton launch (fptt_fast.kernels.lstm_segment.train_segment): forward,
              loss, backward, gradients and the FPTT update; CUDA tensors, or CPU tensors
              under TRITON_INTERPRET=1 (slow, for tests). No host sync on a GPU.

@@ -462,9 +462,9 @@ class FPTT(torch.optim.Optimizer):
         self.report_skipped(int(count.item()))
 
     def report_skipped(self, count):
-        """Take the cumulative skipped-step count `count` after a step the host ran (the cpu
-        kernels return it): raise FloatingPointError (nonfinite='raise') if steps were
-        skipped since the last report."""
+        """Take the cumulative skipped-step count `count` (from a cpu kernel's return, or
+        the status read back after device steps): raise FloatingPointError
+        (nonfinite='raise') if steps were skipped since the last report."""
         new = count - self._seen_skipped
         self._seen_skipped = count
         if new > 0 and self.nonfinite == "raise":

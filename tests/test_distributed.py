@@ -573,6 +573,42 @@ def test_cli_ranks_with_other_options_stop_with_exit_2(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised,code,printed", [
+    (None, 0, ""), (SystemExit(2), 2, ""), (SystemExit(None), 0, ""),
+    (RuntimeError("gloo: connection reset"), 1, "RuntimeError: gloo: connection reset")])
+def test_cli_leaves_through_os_exit_once_a_group_started(monkeypatch, capsys, raised, code, printed):
+    """cli.main after _start_distributed made a group: whatever _main did (returned, exited,
+    raised), the process leaves through os._exit with the code Python would give, the
+    traceback printed, never through interpreter shutdown (the gloo SIGABRT race)."""
+    from fptt_fast import cli
+
+    def fake_main(argv):
+        if raised is not None:
+            raise raised
+        return 0
+
+    def fake_exit(c):
+        raise _Exited(c)
+
+    monkeypatch.setattr(cli, "_main", fake_main)
+    monkeypatch.setattr(cli, "_GROUP_STARTED", [True])
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited) as e:
+        cli.main([])
+    assert e.value.args == (code,)
+    assert printed in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_GROUP_STARTED", [])  # without a group: Python's own way
+    if raised is None:
+        assert cli.main([]) == 0
+    else:
+        with pytest.raises(type(raised)):
+            cli.main([])
+
+
 @pytest.mark.parametrize("sizes,bytes_", [((2, 128, 1), "270,860"), ((32, 512, 10), "4,493,360")])
 def test_readme_all_reduce_bytes(sizes, bytes_):
     """README, "Scaling out": the bytes all-reduced per update are (P + 2) float32."""

@@ -592,6 +592,13 @@ def test_lstm_bad_hyper_and_aliased_input_are_refused():
         a.train_segment(x, y, (h0, torch.zeros(12, 3)))
     assert_same(params, [p.detach() for p in a.fptt_parameters()])
     assert_same(grads, a._grads)
+    # x inside the optimiser's status (written with the update): refused the same way,
+    # through the plan's step as through the list binding
+    status = a.optimizer.kernel_args(a.fptt_parameters(), x.device).status
+    before = status.clone()
+    with pytest.raises(RuntimeError, match="status"):
+        a.train_segment(status[:2].view(1, 1, 2), y[:1])
+    assert_same([before], [status])
     # inputs that only overlap each other are fine (all are read)
     h = torch.randn(12, 3, generator=gen)
     a.train_segment(x, y, (h, h))

@@ -37,6 +37,7 @@ constexpr LstmLoss LSTM_LOSS_MSE = ::fptt::lstm::LOSS_MSE;
 constexpr LstmLoss LSTM_LOSS_CE = ::fptt::lstm::LOSS_CE;
 
 // One segment's inputs and outputs (device pointers): lstm_args.h, shared with the CPU step.
+// Here H <= kLstmMaxHidden, and the kernels update the six parameters in place.
 using LstmSegmentArgs = ::fptt::lstm::LstmSegmentArgs;
 
 // Floats of scratch one segment needs (the layout is private to lstm_segment.cu):

@@ -149,7 +149,7 @@ inline void check_status(const char* fn, const at::Tensor& status, c10::DeviceTy
 }
 
 // Everything lstm_segment_step_cpu accepts, on device type `dev`: the arguments in the
-// order of every segment binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's),
+// order of every one-segment binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's),
 // then the CPU's own. The state lists (w_bars ... group_of), optimizer, clip and status are
 // read, and checked, only if `update`. The workspace
 // may be too small (the binding grows it, with resize_, after these checks): then its
@@ -183,7 +183,7 @@ inline LstmDims check_lstm_segment_cpu_args(
     check_status(fn, status, dev, device);
   }
 
-  AliasCheck ac(48);
+  AliasCheck ac(56);
   add_lstm_inputs(ac, x, target, true, h0, c0);
   add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer, update,
                     /*grads_written=*/true);
@@ -236,7 +236,7 @@ inline LstmDims check_lstm_segment_cuda_args(
   // Two passes, so that h_out/c_out may overlap h0/c0 and nothing else: everything but
   // h_out/c_out, then everything but h0/c0.
   for (int pass = 0; pass < 2; ++pass) {
-    AliasCheck ac(48);
+    AliasCheck ac(56);
     add_lstm_inputs(ac, x, target, /*with_state=*/pass == 0, h0, c0);
     add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer,
                       /*update=*/true, /*grads_written=*/true);
