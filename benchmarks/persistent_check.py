@@ -182,6 +182,14 @@ def timings(quick):
                 m2 = model(I, H, O, "mse", False, "adam", "cuda", kern)
                 fn2 = lambda: m2.train_segment(x, y, state=st)  # noqa: E731
                 add(f"add w={omega} segment cuda/{kern} (raise)", median_us(fn2))
+                os.environ["FPTT_FAST_STATUS"] = "mapped"  # read when FPTT is built
+                try:
+                    m3 = model(I, H, O, "mse", False, "adam", "cuda", kern)
+                finally:
+                    del os.environ["FPTT_FAST_STATUS"]
+                assert m3.optimizer._status_host is not None
+                fn3 = lambda: m3.train_segment(x, y, state=st)  # noqa: E731
+                add(f"add w={omega} segment cuda/{kern} (raise, mapped status)", median_us(fn3))
         # the authors-style reference in one CUDA graph, and cuDNN fwd+bwd alone
         net = Net(I, H, O).to(DEV)
         h0 = (st[0][None].clone(), st[1][None].clone())

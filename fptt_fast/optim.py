@@ -7,6 +7,8 @@ one fused pass on the cpu/triton/cuda backends (FPTT.md steps 2-6).
 """
 from __future__ import annotations
 
+import ctypes
+import os
 from typing import NamedTuple
 
 import torch
@@ -118,6 +120,8 @@ class FPTT(torch.optim.Optimizer):
         self._pending = None  # (event, pinned skipped count) of a CUDA step not yet checked
         self._seen_skipped = 0  # skipped steps already reported
         self._count_host = None  # (event, pinned float) for the non-blocking look
+        self._status_host = None  # FPTT_FAST_STATUS=mapped: the status's host view ...
+        self._skip_word = None    # ... and its skipped count as a ctypes float (_new_status)
         self._build_state()
         if not isinstance(graph, bool):
             raise ValueError(f"graph must be True or False, got {graph!r}")
@@ -175,10 +179,50 @@ class FPTT(torch.optim.Optimizer):
             offset += p.numel()
         self.flat_state = flat
         self._drop_plan()  # it holds the old buffers
-        old_status = getattr(self, "_status", None)
-        self._status = torch.zeros(3, device=device)
-        if old_status is not None:  # a group added later keeps the counts
-            self._status.copy_(old_status)
+        old = getattr(self, "_status", None)
+        if old is not None and self._status_host is not None:
+            old = self._status_values()  # (a mapped status is read through its host view)
+        self._status, self._status_host, self._skip_word = self._new_status(device)
+        if old is not None:  # a group added later keeps the counts
+            self._write_status(old)
+
+    def _new_status(self, device):
+        """The status [norm, last skipped, skipped count] the kernels write: (tensor, host
+        view, ctypes float of the count). The host view is not None only with the
+        environment variable FPTT_FAST_STATUS=mapped on a CUDA device and the cuda or triton
+        backend: the status then lives in mapped pinned host memory, and
+        nonfinite='raise' reads the count with one host load instead of queueing an event
+        and a copy per step (issue 12; NOT YET RUN ON A GPU, so not the default)."""
+        if (os.environ.get("FPTT_FAST_STATUS") != "mapped" or device.type != "cuda"
+                or self.backend not in ("cuda", "triton")):
+            return torch.zeros(3, device=device), None, None
+        ext = backends.extension()
+        if not hasattr(ext, "mapped_status_cuda"):
+            raise RuntimeError("FPTT_FAST_STATUS=mapped needs fptt_fast._C built with its CUDA "
+                               "kernels (this build has none)")
+        dev_view, host_view = ext.mapped_status_cuda(device.index)
+        word = ctypes.c_float.from_address(host_view.data_ptr() + 4 * STATUS_SKIPPED)
+        return dev_view, host_view, word
+
+    def _status_values(self):
+        """The status as a CPU tensor (syncs a CUDA device). A mapped status is read through
+        its host view: a torch copy from its device view would be a device-to-host memcpy
+        whose source is host memory, which the CUDA docs leave undefined."""
+        if self._status_host is None:
+            return self._status.detach().to("cpu", copy=True)
+        torch.cuda.synchronize(self._status.device)
+        return self._status_host.clone()
+
+    def _write_status(self, values):
+        """Overwrite the status with `values` (3 numbers); a mapped one through its host view,
+        once the device is idle (a running kernel may be writing it)."""
+        values = torch.as_tensor(values, dtype=torch.float32)
+        if self._status_host is None:
+            self._status.copy_(values)
+            return
+        values = values.cpu()
+        torch.cuda.synchronize(self._status.device)
+        self._status_host.copy_(values)
 
     # -- the fused-kernel interface ----------------------------------------------------
     # What a kernel that runs this optimiser's update inside its own launch (FPTTLSTM,
@@ -431,8 +475,8 @@ class FPTT(torch.optim.Optimizer):
         skipped-step count (nonfinite='raise').
         The count is cumulative, so the newest snapshot covers every earlier step even
         when the host runs several steps ahead of the GPU."""
-        if self.nonfinite != "raise":
-            return
+        if self.nonfinite != "raise" or self._skip_word is not None:
+            return  # (a mapped status: device_step_begin reads the count itself)
         if self._status.device.type == "cpu":  # the interpreter: the result is here already
             self.report_skipped(int(self._status[STATUS_SKIPPED].item()))
             return
@@ -451,6 +495,13 @@ class FPTT(torch.optim.Optimizer):
         self._raise_pending()
 
     def _raise_pending(self, wait=False):
+        if self._skip_word is not None:  # mapped: the count as far as the device has got
+            if wait:
+                torch.cuda.synchronize(self._status.device)
+            count = int(self._skip_word.value)
+            if count != self._seen_skipped:
+                self.report_skipped(count)
+            return
         if self._pending is None:
             return
         ev, count = self._pending
@@ -485,7 +536,7 @@ class FPTT(torch.optim.Optimizer):
     @property
     def skipped_steps(self) -> int:
         """Steps that changed nothing because the gradient was not finite (syncs)."""
-        return int(self._status[STATUS_SKIPPED].item())
+        return int(self._status_values()[STATUS_SKIPPED].item())
 
     # -- FPTT extras --------------------------------------------------------------
     @torch.no_grad()
@@ -512,7 +563,8 @@ class FPTT(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {k: {n: t.clone() for n, t in v.items()} for k, v in sd["state"].items()}
         sd["fptt"] = {"optimizer": self.base, "clip": self.clip, "nonfinite": self.nonfinite,
-                      "status": self._status.clone()}
+                      "status": self._status.clone() if self._status_host is None
+                      else self._status_values().to(self._status.device)}
         return sd
 
     @torch.no_grad()
@@ -528,13 +580,13 @@ class FPTT(torch.optim.Optimizer):
         for i, p in enumerate(params):
             for n, t in self.state[p].items():
                 t.copy_(torch.as_tensor(state_dict["state"][i][n]).reshape(t.shape))
-        self._status.copy_(torch.as_tensor(state_dict["fptt"]["status"]))
+        self._write_status(state_dict["fptt"]["status"])
         self.clip = reference.validate_clip(state_dict["fptt"]["clip"])
         self.nonfinite = state_dict["fptt"]["nonfinite"]
         self._hyper_key = None
         self._drop_plan()  # rebuilt (and the loaded hyper-parameters validated) at the next step
         self._pending = None  # a report pending from before the load no longer applies
-        self._seen_skipped = int(self._status[STATUS_SKIPPED].item())
+        self._seen_skipped = int(self._status_values()[STATUS_SKIPPED].item())
 
     def _check_state_dict(self, sd):
         if not isinstance(sd, dict):

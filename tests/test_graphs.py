@@ -154,3 +154,148 @@ def test_fptt_graph_step_is_bitwise_eager(backend):
     assert og._graph_captures == 3 and len(og._graphs) == 3
     assert not oe._graphs
     og.check_finite()
+
+
+# -- FPTT_FAST_STATUS=mapped (issue 12): the status in mapped pinned host memory ----------
+# Not the default until these have run on a GPU (benchmarks/NOTES.md).
+
+def mapped_env(monkeypatch, on):
+    if on:
+        monkeypatch.setenv("FPTT_FAST_STATUS", "mapped")
+    else:
+        monkeypatch.delenv("FPTT_FAST_STATUS", raising=False)
+
+
+def values_of(ps, o):
+    """Parameters, FPTT state and the status (a mapped status read through its host view)."""
+    out = [p.detach().clone() for p in ps]
+    for p in ps:
+        out += [t.clone() for _, t in sorted(o.state[p].items())]
+    return out + [o._status_values().to(ps[0].device)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mapped_status_is_ignored_off_the_gpu_backends(backend, monkeypatch):
+    """FPTT_FAST_STATUS=mapped changes nothing where it does not apply (CPU tensors; the
+    reference backend anywhere): a plain status, the counts kept through a state_dict."""
+    mapped_env(monkeypatch, True)
+    torch.manual_seed(10)
+    ps = [torch.randn(5, 3, requires_grad=True)]
+    o = fptt_fast.FPTT(ps, lr=1e-2, nonfinite="skip", backend=backend)
+    assert o._status_host is None and o._skip_word is None
+    for k in range(3):
+        ps[0].grad = torch.randn(5, 3)
+        if k == 1:
+            ps[0].grad[2, 2] = float("nan")
+        o.step()
+    assert o.skipped_steps == 1
+    fresh = fptt_fast.FPTT([t.detach().clone().requires_grad_() for t in ps], lr=1e-2,
+                           nonfinite="skip", backend=backend)
+    fresh.load_state_dict(o.state_dict())
+    assert fresh._status_values().tolist() == o._status_values().tolist()
+    assert fresh.skipped_steps == 1
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_mapped_status_is_bitwise_the_device_status(backend, monkeypatch):
+    """Twelve steps, two of them with a NaN gradient (nonfinite="skip"), eager and graphed:
+    optimisers whose status lives in mapped host memory end bitwise where the default one
+    does, skipped counts included; a state_dict round trip into a fresh mapped optimiser
+    keeps the status."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(f"backend {backend} unavailable: {backends.unavailable_reason(backend, 'cuda')}")
+    torch.manual_seed(5)
+    shapes = [(64, 16), (64,), (7, 3), (1,)]
+    p0 = [torch.randn(s, device="cuda") for s in shapes]
+    kw = dict(lr=1e-2, optimizer="adam", clip=1.0, nonfinite="skip", backend=backend)
+    runs = []
+    for mapped in (False, True):
+        mapped_env(monkeypatch, mapped)
+        for graph in (False, True):
+            ps = [t.clone().requires_grad_() for t in p0]
+            o = fptt_fast.FPTT(ps, graph=graph, **kw)
+            assert (o._status_host is not None) == mapped
+            runs.append((ps, o))
+    mapped_env(monkeypatch, False)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for k in range(12):
+        grads = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+        if k in (4, 9):
+            grads[1][3] = float("nan")
+        for ps, o in runs:
+            for p, g in zip(ps, grads):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)  # the same buffers: graph mode replays
+            o.step()
+    want = values_of(*runs[0])
+    for ps, o in runs[1:]:
+        assert_equal_lists(want, values_of(ps, o))
+    for _, o in runs:
+        assert o.skipped_steps == 2
+    ps, o = runs[2]
+    mapped_env(monkeypatch, True)
+    fresh = fptt_fast.FPTT([t.clone().requires_grad_() for t in p0], **kw)
+    fresh.load_state_dict(o.state_dict())
+    assert fresh._status_values().tolist() == o._status_values().tolist()
+    assert fresh.skipped_steps == 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_mapped_status_raises_at_a_later_step(backend, monkeypatch):
+    """nonfinite="raise" with a mapped status: no event or copy queued per step; once the
+    device has finished a step whose gradient held a NaN, the next step() raises before
+    launching anything, and check_finite() waits for the device itself."""
+    if backends.unavailable_reason(backend, "cuda") is not None:
+        pytest.skip(f"backend {backend} unavailable: {backends.unavailable_reason(backend, 'cuda')}")
+    mapped_env(monkeypatch, True)
+    torch.manual_seed(7)
+    ps = [torch.randn(8, 4, device="cuda", requires_grad=True)]
+    o = fptt_fast.FPTT(ps, lr=1e-2, backend=backend)
+    mapped_env(monkeypatch, False)
+    assert o._skip_word is not None and o.nonfinite == "raise"
+    ps[0].grad = torch.randn(8, 4, device="cuda")
+    o.step()
+    ps[0].grad[0, 0] = float("nan")
+    o.step()
+    assert o._pending is None and o._count_host is None  # nothing queued
+    torch.cuda.synchronize()
+    w = ps[0].detach().clone()
+    ps[0].grad.normal_()
+    with pytest.raises(FloatingPointError, match="1 step"):
+        o.step()
+    torch.cuda.synchronize()
+    assert torch.equal(ps[0].detach(), w)  # the raising step launched nothing
+    o.step()  # reported once: the run goes on
+    ps[0].grad[1, 1] = float("inf")
+    o.step()
+    with pytest.raises(FloatingPointError, match="1 step"):
+        o.check_finite()
+    assert o.skipped_steps == 2
+
+
+@needs_cuda
+def test_mapped_status_lstm_graph_is_bitwise_the_device_status(monkeypatch):
+    """FPTTLSTM.train_sequence on cuda (CUDA-graph replays, the default) with the status in
+    mapped host memory: bitwise the default run."""
+    runs = []
+    for mapped in (False, True):
+        mapped_env(monkeypatch, mapped)
+        torch.manual_seed(8)
+        m = fptt_fast.FPTTLSTM(3, 16, 2, optimizer="adam", lr=1e-2, clip=1.0, backend="cuda",
+                               device="cuda")
+        assert (m.optimizer._status_host is not None) == mapped
+        runs.append(m)
+    mapped_env(monkeypatch, False)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    for _ in range(4):
+        x, y = batch(12, 8, "mse", False, gen)
+        losses = [m.train_sequence(x, y, 3) for m in runs]
+        assert torch.equal(*losses)
+    a, b = [values_of(list(m.fptt_parameters()), m.optimizer) for m in runs]
+    assert_equal_lists(a, b)
+    for m in runs:
+        m.optimizer.check_finite()

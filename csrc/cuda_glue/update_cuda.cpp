@@ -32,7 +32,9 @@
 #include <climits>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "fptt_fast/cuda_kernels.h"
@@ -110,6 +112,38 @@ int64_t grid_size_cuda(int64_t n_chunks, int64_t optimizer, int64_t device) {
   return g;
 }
 
+// FPTT's status [norm, last skipped, skipped count] in mapped pinned host memory
+// (FPTT_FAST_STATUS=mapped, issue 12; benchmarks/NOTES.md): the kernels store it through
+// the device view as they store a device status (one thread, plain stores), and the host
+// reads the count from the host view with no event, copy or sync. Returns (device view,
+// host view) of the same 3 zeroed floats; the memory is freed (cudaFreeHost, which waits
+// for the device) with the last of the two.
+std::tuple<at::Tensor, at::Tensor> mapped_status_cuda(int64_t device_index) {
+  FPTT_CHECK(device_index >= 0 && device_index < int64_t(c10::cuda::device_count()),
+             "mapped_status_cuda: no CUDA device ", device_index);
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  void* host = nullptr;
+  cudaError_t err = cudaHostAlloc(&host, 3 * sizeof(float), cudaHostAllocMapped |
+                                                             cudaHostAllocPortable);
+  FPTT_CHECK(err == cudaSuccess, "mapped_status_cuda: cudaHostAlloc failed: ",
+             cudaGetErrorString(err));
+  void* dev = nullptr;
+  err = cudaHostGetDevicePointer(&dev, host, 0);
+  if (err != cudaSuccess) {
+    cudaFreeHost(host);
+    FPTT_CHECK(false, "mapped_status_cuda: cudaHostGetDevicePointer failed: ",
+               cudaGetErrorString(err));
+  }
+  std::memset(host, 0, 3 * sizeof(float));
+  std::shared_ptr<void> owner(host, [](void* p) { cudaFreeHost(p); });
+  at::Tensor d = at::from_blob(
+      dev, {3}, [owner](void*) {},
+      at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::DeviceIndex(device_index)));
+  at::Tensor h = at::from_blob(host, {3}, [owner](void*) {},
+                               at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+  return {d, h};
+}
+
 }  // namespace
 
 void register_update_cuda(pybind11::module_& m) {
@@ -124,6 +158,9 @@ void register_update_cuda(pybind11::module_& m) {
         "blocks of the fused CUDA update for n_chunks chunks (optimizer code, device)",
         pybind11::arg("n_chunks"), pybind11::arg("optimizer"), pybind11::arg("device"));
   m.attr("cuda_update_chunk") = pybind11::int_(cuda::kChunk);
+  m.def("mapped_status_cuda", &mapped_status_cuda,
+        "(device view, host view) of a zeroed float[3] status in mapped pinned host memory "
+        "(FPTT_FAST_STATUS=mapped)", pybind11::arg("device"));
 }
 
 }  // namespace fptt
