@@ -154,8 +154,12 @@ class FPTT(torch.optim.Optimizer):
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _build_state(self):
-        """(Re)allocate the flat state buffers, keeping any values already held."""
+    def _build_state(self, mapped_status=None):
+        """(Re)allocate the flat state buffers, keeping any values already held (and the
+        status's; mapped_status: _new_status's `mapped`, by default the kind this
+        optimiser's status already is, else FPTT_FAST_STATUS)."""
+        if mapped_status is None and getattr(self, "_status", None) is not None:
+            mapped_status = self._status_host is not None
         params = self._params()
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -182,19 +186,20 @@ class FPTT(torch.optim.Optimizer):
         old = getattr(self, "_status", None)
         if old is not None and self._status_host is not None:
             old = self._status_values()  # (a mapped status is read through its host view)
-        self._status, self._status_host, self._skip_word = self._new_status(device)
+        self._status, self._status_host, self._skip_word = self._new_status(device, mapped_status)
         if old is not None:  # a group added later keeps the counts
             self._write_status(old)
 
-    def _new_status(self, device):
+    def _new_status(self, device, mapped=None):
         """The status [norm, last skipped, skipped count] the kernels write: (tensor, host
         view, ctypes float of the count). The host view is not None only with the
-        environment variable FPTT_FAST_STATUS=mapped on a CUDA device and the cuda or triton
-        backend: the status then lives in mapped pinned host memory, and
+        environment variable FPTT_FAST_STATUS=mapped (or mapped=True) on a CUDA device and
+        the cuda or triton backend: the status then lives in mapped pinned host memory, and
         nonfinite='raise' reads the count with one host load instead of queueing an event
         and a copy per step (issue 12; NOT YET RUN ON A GPU, so not the default)."""
-        if (os.environ.get("FPTT_FAST_STATUS") != "mapped" or device.type != "cuda"
-                or self.backend not in ("cuda", "triton")):
+        if mapped is None:
+            mapped = os.environ.get("FPTT_FAST_STATUS") == "mapped"
+        if not mapped or device.type != "cuda" or self.backend not in ("cuda", "triton"):
             return torch.zeros(3, device=device), None, None
         ext = backends.extension()
         if not hasattr(ext, "mapped_status_cuda"):
@@ -530,7 +535,10 @@ class FPTT(torch.optim.Optimizer):
     # -- status -------------------------------------------------------------------
     @property
     def last_norm(self):
-        """Global norm of the last step's regularised gradient (a tensor; no sync)."""
+        """Global norm of the last step's regularised gradient (a tensor; no sync). With a
+        mapped status (FPTT_FAST_STATUS=mapped) a CPU tensor, read after a device sync."""
+        if self._status_host is not None:
+            return self._status_values()[STATUS_NORM]
         return self._status[STATUS_NORM]
 
     @property
@@ -556,6 +564,32 @@ class FPTT(torch.optim.Optimizer):
                 r = reference.regularizer_value(p, st["w_bar"], st["lam"], h)
                 total = r if total is None else total + r
         return total if total is not None else torch.zeros(())
+
+    # -- copies and pickles ---------------------------------------------------------
+    # torch's Optimizer pickles (and so deep-copies) only defaults, state and param_groups,
+    # which left a copy of an FPTT (or of an FPTTLSTM) without its flat buffers and status:
+    # it failed at its first step. Everything is kept but what holds raw addresses or
+    # device handles: the C++ plan and captured graphs (their own __reduce__ give empty
+    # ones), the pending event and its pinned slot, a mapped status's host views (its
+    # values are carried), and the flat buffers: the copy builds its own from the per-
+    # parameter state, so its state entries are views of them again (plain pickle copies
+    # each view on its own).
+    _TRANSIENT = ("flat_state", "_pending", "_count_host", "_status_host", "_skip_word")
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        for k in self._TRANSIENT:
+            d[k] = None
+        d["_status_mapped"] = self._status_host is not None
+        if self._status_host is not None:
+            d["_status"] = self._status_values()  # a new mapped status gets these values
+        return d
+
+    def __setstate__(self, state):
+        state = dict(state)
+        mapped = state.pop("_status_mapped", False)
+        super().__setstate__(state)
+        self._build_state(mapped_status=mapped)
 
     # -- checkpoints --------------------------------------------------------------
     def state_dict(self):

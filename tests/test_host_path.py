@@ -605,11 +605,45 @@ def test_lstm_bad_hyper_and_aliased_input_are_refused():
 
 
 def test_lstm_module_deepcopies():
+    """A deep copy trains on as the original does, bitwise, and apart from it (it failed
+    at its first segment when the copy of its FPTT kept only torch's three fields)."""
     a, _ = lstm_pair((2, 3, 1), "mse", False, LSTM_OPT["adam"], seed=28)
-    a.train_segment(torch.randn(2, 2, 2), torch.randn(2, 1))
+    gen = torch.Generator().manual_seed(29)
+    a.train_segment(torch.randn(2, 2, 2, generator=gen), torch.randn(2, 1, generator=gen))
     c = copy.deepcopy(a)
     assert c._cpu_plan[3] is None and c._cpu_plan[0] is None
-    assert_same(*[[p.detach() for p in m.fptt_parameters()] for m in (c, a)])
+    assert_same(lstm_outputs(c), lstm_outputs(a))
+    for _ in range(3):
+        x, y = torch.randn(3, 2, 2, generator=gen), torch.randn(2, 1, generator=gen)
+        la, _ = a.train_segment(x, y)
+        lc, _ = c.train_segment(x, y)
+        assert torch.equal(la, lc)
+    assert_same(lstm_outputs(c), lstm_outputs(a))
+    before = lstm_outputs(a)
+    c.train_segment(x, y)
+    assert_same(lstm_outputs(a), before)  # the copy shares nothing with the original
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_optimizer_copies_step_as_the_original(how):
+    """copy.deepcopy / pickle of an FPTT (torch's Optimizer keeps only defaults, state and
+    param_groups): the copy holds its own flat buffers and status, its state entries stay
+    views of them, and it steps bitwise as the original from then on."""
+    import pickle
+
+    pa, pl, pb, oa, ol, ob = triple("adam")
+    gen = torch.Generator().manual_seed(32)
+    grads = lambda: [torch.randn(p.shape, generator=gen) for p in pa]  # noqa: E731
+    step_all([(pa, oa)], grads())
+    pc, oc = copy.deepcopy((pa, oa)) if how == "deepcopy" else pickle.loads(pickle.dumps((pa, oa)))
+    flat = oc.flat_state["lam"]
+    for p in pc:
+        lam = oc.state[p]["lam"]
+        assert lam.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    for _ in range(3):
+        step_all([(pa, oa), (pc, oc)], grads())
+        assert_bitwise_equal(pa, pc, oa, oc)
+    assert oc.skipped_steps == oa.skipped_steps
 
 
 def test_a_dropped_update_plan_is_retired():

@@ -117,7 +117,7 @@ int64_t grid_size_cuda(int64_t n_chunks, int64_t optimizer, int64_t device) {
 // the device view as they store a device status (one thread, plain stores), and the host
 // reads the count from the host view with no event, copy or sync. Returns (device view,
 // host view) of the same 3 zeroed floats; the memory is freed (cudaFreeHost, which waits
-// for the device) with the last of the two.
+// for the device, so not while a CUDA graph is being captured) with the last of the two.
 std::tuple<at::Tensor, at::Tensor> mapped_status_cuda(int64_t device_index) {
   FPTT_CHECK(device_index >= 0 && device_index < int64_t(c10::cuda::device_count()),
              "mapped_status_cuda: no CUDA device ", device_index);
@@ -125,11 +125,14 @@ std::tuple<at::Tensor, at::Tensor> mapped_status_cuda(int64_t device_index) {
   void* host = nullptr;
   cudaError_t err = cudaHostAlloc(&host, 3 * sizeof(float), cudaHostAllocMapped |
                                                              cudaHostAllocPortable);
-  FPTT_CHECK(err == cudaSuccess, "mapped_status_cuda: cudaHostAlloc failed: ",
-             cudaGetErrorString(err));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it, so that no later launch check reports it
+    FPTT_CHECK(false, "mapped_status_cuda: cudaHostAlloc failed: ", cudaGetErrorString(err));
+  }
   void* dev = nullptr;
   err = cudaHostGetDevicePointer(&dev, host, 0);
   if (err != cudaSuccess) {
+    (void)cudaGetLastError();
     cudaFreeHost(host);
     FPTT_CHECK(false, "mapped_status_cuda: cudaHostGetDevicePointer failed: ",
                cudaGetErrorString(err));
