@@ -174,6 +174,13 @@ def values_of(ps, o):
     return out + [o._status_values().to(ps[0].device)]
 
 
+def assert_status_round_trip(o, fresh, skipped):
+    """o's state_dict loaded into fresh: the same status, `skipped` steps counted."""
+    fresh.load_state_dict(o.state_dict())
+    assert fresh._status_values().tolist() == o._status_values().tolist()
+    assert fresh.skipped_steps == o.skipped_steps == skipped
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_mapped_status_is_ignored_off_the_gpu_backends(backend, monkeypatch):
     """FPTT_FAST_STATUS=mapped changes nothing where it does not apply (CPU tensors; the
@@ -189,11 +196,8 @@ def test_mapped_status_is_ignored_off_the_gpu_backends(backend, monkeypatch):
             ps[0].grad[2, 2] = float("nan")
         o.step()
     assert o.skipped_steps == 1
-    fresh = fptt_fast.FPTT([t.detach().clone().requires_grad_() for t in ps], lr=1e-2,
-                           nonfinite="skip", backend=backend)
-    fresh.load_state_dict(o.state_dict())
-    assert fresh._status_values().tolist() == o._status_values().tolist()
-    assert fresh.skipped_steps == 1
+    assert_status_round_trip(o, fptt_fast.FPTT([t.detach().clone().requires_grad_() for t in ps],
+                                               lr=1e-2, nonfinite="skip", backend=backend), 1)
 
 
 @needs_cuda
@@ -237,10 +241,7 @@ def test_mapped_status_is_bitwise_the_device_status(backend, monkeypatch):
         assert o.skipped_steps == 2
     ps, o = runs[2]
     mapped_env(monkeypatch, True)
-    fresh = fptt_fast.FPTT([t.clone().requires_grad_() for t in p0], **kw)
-    fresh.load_state_dict(o.state_dict())
-    assert fresh._status_values().tolist() == o._status_values().tolist()
-    assert fresh.skipped_steps == 2
+    assert_status_round_trip(o, fptt_fast.FPTT([t.clone().requires_grad_() for t in p0], **kw), 2)
 
 
 @needs_cuda
