@@ -13,7 +13,8 @@ import fptt_fast
 from fptt_fast.kernels import lstm_segment as ls
 
 from .utils import (finish_background_compile, start_background_compile, LSTM_KERNEL_KW, LSTMPair, assert_tf32_close, assert_all_equal, backend_device,
-                    bind_args, lstm_run_bits, segment_grads, triton_compiled, with_grid_limit)
+                    bind_args, lstm_run_bits, segment_grads, sm90_compile_script, triton_compiled,
+                    with_grid_limit)
 
 gpu = pytest.mark.skipif(not triton_compiled(),
                          reason="needs a CUDA GPU (without one Triton runs in its interpreter)")
@@ -108,29 +109,12 @@ def test_rejects_bad_inputs(fresh_seed, monkeypatch):
         call()
 
 
-_AOT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fptt_fast.kernels import lstm_segment as ls
-fn = ls._lstm_segment_kernel
-const = dict(LOSS=1, PER_STEP=True, OPT=1, BB=16, BH=32, BK=32, BR=32, BC=32, OP=16,
-             PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024, UPDATE=True)
-kinds = {"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "tgt_ptr": "*i64"}
-sig = {}
-for n in fn.arg_names:
-    if n in const:
-        sig[n] = "constexpr"
-    elif n.endswith("_ptr"):
-        sig[n] = kinds.get(n, "*fp32")
-    else:
-        sig[n] = "fp32" if n in ("clip", "dscale", "lscale") else "i32"
-k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4))
-print("SHARED", k.metadata.shared, "CUBIN", len(k.asm.get("cubin", b"")))
-"""
+_AOT = sm90_compile_script(
+    "lstm_segment", "_lstm_segment_kernel",
+    consts='dict(LOSS=1, PER_STEP=True, OPT=1, BB=16, BH=32, BK=32, BR=32, BC=32, OP=16, '
+           'PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024, UPDATE=True)',
+    ptr_kinds={"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "tgt_ptr": "*i64"},
+    scalar_kinds={"clip": "fp32", "dscale": "fp32", "lscale": "fp32"}, num_warps="4")
 
 
 _SM90 = {}

@@ -25,8 +25,8 @@ from fptt_fast.optim import STATUS_LAST_SKIPPED
 
 from .utils import (finish_background_compile, start_background_compile, LSTM_OPT, NAN, TOL_MATMUL, LSTMPair, assert_all_equal,
                     assert_unchanged, backend_device, bind_args, fptt_weights, interpreted,
-                    assert_tf32_close, poisoned_allocations, scaled_err, segment_grads, snapshot,
-                    triton_compiled)
+                    assert_tf32_close, poisoned_allocations, scaled_err, segment_grads, sm90_compile_script,
+                    snapshot, triton_compiled)
 
 gpu = pytest.mark.skipif(not triton_compiled(),
                          reason="needs a CUDA GPU (without one Triton runs in its interpreter)")
@@ -330,31 +330,14 @@ def test_train_rejects_bad_arguments(fresh_seed, monkeypatch):
 # The GPU path: compiled ahead of time here; run on a GPU only.
 # ---------------------------------------------------------------------------------
 
-_AOT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fptt_fast.kernels import lstm_persistent as lp
-fn = lp._lstm_persistent_kernel
-BB, HS, nw = lp._GPU_CONFIG
-const = dict(LOSS=1, PER_STEP=True, OPT=1, NP=2, BB=BB, HS=HS, HP=32, IP=16, OP=16,
-             PREC="ieee", RBLOCK=lp._RBLOCK, CHUNK=4096, BLOCK=1024, PBLOCK=1024)
-kinds = {"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "gbar_ptr": "*i32",
-         "tgt_ptr": "*i64"}
-sig = {}
-for n in fn.arg_names:
-    if n in const:
-        sig[n] = "constexpr"
-    elif n.endswith("_ptr"):
-        sig[n] = kinds.get(n, "*fp32")
-    else:
-        sig[n] = {"clip": "fp32", "weight": "fp32", "ramp": "i1"}.get(n, "i32")
-k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=nw))
-print("SHARED", k.metadata.shared, "CUBIN", len(k.asm.get("cubin", b"")))
-"""
+_AOT = sm90_compile_script(
+    "lstm_persistent", "_lstm_persistent_kernel",
+    consts='dict(LOSS=1, PER_STEP=True, OPT=1, NP=2, BB=mod._GPU_CONFIG[0], '
+           'HS=mod._GPU_CONFIG[1], HP=32, IP=16, OP=16, PREC="ieee", RBLOCK=mod._RBLOCK, '
+           'CHUNK=4096, BLOCK=1024, PBLOCK=1024)',
+    ptr_kinds={"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "gbar_ptr": "*i32",
+               "tgt_ptr": "*i64"},
+    scalar_kinds={"clip": "fp32", "weight": "fp32", "ramp": "i1"}, num_warps="mod._GPU_CONFIG[2]")
 
 
 _SM90 = {}

@@ -490,6 +490,29 @@ def bind_args(fn, args, kwargs):
     return dict(bound.arguments)
 
 
+def sm90_compile_script(module, kernel, consts, ptr_kinds, scalar_kinds, num_warps):
+    """Python source compiling fptt_fast.kernels.<module>.<kernel> ahead of time for sm_90
+    (no GPU needed) and printing "SHARED <bytes> CUBIN <bytes>". consts and num_warps are
+    source expressions evaluated there with the module imported as `mod`; pointers are
+    *fp32 unless ptr_kinds says otherwise, scalars i32 unless scalar_kinds does."""
+    return f"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fptt_fast.kernels import {module} as mod
+fn = mod.{kernel}
+const = {consts}
+sig = {{n: "constexpr" if n in const
+        else {ptr_kinds!r}.get(n, "*fp32") if n.endswith("_ptr")
+        else {scalar_kinds!r}.get(n, "i32") for n in fn.arg_names}}
+k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps={num_warps}))
+print("SHARED", k.metadata.shared, "CUBIN", len(k.asm.get("cubin", b"")))
+"""
+
+
 def start_background_compile(registry, script, prefix):
     """Run `script` (Python source) in a subprocess, once per registry dict: the ahead-of-time
     Triton compiles for sm_90 (test_lstm_triton*.py), started by tests/conftest.py as soon

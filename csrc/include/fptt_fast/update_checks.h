@@ -269,20 +269,5 @@ inline c10::Device check_fused_update_args(
   return device;
 }
 
-// Kept for callers written before check_fused_update_args: the list checks only (no clip,
-// status or overlap checks).
-inline void check_update_lists(const std::vector<at::Tensor>& params,
-                               const std::vector<at::Tensor>& grads,
-                               const std::vector<at::Tensor>& w_bars,
-                               const std::vector<at::Tensor>& lams,
-                               const std::vector<at::Tensor>& s1s,
-                               const std::vector<at::Tensor>& s2s,
-                               const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-                               const std::vector<int64_t>& group_of, int64_t optimizer,
-                               c10::DeviceType dev) {
-  check_update_lists_on("fused_update", params, grads, w_bars, lams, s1s, s2s, steps, hyper,
-                        group_of, optimizer, dev, nullptr);
-}
-
 }  // namespace checks
 }  // namespace fptt
