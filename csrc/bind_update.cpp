@@ -162,7 +162,7 @@ bool read_hyper(PyObject* group, double out[H_COUNT]) {
       PyErr_Clear();
       return false;
     }
-    if (i == H_NESTEROV) {  // float(bool(group["nesterov"]))
+    if (i == H_NESTEROV || i == H_DECOUPLED) {  // float(bool(group[name]))
       const int t = PyObject_IsTrue(v);
       if (t < 0) {
         PyErr_Clear();

@@ -91,12 +91,22 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     p.add_argument("--batch", type=int, help=f"sequences per batch {d('batch')}")
     p.add_argument("--steps", type=int, help=f"sequence batches to train, in total when resuming {d('steps')}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate {d('lr')}")
-    p.add_argument("--alpha", type=float, help=f"FPTT alpha (proximal weight, dual step) {d('alpha')}")
+    p.add_argument("--alpha", type=float, help=f"FPTT alpha (proximal weight, dual step), 0: no "
+                                               f"regulariser {d('alpha')}")
+    p.add_argument("--decoupled", action="store_const", const=True,
+                   help="apply the regulariser outside the clip and Adam's normalisation "
+                        "(docs/ALGORITHM.md) (default: coupled, as the paper)")
     p.add_argument("--beta", type=float, help=f"FPTT beta (running-average step) {d('beta')}")
     p.add_argument("--rho", type=float, help=f"FPTT rho (0: authors' code, 0.5: paper's Alg. 1) {d('rho')}")
     p.add_argument("--clip", type=float, help=f"global gradient-norm clip, 0: none {d('clip')}")
     if algo:
         p.add_argument("--algo", help="fptt or bptt (default: fptt)")
+    p.add_argument("--protocol", help="FPTT's loop: segments (K segments of ceil(T/K) steps, all "
+                                      "trained, weights (p+1)/K) or authors (the authors' Add loop: "
+                                      "T//K steps, K-1 trained, weights p+1/K, no regulariser unless "
+                                      "--alpha is given) (default: segments)")
+    p.add_argument("--lstm", help="fused (FPTTLSTM, the backend's one-call segment step) or torch "
+                                  "(torch's LSTM under autograd + fptt_fast.FPTT) (default: fused)")
     p.add_argument("--seed", type=int, help=f"seed of the model and the training batches {d('seed')}")
     p.add_argument("--backend", help="FPTT backend: auto, reference, cpu, triton, cuda (default: auto)")
     p.add_argument("--device", help="auto, cpu or cuda (default: auto)")
@@ -144,10 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
                                   "evaluation, at the end and on Ctrl-C, never over another run's file")
     t.add_argument("--resume", help="continue the run of this checkpoint, bitwise identically "
                                     "(default: none, a fresh run)")
-    c = sub.add_parser("compare", help="FPTT and BPTT on the same seeds and data, one figure",
+    c = sub.add_parser("compare", help="variants (default: FPTT and BPTT) on the same seeds and "
+                                       "data, one figure",
                        formatter_class=_HelpFormatter,
-                       description="FPTT and BPTT on the same seeds and data, one figure.")
+                       description="Variants (default: FPTT and BPTT) on the same seeds, data and "
+                                   "budget; one figure (mean and range over seeds), compare.csv and "
+                                   "summary.csv.")
     _run_options(c, algo=False)
+    c.add_argument("--variant", action="append", metavar="LABEL[:KEY=VALUE,...]",
+                   help="a variant: a label, then the options it changes, e.g. off:alpha=0, "
+                        "dec:decoupled=1,alpha=0.5, bptt:algo=bptt, authors:protocol=authors; "
+                        "repeat for each (default: fptt and bptt:algo=bptt)")
+    c.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="seeds, each run by every variant (default: --seed's)")
+    c.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own process with --threads threads (default 1)")
     b = sub.add_parser("bench", help="FPTT.step throughput per backend vs the reference",
                        formatter_class=_HelpFormatter,
                        description="FPTT.step throughput per backend vs the reference.")
@@ -158,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given(args) -> dict:
-    keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "clip", "algo",
-            "seed", "backend", "device", "eval_every", "permute", "data_dir", "limit_test")
+    keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "decoupled", "clip",
+            "algo", "seed", "backend", "device", "eval_every", "permute", "data_dir", "limit_test",
+            "protocol", "lstm")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -168,11 +190,64 @@ def _default_out(cfg, kind: str) -> str:
     return os.path.join("runs", f"{task}-{kind}-T{cfg.T}")
 
 
-def _compare_files():
-    """What a compare writes under its folder: its own files and a run in each of fptt/, bptt/."""
-    from .train import ALGOS, RUN_FILES
+COMPARE_FILES = ("compare.csv", "compare.png", "summary.csv")
+# What a variant may change (--variant LABEL:KEY=VALUE,...): how a run learns, not the task.
+VARIANT_KEYS = ("algo", "protocol", "lstm", "alpha", "beta", "rho", "decoupled", "lr", "clip", "K",
+                "backend")
+DEFAULT_VARIANTS = ("fptt", "bptt:algo=bptt")
 
-    return ("compare.csv", "compare.png") + tuple(os.path.join(a, n) for a in ALGOS for n in RUN_FILES)
+
+def parse_variants(specs) -> dict:
+    """{label: {field: value}} from --variant specs (LABEL[:KEY=VALUE,...]), values typed as
+    train.Config's fields; UsageError for a bad label, key or value."""
+    import dataclasses
+    import re
+
+    from .train import Config, UsageError
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(Config)}
+    variants = {}
+    for spec in specs or DEFAULT_VARIANTS:
+        label, _, rest = spec.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", label):
+            raise UsageError(f"--variant {spec!r}: the label must be letters, digits, '.', '_' or '-'")
+        if label in variants:
+            raise UsageError(f"--variant {spec!r}: the label {label!r} is given twice")
+        changes = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, text = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq or key not in VARIANT_KEYS:
+                raise UsageError(f"--variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(VARIANT_KEYS)}")
+            text = text.strip()
+            try:
+                if types[key] is bool:
+                    if text.lower() not in ("1", "0", "true", "false"):
+                        raise ValueError
+                    value = text.lower() in ("1", "true")
+                else:
+                    value = types[key](text)
+            except ValueError:
+                raise UsageError(f"--variant {spec!r}: {key} must be a {types[key].__name__}, "
+                                 f"got {text!r}") from None
+            changes[key] = value
+        variants[label] = changes
+    return variants
+
+
+def _compare_runs(variants: dict, seeds) -> dict:
+    """{(label, seed): folder of the run inside the compare's folder}: the label alone for
+    one seed, label/seed<S> for several."""
+    return {(label, seed): label if len(seeds) == 1 else os.path.join(label, f"seed{seed}")
+            for label in variants for seed in seeds}
+
+
+def _compare_files(folders):
+    """What a compare writes under its folder: its own files and a run in each run folder."""
+    from .train import RUN_FILES
+
+    return COMPARE_FILES + tuple(os.path.join(f, n) for f in folders for n in RUN_FILES)
 
 
 def _unused_folder(base: str, names) -> str:
@@ -241,15 +316,16 @@ def _train_paths(args, cfg) -> tuple:
     return out, save, [(out, "--out"), (os.path.dirname(save) or ".", "--save")]
 
 
-def _compare_out(args, cfg) -> tuple:
-    """The compare's folder and the folders to create (it, with fptt/ and bptt/), checked
+def _compare_out(args, cfg, folders) -> tuple:
+    """The compare's folder and the folders to create (it, with a folder per run), checked
     before anything is read or written."""
-    from .train import ALGOS, check_folder
+    from .train import check_folder
 
-    out = args.out if args.out is not None else _unused_folder(_default_out(cfg, "compare"), _compare_files())
+    names = _compare_files(folders)
+    out = args.out if args.out is not None else _unused_folder(_default_out(cfg, "compare"), names)
     check_folder(out, "--out")
-    _refuse_other_run(out, _compare_files())
-    return out, [(os.path.join(out, a), "--out") for a in ALGOS]
+    _refuse_other_run(out, names)
+    return out, [(os.path.join(out, f), "--out") for f in folders]
 
 
 def _check_download(args) -> None:
@@ -268,10 +344,10 @@ def _backend_line(run) -> str:
             f"{', '.join(avail)}); device {run.device}")
 
 
-def _final_line(run) -> str:
+def _final_line(run, label=None) -> str:
     step, loss, test = run.final()
     loss_s = "n/a" if loss is None else f"{loss:.5g}"
-    return (f"final [{run.cfg.algo}]: step {step}  train_loss {loss_s}  {run.task.metric} {test:.5g}  "
+    return (f"final [{label or run.cfg.algo}]: step {step}  train_loss {loss_s}  {run.task.metric} {test:.5g}  "
             f"({run.elapsed:.1f} s)")
 
 
@@ -390,39 +466,95 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _set_threads(threads) -> None:
+    """torch's CPU threads, and denormal floats flushed to zero: on x86 each operation on a
+    denormal costs 10-100x a normal one, and long sequences fill backward passes with them
+    (gradients vanishing through hundreds of steps: BPTT at T=500 ran 6x slower)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+def _compare_job(cfg_fields: dict, out_dir: str, threads, download: bool, label: str) -> tuple:
+    """One run of a compare in a worker process (--jobs): (history, backend line, final line)."""
+    from .train import Config, Run
+
+    _set_threads(threads)
+    run = Run(Config(**cfg_fields), download=download)
+    run.fit(out_dir, progress=False)
+    return run.history, _backend_line(run), _final_line(run, label)
+
+
 def cmd_compare(args) -> int:
+    import dataclasses
+
     from . import distributed
-    from .train import Run, make_config, plot_curves, prepare_folders, write_compare_csv
+    from .train import (Run, UsageError, make_config, plot_variants, prepare_folders,
+                        write_compare_csv, write_summary_csv)
 
     _refuse_empty(args, ("--out", "--data-dir"))
     _check_download(args)
-    cfgs = {algo: make_config(args.task, {**_given(args), "algo": algo}, paper=args.paper)
-            for algo in ("fptt", "bptt")}
-    cfg = cfgs["fptt"]
-    out, folders = _compare_out(args, cfg)  # checked before a download or data read
+    if args.jobs < 1:
+        raise UsageError(f"jobs must be positive, got {args.jobs}")
+    variants = parse_variants(args.variant)
+    given = _given(args)
+    seeds = (list(dict.fromkeys(args.seeds)) if args.seeds
+             else [make_config(args.task, given, paper=args.paper).seed])
+    folders = _compare_runs(variants, seeds)
+    cfgs = {key: make_config(args.task, {**given, **variants[key[0]], "seed": seed}, paper=args.paper)
+            for key in folders for seed in [key[1]]}
+    cfg = next(iter(cfgs.values()))
+    label = (lambda key: key[0]) if len(seeds) == 1 else (lambda key: f"{key[0]} seed {key[1]}")
+    out, made = _compare_out(args, cfg, list(folders.values()))  # checked before a download or data read
     dist = _start_distributed(cfg)
+    if dist is not None and args.jobs > 1:
+        raise UsageError("--jobs runs one process per run: not under torchrun")
     try:
         download = _download_once(args, cfg, dist)
-        # build (and validate) both before writing anything
-        runs = {algo: Run(c, download=download, dist=dist) for algo, c in cfgs.items()}
-        main = runs["fptt"].is_main
+        # build (and validate) every run before writing anything
+        runs = {key: Run(c, download=download, dist=dist) for key, c in cfgs.items()}
+        main = next(iter(runs.values())).is_main
+        metric = next(iter(runs.values())).task.metric
         say = print if main else (lambda *a, **k: None)
-        _on_rank0(dist, lambda: prepare_folders(folders))
-        say(cfg.describe().replace(" fptt ", " fptt vs bptt "))
+        _on_rank0(dist, lambda: prepare_folders(made))
+        say(f"compare {', '.join(variants)} on seeds {', '.join(map(str, seeds))}: "
+            f"{len(runs)} runs of {cfg.steps} batches")
         if dist is not None:
-            say(_distributed_line(runs["fptt"]))
-        for algo, run in runs.items():
-            say(_backend_line(run))
-            run.fit(os.path.join(out, algo), progress=not args.no_progress)
+            say(_distributed_line(next(iter(runs.values()))))
+        results = {}
+        if args.jobs == 1:
+            for key, run in runs.items():
+                say(f"[{label(key)}] {run.cfg.describe()}; {_backend_line(run)}")
+                run.fit(os.path.join(out, folders[key]), progress=not args.no_progress)
+                results[key] = (run.history, _final_line(run, label(key)))
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            runs.clear()  # each worker builds its own
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_compare_job, dataclasses.asdict(c), os.path.join(out, folders[key]),
+                                       args.threads, download, label(key)): key for key, c in cfgs.items()}
+                for done in concurrent.futures.as_completed(futures):
+                    key = futures[done]
+                    history, backend_line, final_line = done.result()
+                    say(f"[{label(key)}] {cfgs[key].describe()}; {backend_line}")
+                    say(f"  {final_line}", flush=True)
+                    results[key] = (history, final_line)
         if main:
-            metric = runs["fptt"].task.metric
+            name = lambda key: label(key).replace(" seed ", "-seed")  # noqa: E731
+            histories = {key: results[key][0] for key in folders}
             write_compare_csv(os.path.join(out, "compare.csv"),
-                              {a: r.history for a, r in runs.items()}, metric)
-            plot_curves(os.path.join(out, "compare.png"), {a: r.history for a, r in runs.items()},
-                        metric, cfg.describe().replace(" fptt ", " FPTT vs BPTT "))
-        for run in runs.values():
-            say(_final_line(run))
-        say(f"wrote {os.path.join(out, 'compare.csv')}, {os.path.join(out, 'compare.png')}")
+                              {name(k): h for k, h in histories.items()}, metric)
+            write_summary_csv(os.path.join(out, "summary.csv"), histories, metric)
+            plot_variants(os.path.join(out, "compare.png"),
+                          {label: [histories[(label, s)] for s in seeds] for label in variants},
+                          metric, cfg.describe().replace(f"seed={cfg.seed}", f"seeds {seeds}"))
+        for key in folders:
+            say(results[key][1])
+        say(f"wrote {os.path.join(out, 'compare.csv')}, {os.path.join(out, 'summary.csv')}, "
+            f"{os.path.join(out, 'compare.png')}")
     finally:
         distributed.shutdown(dist)
     return 0
@@ -471,10 +603,9 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     prog = _rank_prefix() + PROG
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise UsageError(f"threads must be positive, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise UsageError(f"threads must be positive, got {args.threads}")
+        _set_threads(args.threads)
         return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench}[args.command](args)
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -208,7 +208,7 @@ def _extension():
 
 
 def _update_off_tables(module, device):
-    """(hyper [1, 12] of NaN, status [3]) for the cuda gradients launch, allocated once per
+    """(hyper [1, len(HYPER_FIELDS)] of NaN, status [3]) for the cuda gradients launch, allocated once per
     module and device (the glue caches its launch tables by these addresses). The status
     counts the launches whose update wrote nothing: every one of them."""
     cached = module.__dict__.get("_dp_update_off")
@@ -239,7 +239,8 @@ def attach_fpttlstm(module, pg) -> FlatAllReduce:
               ("eps", kw["eps"]), ("weight_decay", kw["weight_decay"]),
               ("momentum", kw["momentum"]), ("dampening", kw["dampening"]),
               ("nesterov", bool(kw["nesterov"])), ("alpha", kw["alpha"]), ("beta", kw["beta"]),
-              ("rho", kw["rho"]), ("c", kw["c"]), ("clip", 0.0 if clip is None else clip),
+              ("rho", kw["rho"]), ("c", kw["c"]), ("decoupled", bool(kw["decoupled"])),
+              ("clip", 0.0 if clip is None else clip),
               ("nonfinite", code(kw["nonfinite"])), ("backend", code(module.backend)),
               ("allow_tf32", module.allow_tf32),
               ("device type", code(module._device().type))]

@@ -12,7 +12,7 @@ error instead of reading the wrong hyper-parameter or loss.
 """
 
 HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
-                "momentum", "dampening", "nesterov")
+                "momentum", "dampening", "nesterov", "decoupled")
 H_INDEX = {name: i for i, name in enumerate(HYPER_FIELDS)}
 OPT_CODE = {"sgd": 0, "adam": 1, "adamw": 2}
 LOSS_CODE = {"mse": 0, "ce": 1}

@@ -79,7 +79,8 @@ class FPTTLSTM(nn.Module):
         per_step: a target per time step (loss = mean over the segment's steps) instead of
             one terminal target predicted from the segment's last hidden state.
         lr, optimizer, betas, eps, weight_decay, momentum, dampening, nesterov, alpha, beta,
-            rho, c, clip, nonfinite: fptt_fast.FPTT's keyword arguments.
+            rho, c, decoupled, clip, nonfinite: fptt_fast.FPTT's keyword arguments (alpha=0:
+            the regulariser off; decoupled=True: applied outside the clip and optimiser).
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see the module docstring).
         device, dtype: where the parameters live; only torch.float32 is supported.
         allow_tf32: let the GPU backends use TF32 matmuls (off: IEEE fp32). The cpu and
@@ -116,7 +117,7 @@ class FPTTLSTM(nn.Module):
     def __init__(self, input_size, hidden_size, output_size, *, loss="mse", per_step=False,
                  lr=1e-3, optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
-                 c=1.0, clip=None, nonfinite="raise", backend="auto", device=None,
+                 c=1.0, decoupled=False, clip=None, nonfinite="raise", backend="auto", device=None,
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
                  triton_kernel="auto",
                  process_group=None):
@@ -161,7 +162,8 @@ class FPTTLSTM(nn.Module):
             self.check_inputs = dev_type == "cpu"
         self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,
                                 weight_decay=weight_decay, momentum=momentum, dampening=dampening,
-                                nesterov=nesterov, alpha=alpha, beta=beta, rho=rho, c=c, clip=clip,
+                                nesterov=nesterov, alpha=alpha, beta=beta, rho=rho, c=c,
+                                decoupled=decoupled, clip=clip,
                                 nonfinite=nonfinite, backend=opt_backend)
         self.optimizer = FPTT(self.fptt_parameters(), **self._opt_kwargs)
         self._grads = None      # gradient buffers of the cpu backend, allocated once

@@ -43,7 +43,13 @@ def _hyper_row(group):
     return (float(group["lr"]), float(group["alpha"]), float(group["beta"]), float(group["rho"]),
             float(group["c"]), float(group["weight_decay"]), float(group["betas"][0]),
             float(group["betas"][1]), float(group["eps"]), float(group["momentum"]),
-            float(group["dampening"]), float(bool(group["nesterov"])))
+            float(group["dampening"]), float(bool(group["nesterov"])),
+            float(bool(group["decoupled"])))
+
+
+# Group keys added after state dicts were first saved, with the value that reproduces what
+# such a state dict meant: loading one without them takes these.
+_ADDED_GROUP_KEYS = {"decoupled": False}
 
 
 class KernelArgs(NamedTuple):
@@ -71,8 +77,15 @@ class FPTT(torch.optim.Optimizer):
         lr, betas, eps, weight_decay: as torch.optim.Adam/AdamW; lr, momentum,
             dampening, nesterov, weight_decay: as torch.optim.SGD.
         optimizer: "sgd", "adam" or "adamw" (the base optimiser, step 4).
-        alpha, beta, rho, c: FPTT's hyper-parameters (per group, FPTT.md).
-        clip: max global L2 norm of the regularised gradient; None/0: no clipping.
+        alpha, beta, rho, c: FPTT's hyper-parameters (per group, docs/ALGORITHM.md).
+            alpha=0 turns the regulariser off: the base optimiser on the clipped task
+            gradient, w_bar and lam kept as they are.
+        decoupled: per group. False (default): the regulariser's gradient joins the task
+            gradient before the clip and the base optimiser (the paper's FPTT). True: the
+            clip and the base optimiser see the task gradient alone, and w then moves by
+            -lr times the regulariser's gradient (as AdamW decouples weight decay).
+        clip: max global L2 norm of the gradient the base optimiser takes; None/0: no
+            clipping.
         nonfinite: "raise" (FloatingPointError; on CUDA at the next step() after the
             GPU finished, or at check_finite()) or "skip" (the step changes nothing
             and is counted in skipped_steps). Either way a gradient holding inf/NaN
@@ -100,8 +113,8 @@ class FPTT(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, *, optimizer="adam", betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5,
-                 beta=0.5, rho=0.0, c=1.0, clip=None, nonfinite="raise", backend="auto",
-                 graph=False):
+                 beta=0.5, rho=0.0, c=1.0, decoupled=False, clip=None, nonfinite="raise",
+                 backend="auto", graph=False):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         if nonfinite not in NONFINITE:
@@ -113,7 +126,7 @@ class FPTT(torch.optim.Optimizer):
         self.flat_state = None
         defaults = dict(lr=lr, alpha=alpha, beta=beta, rho=rho, c=c, weight_decay=weight_decay,
                         betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov)
+                        nesterov=nesterov, decoupled=decoupled)
         super().__init__(params, defaults)
         self._hyper_key, self._hyper = None, None
         self._plan = None  # cpu backend: the C++ step plan, built at the first step
@@ -549,9 +562,11 @@ class FPTT(torch.optim.Optimizer):
     # -- FPTT extras --------------------------------------------------------------
     @torch.no_grad()
     def reset(self):
-        """End of epoch: w <- w_bar and lam <- 0 for every parameter."""
-        params = self._params()
-        reference.reset_(params, [self.state[p] for p in params])
+        """End of epoch: w <- w_bar and lam <- 0 for every parameter (not those of a
+        group with alpha == 0: the regulariser off keeps no average)."""
+        pairs = [(p, Hyper.from_group(g)) for g in self.param_groups for p in g["params"]]
+        reference.reset_([p for p, _ in pairs], [self.state[p] for p, _ in pairs],
+                         [h for _, h in pairs])
 
     @torch.no_grad()
     def regularizer(self):
@@ -608,6 +623,7 @@ class FPTT(torch.optim.Optimizer):
         self._check_state_dict(state_dict)
         params = self._params()
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            saved = {**_ADDED_GROUP_KEYS, **saved}
             for k, v in saved.items():
                 if k != "params":
                     group[k] = tuple(v) if k == "betas" else v
@@ -649,7 +665,7 @@ class FPTT(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['param_groups'][{gi}]['params'] has "
                                  f"{len(saved.get('params', ()))} parameters, expected {len(mine['params'])}")
             for k in mine:
-                if k != "params" and k not in saved:
+                if k != "params" and k not in saved and k not in _ADDED_GROUP_KEYS:
                     raise ValueError(f"state_dict['param_groups'][{gi}] misses {k!r}")
             reference.validate_hyper(saved, self.base)
         for i, p in enumerate(self._params()):

@@ -11,6 +11,9 @@ One FPTT update of parameters w with task gradient g (segment p):
   4. w  = base optimiser step (torch SGD / Adam / AdamW semantics)
   5. lam   = lam - alpha * (w_new - w_bar_old)                 dual update
   6. w_bar = (1 - beta) * w_bar + beta * w_new - (beta / alpha) * lam_new
+alpha = 0 turns the regulariser off: steps 3-4 on the task gradient, lam and w_bar kept.
+decoupled=True: steps 3-4 on the task gradient, then w -= lr * (step 2's term at the old
+w), then 5-6 (docs/ALGORITHM.md, "The decoupled regulariser").
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class Hyper:
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    decoupled: bool = False
 
     @classmethod
     def from_group(cls, group: dict) -> "Hyper":
@@ -67,8 +71,8 @@ def validate_hyper(h: dict, optimizer: str) -> None:
     lr = _finite_number("lr", h["lr"])
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
-    if _finite_number("alpha", h["alpha"]) <= 0:
-        raise ValueError(f"alpha must be > 0, got {h['alpha']}")
+    if _finite_number("alpha", h["alpha"]) < 0:
+        raise ValueError(f"alpha must be >= 0 (0: the regulariser off), got {h['alpha']}")
     beta = _finite_number("beta", h["beta"])
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")
@@ -88,6 +92,8 @@ def validate_hyper(h: dict, optimizer: str) -> None:
     if _finite_number("momentum", h["momentum"]) < 0:
         raise ValueError(f"momentum must be >= 0, got {h['momentum']}")
     _finite_number("dampening", h["dampening"])
+    if not isinstance(h.get("decoupled", False), bool):
+        raise ValueError(f"decoupled must be True or False, got {h['decoupled']!r}")
     if h["nesterov"] and (optimizer != "sgd" or h["momentum"] <= 0 or h["dampening"] != 0):
         raise ValueError("nesterov needs optimizer='sgd', momentum > 0 and dampening = 0")
 
@@ -107,12 +113,17 @@ def validate_clip(clip) -> float | None:
 
 
 def regularizer_grad(w, w_bar, lam, h: Hyper):
-    """Step 2: gradient of sum[(rho-1)*lam*w + (c*alpha/2)*(w - w_bar)^2]."""
+    """Step 2: gradient of sum[(rho-1)*lam*w + (c*alpha/2)*(w - w_bar)^2]; zero when
+    alpha == 0 (the regulariser off, whatever lam holds)."""
+    if h.alpha == 0:
+        return torch.zeros_like(w)
     return (h.rho - 1.0) * lam + (h.c * h.alpha) * (w - w_bar)
 
 
 def regularizer_value(w, w_bar, lam, h: Hyper):
-    """The regulariser itself, for logging."""
+    """The regulariser itself, for logging (0 when alpha == 0)."""
+    if h.alpha == 0:
+        return torch.zeros((), dtype=w.dtype, device=w.device)
     return ((h.rho - 1.0) * lam * w).sum() + (0.5 * h.c * h.alpha) * ((w - w_bar) ** 2).sum()
 
 
@@ -157,7 +168,10 @@ def adam_step_(w, g, state, h: Hyper, decoupled: bool):
 
 
 def dual_average_(w, w_bar, lam, h: Hyper):
-    """Steps 5 and 6, with the new w, the old w_bar and then the new lam."""
+    """Steps 5 and 6, with the new w, the old w_bar and then the new lam; alpha == 0
+    keeps both."""
+    if h.alpha == 0:
+        return
     lam.sub_(h.alpha * (w - w_bar))
     w_bar.mul_(1.0 - h.beta).add_(h.beta * w - (h.beta / h.alpha) * lam)
 
@@ -167,36 +181,42 @@ def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfi
     """One FPTT update (steps 2-6) of `params` in place.
 
     params, grads, states, hypers: parallel lists (grads hold the task gradient only;
-    they are not modified). Returns (norm, skipped): the global norm of the
-    regularised gradient before clipping, and whether the step was skipped because
-    that norm was not finite (nonfinite="skip"; "raise" raises FloatingPointError).
-    Either way a non-finite step changes nothing.
+    they are not modified). Returns (norm, skipped): the global norm, before clipping,
+    of the gradient the clip sees (regularised when coupled, the task gradient alone
+    when decoupled or alpha == 0), and whether the step was skipped because that norm
+    was not finite (nonfinite="skip"; "raise" raises FloatingPointError). Either way a
+    non-finite step changes nothing.
     """
     if not params:
         return torch.zeros(()), False
-    g_reg = [g + regularizer_grad(w, s["w_bar"], s["lam"], h)
-             for w, g, s, h in zip(params, grads, states, hypers)]
-    coef, norm = clip_coef(g_reg, clip)
+    r = [regularizer_grad(w, s["w_bar"], s["lam"], h) for w, s, h in zip(params, states, hypers)]
+    g_in = [g if h.decoupled else g + ri for g, ri, h in zip(grads, r, hypers)]
+    coef, norm = clip_coef(g_in, clip)
     if not torch.isfinite(norm):
         if nonfinite == "raise":
             raise FloatingPointError(
                 "FPTT step: the gradient holds inf or NaN (global norm is "
                 f"{norm.item()}); nothing was updated")
         return norm, True
-    for w, g, s, h in zip(params, g_reg, states, hypers):
+    for w, g, ri, s, h in zip(params, g_in, r, states, hypers):
         g = g * coef
         if optimizer == "sgd":
             sgd_step_(w, g, s, h)
         else:
             adam_step_(w, g, s, h, decoupled=optimizer == "adamw")
+        if h.decoupled:
+            w.sub_(h.lr * ri)
         dual_average_(w, s["w_bar"], s["lam"], h)
     return norm, False
 
 
-def reset_(params, states):
-    """End of epoch (the authors do it): w <- w_bar, lam <- 0."""
+def reset_(params, states, hypers):
+    """End of epoch (the authors do it): w <- w_bar, lam <- 0. Parameters whose group
+    has alpha == 0 keep no average (w_bar stays at its start) and are left alone."""
     with torch.no_grad():
-        for w, s in zip(params, states):
+        for w, s, h in zip(params, states, hypers):
+            if h.alpha == 0:
+                continue
             w.copy_(s["w_bar"])
             s["lam"].zero_()
 
@@ -232,7 +252,7 @@ class ReferenceLSTM(nn.Module):
     def forward(self, x, state=None):
         """Returns (outputs [T, B, H], (h, c))."""
         h, c = state if state is not None else self.zero_state(x.shape[1], x.device, x.dtype)
-        if getattr(self, "use_cudnn", False) and x.is_cuda:
+        if getattr(self, "torch_lstm", False):
             return fused_lstm_forward(self, x, (h, c))
         pre_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)  # all steps at once
         outs = []
@@ -248,10 +268,11 @@ class ReferenceLSTM(nn.Module):
 
 
 def fused_lstm_forward(lstm, x, state):
-    """The same LSTM through torch's fused implementation (cuDNN on a GPU; what nn.LSTM
-    calls), on `lstm`'s four parameters: for the BPTT baseline of the command line, where a
-    Python loop over 1000 steps would cost more than the training it compares with. cuDNN
-    follows torch.backends.cudnn.allow_tf32 (TF32 by default)."""
+    """The same LSTM through torch's fused implementation (what nn.LSTM calls: cuDNN on a
+    GPU, oneDNN or ATen's on a CPU), on `lstm`'s four parameters: for the command line's
+    BPTT baseline and its lstm="torch" runs, where a Python loop over 1000 steps would cost
+    more than the training it compares with. cuDNN follows torch.backends.cudnn.allow_tf32
+    (TF32 by default)."""
     params = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
     out, h, c = torch._VF.lstm(x, (state[0][None], state[1][None]), params, True, 1, 0.0,
                                lstm.training, False, False)

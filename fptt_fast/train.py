@@ -39,6 +39,17 @@ from .lstm import FPTTLSTM
 TASKS = ("add", "digits", "smnist", "psmnist")
 MNIST_TASKS = ("smnist", "psmnist")
 ALGOS = ("fptt", "bptt")
+# How FPTT walks a sequence: "segments", fptt_fast's schedule (K segments of ceil(T/K)
+# steps, all trained, weights (p+1)/K); "authors", the Add loop of the authors' public code
+# (train.py add_task_train_online): segments of T // K steps, only the first K-1 trained,
+# weights p + 1/K (0.1, 1.1, ..., as their operator precedence gives), head weight
+# xavier_normal_, and, unless --alpha is given, no regulariser (their loop adds none).
+PROTOCOLS = ("segments", "authors")
+# The LSTM that FPTT trains: "fused", FPTTLSTM (the backend's one-call segment step);
+# "torch", torch's own LSTM (oneDNN on a CPU, cuDNN on a GPU) under autograd, with
+# fptt_fast.FPTT on the backend as its optimiser (the drop-in path). BPTT always runs
+# torch's LSTM.
+LSTMS = ("fused", "torch")
 DEVICES = ("auto", "cpu", "cuda")
 CKPT_FORMAT = "fptt_fast.train/1"
 SEED_LIMIT = 2**62
@@ -96,9 +107,12 @@ class Config:
     alpha: float = 0.5
     beta: float = 0.5
     rho: float = 0.0
+    decoupled: bool = False
     clip: float = 1.0
     seed: int = 0
     permute: bool = False
+    protocol: str = "segments"
+    lstm: str = "fused"
     steps: int = 1500
     eval_every: int = 100
     backend: str = "auto"
@@ -108,12 +122,17 @@ class Config:
 
     def describe(self) -> str:
         perm = " permuted" if self.permute else ""
-        return (f"{self.task}{perm} {self.algo} T={self.T} K={self.K} H={self.hidden} "
-                f"batch={self.batch} lr={self.lr:g} seed={self.seed}")
+        algo, reg = self.algo, ""
+        if algo == "fptt":
+            algo += " (authors' loop)" if self.protocol == "authors" else ""
+            reg = (" alpha=0 (no regulariser)" if self.alpha == 0 else
+                   f" alpha={self.alpha:g}" + (" decoupled" if self.decoupled else " coupled"))
+        return (f"{self.task}{perm} {algo} T={self.T} K={self.K} H={self.hidden} "
+                f"batch={self.batch} lr={self.lr:g} seed={self.seed}{reg}")
 
 
 RUN_FIELDS = ("task", "algo", "T", "K", "hidden", "batch", "lr", "alpha", "beta", "rho",
-              "clip", "seed", "permute")
+              "decoupled", "clip", "seed", "permute", "protocol", "lstm")
 # Quick defaults: about a minute on 2 CPU cores with --threads 1 (add: test MSE ~0.005).
 # MNIST (T=784) cannot be quick on a CPU: its defaults are the paper's but a smaller model
 # and batch and fewer steps (README, "Sequential and permuted MNIST").
@@ -158,6 +177,7 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
     if checkpoint is not None:
         saved = checkpoint["config"]
         _check_checkpoint_kind(checkpoint, task, given.get("algo", Config.algo))
+        saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}  # older files
         for k, v in given.items():
             if k in RUN_FIELDS and v != saved[k]:
                 option = "--" + k.replace("_", "-")
@@ -168,6 +188,8 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
         if paper and task not in PAPER:
             raise UsageError(f"--paper has settings for: {', '.join(PAPER)}; not for {task}")
         values = {"task": task, **DEFAULTS[task], **(PAPER[task] if paper else {}), **given}
+        if values.get("protocol") == "authors" and "alpha" not in given:
+            values["alpha"] = 0.0  # the authors' Add loop adds no regulariser
     cfg = Config(**{k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Config)}})
     validate(cfg)
     return cfg
@@ -206,6 +228,17 @@ def validate(cfg: Config) -> None:
     """Raise UsageError for the first impossible setting."""
     if cfg.algo not in ALGOS:
         raise UsageError(f"unknown algorithm {cfg.algo!r}; choose one of: {', '.join(ALGOS)}")
+    if cfg.protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {cfg.protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+    if cfg.lstm not in LSTMS:
+        raise UsageError(f"unknown lstm {cfg.lstm!r}; choose one of: {', '.join(LSTMS)}")
+    if cfg.protocol == "authors" and (cfg.task != "add" or cfg.algo != "fptt"):
+        raise UsageError("--protocol authors is the authors' Add-task FPTT loop: it needs the add "
+                         "task and --algo fptt")
+    if cfg.protocol == "authors" and cfg.K < 2:
+        raise UsageError(f"--protocol authors trains the first K-1 of K segments: K must be >= 2, got {cfg.K}")
+    if cfg.alpha < 0:
+        raise UsageError(f"alpha must be >= 0 (0: no regulariser), got {cfg.alpha}")
     for name in ("T", "K", "hidden", "batch", "steps", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} must be positive, got {getattr(cfg, name)}")
@@ -405,31 +438,58 @@ class Trainer:
                 opt, dist.pg, clip=cfg.clip if cfg.algo == "bptt" else None)
 
     def train_batch(self, x, y) -> torch.Tensor:
-        if isinstance(self.model, FPTTLSTM):  # the fused segment step
-            return self.model.train_sequence(x, y, self.cfg.K)[-1]
         if self._reduced is not None:
             return self._train_batch_reduced(x, y)
-        if self.cfg.algo == "fptt":
-            return reference.train_sequence_fptt(self.model, self.opt, x, y, self.cfg.K, loss=self.loss)[-1]
-        return reference.train_sequence_bptt(self.model, self.opt, x, y, loss=self.loss, clip=self.cfg.clip)
+        return self._sequence(self.opt, x, y)
+
+    def _sequence(self, opt, x, y) -> torch.Tensor:
+        """One batch of sequences through the FPTT loop (the protocol's) or BPTT."""
+        cfg = self.cfg
+        if cfg.algo == "bptt":
+            return reference.train_sequence_bptt(self.model, opt, x, y, loss=self.loss,
+                                                 clip=cfg.clip if opt is self.opt else 0.0)
+        if cfg.protocol == "authors":
+            return self._authors_sequence(opt, x, y)
+        if isinstance(self.model, FPTTLSTM):  # the fused segment step
+            return self.model.train_sequence(x, y, cfg.K)[-1]
+        return reference.train_sequence_fptt(self.model, opt, x, y, cfg.K, loss=self.loss)[-1]
+
+    def _authors_sequence(self, opt, x, y) -> torch.Tensor:
+        """The authors' Add loop (PROTOCOLS): segments of T // K steps, the first K-1
+        trained, segment p weighted p + 1/K; returns the last trained segment's loss."""
+        K, step = self.cfg.K, x.shape[0] // self.cfg.K
+        state, loss = None, None
+        for p in range(K - 1):
+            xs, weight = x[p * step:(p + 1) * step], p + 1 / K
+            if isinstance(self.model, FPTTLSTM):
+                loss, state = self.model.train_segment(xs, y, state, weight=weight)
+                continue
+            seg_loss, state = reference.segment_loss(self.model, xs, y, state, self.loss, False)
+            opt.zero_grad(set_to_none=False)
+            (weight * seg_loss).backward()
+            opt.step()
+            state, loss = (state[0].detach(), state[1].detach()), seg_loss.detach()
+        return loss
 
     def _train_batch_reduced(self, x, y) -> torch.Tensor:
         opt, rows = self._reduced, x.shape[1]
         opt.rows = rows
         if self.cfg.algo == "fptt":
-            loss = reference.train_sequence_fptt(self.model, opt, x, y, self.cfg.K, loss=self.loss)[-1]
-        else:  # clip=0 here: ReducedStep clips the all-reduced gradient
-            loss = reference.train_sequence_bptt(self.model, opt, x, y, loss=self.loss, clip=0.0)
+            loss = self._sequence(opt, x, y)
+        else:  # clip=0 here (opt is not self.opt): ReducedStep clips the all-reduced gradient
+            loss = self._sequence(opt, x, y)
         return torch.tensor(distributed.mean_over_rows(loss.item(), rows, self.dist.pg))
 
 
 def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
     """The one place that creates the model+optimiser pair (seeded with cfg.seed).
 
-    FPTT on a fused backend (cpu, triton, cuda): fptt_fast.FPTTLSTM, whose
-    train_segment is one fused step (one kernel launch on a GPU). FPTT on the
-    reference backend: reference.LSTMWithHead + fptt_fast.FPTT. BPTT: the same model
-    + torch.optim.Adam with global-norm clipping.
+    FPTT on a fused backend (cpu, triton, cuda) with lstm="fused": fptt_fast.FPTTLSTM,
+    whose train_segment is one fused step (one kernel launch on a GPU). FPTT on the
+    reference backend, or with lstm="torch": reference.LSTMWithHead (torch's own LSTM
+    for "torch") + fptt_fast.FPTT on the backend. BPTT: LSTMWithHead on torch's LSTM +
+    torch.optim.Adam with global-norm clipping. The authors' protocol initialises the
+    head's weight with xavier_normal_, as their code does.
 
     Under torchrun (`dist`): FPTTLSTM gets the process group (every fused backend: cpu,
     triton and cuda split their step around the all-reduce); the reference model takes
@@ -437,29 +497,39 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
     backend = resolve_backend(cfg.backend, device)
     torch.manual_seed(cfg.seed)
     try:
-        if cfg.algo == "fptt" and backend != "reference":
+        fptt_kw = dict(lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
+                       decoupled=cfg.decoupled, clip=cfg.clip)
+        authors = cfg.algo == "fptt" and cfg.protocol == "authors"
+        if cfg.algo == "fptt" and backend != "reference" and cfg.lstm == "fused":
             try:
                 model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
-                                 lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
-                                 clip=cfg.clip, backend=backend, device=device,
-                                 process_group=dist.pg if dist is not None else None)
+                                 backend=backend, device=device,
+                                 process_group=dist.pg if dist is not None else None, **fptt_kw)
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
+            if authors:
+                with torch.no_grad():
+                    torch.nn.init.xavier_normal_(model.head.weight)
+                if dist is not None:
+                    distributed.broadcast_([model.head.weight], dist.pg, device)
             return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
+        if authors:
+            torch.nn.init.xavier_normal_(model.head.weight)
         if dist is not None:  # every rank starts from rank 0's parameters (as DDP does)
             distributed.broadcast_(list(model.parameters()), dist.pg, device)
+        torch_lstm = "cuDNN" if device.type == "cuda" else "oneDNN"
         if cfg.algo == "fptt":
-            opt = FPTT(model.parameters(), lr=cfg.lr, alpha=cfg.alpha, beta=cfg.beta, rho=cfg.rho,
-                       clip=cfg.clip, backend=backend)
+            opt = FPTT(model.parameters(), backend=backend, **fptt_kw)
+            if cfg.lstm == "torch":  # torch's fused LSTM under autograd (the same function)
+                model.lstm.torch_lstm = True
+                backend = f"{backend} (torch's {torch_lstm} LSTM + fptt_fast.FPTT)"
         else:
             if cfg.lr < 0 or cfg.clip < 0:
                 raise ValueError(f"lr and clip must be >= 0, got lr={cfg.lr}, clip={cfg.clip}")
             opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            backend = "torch.optim.Adam"
-            if device.type == "cuda":  # cuDNN's LSTM for the BPTT baseline (the same function)
-                model.lstm.use_cudnn = True
-                backend += ", cuDNN LSTM"
+            model.lstm.torch_lstm = True  # torch's fused LSTM for the baseline (the same function)
+            backend = f"torch.optim.Adam, {torch_lstm} LSTM"
     except ValueError as e:  # bad hyper-parameters, as FPTT/Adam validate them
         raise UsageError(str(e)) from None
     return Trainer(model, opt, cfg, task.loss, backend, dist)
@@ -664,6 +734,65 @@ def write_compare_csv(path: str, histories: dict, metric: str) -> None:
     atomic_write(path, write)
 
 
+def write_summary_csv(path: str, histories: dict, metric: str) -> None:
+    """One row per evaluation of each run: {(variant, seed): history}."""
+    def write(f):
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["variant", "seed", "step", "train_loss", metric, "elapsed_s"])
+        for (label, seed), history in histories.items():
+            for step, loss, test, elapsed in history:
+                if test is not None:
+                    w.writerow([label, seed, step, repr(loss), repr(test), f"{elapsed:.3f}"])
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def plot_variants(path: str, variants: dict, metric: str, title: str) -> None:
+    """variants: {label: [history per seed]}. Train loss (mean over seeds of a running
+    mean over 50 steps) and the test metric (mean over seeds, the band from the lowest to
+    the highest seed) against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_test) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, histories in variants.items():
+        n = min(len(h) for h in histories)
+        losses = torch.tensor([[r[1] for r in h[:n]] for h in histories], dtype=torch.float64)
+        window = min(50, n)
+        smooth = losses.cumsum(1)
+        smooth[:, window:] = smooth[:, window:] - smooth[:, :-window].clone()
+        smooth /= torch.arange(1, n + 1, dtype=torch.float64).clamp(max=window)
+        line, = ax_loss.plot([r[0] for r in histories[0][:n]], smooth.mean(0).tolist(), label=label)
+        steps = sorted(set.intersection(*({r[0] for r in h if r[2] is not None} for h in histories)))
+        tests = torch.tensor([[dict((r[0], r[2]) for r in h)[s] for s in steps] for h in histories],
+                             dtype=torch.float64)
+        seeds = f" ({len(histories)} seeds)" if len(histories) > 1 else ""
+        ax_test.plot(steps, tests.mean(0).tolist(), "o-", ms=3, color=line.get_color(),
+                     label=label + seeds)
+        if len(histories) > 1:
+            ax_test.fill_between(steps, tests.min(0).values.tolist(), tests.max(0).values.tolist(),
+                                 color=line.get_color(), alpha=0.2)
+    ax_loss.set(xlabel="step (sequence batch)", ylabel="train loss (running mean of 50)",
+                title="train loss")
+    ax_test.set(xlabel="step (sequence batch)", ylabel=metric,
+                title=metric.replace("_", " ") + ": mean, band = range over seeds")
+    if metric == "test_mse":
+        for ax in (ax_loss, ax_test):
+            ax.set_yscale("log")
+            ax.axhline(1 / 6, color="grey", ls="--", lw=1, label="predict 1.0 (0.167)")
+    else:
+        ax_test.set_ylim(0, 1)
+    for ax in (ax_loss, ax_test):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
 def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
     """curves: {label: history}. Train loss and the test metric against the step."""
     import matplotlib
@@ -723,9 +852,10 @@ def _check_model_fits(saved: dict, ours: dict) -> None:
     if saved_kind != our_kind:
         if saved_kind == "fused":
             raise CheckpointError("the checkpoint holds the fused FPTTLSTM model; --backend reference "
-                                  "trains another one: resume with --backend auto, cpu, triton or cuda")
-        raise CheckpointError("the checkpoint holds the reference backend's model; resume it with "
-                              "--backend reference")
+                                  "and --lstm torch train another one: resume with --backend auto, "
+                                  "cpu, triton or cuda and --lstm fused")
+        raise CheckpointError("the checkpoint holds the model of the reference backend or of --lstm "
+                              "torch; resume it with the same option")
     if saved_sizes and our_sizes and saved_sizes != our_sizes:
         raise CheckpointError("; ".join(f"the checkpoint has {name} size {saved_sizes[name]}, this run "
                                         f"asks for {our_sizes[name]}" for name in ("input", "hidden", "output")

@@ -123,6 +123,7 @@ _H_EPS = tl.constexpr(H_INDEX["eps"])
 _H_MOM = tl.constexpr(H_INDEX["momentum"])
 _H_DAMP = tl.constexpr(H_INDEX["dampening"])
 _H_NEST = tl.constexpr(H_INDEX["nesterov"])
+_H_DEC = tl.constexpr(H_INDEX["decoupled"])
 _H_COUNT = tl.constexpr(len(HYPER_FIELDS))
 
 OPT_SGD, OPT_ADAM, OPT_ADAMW = OPT_CODE["sgd"], OPT_CODE["adam"], OPT_CODE["adamw"]
@@ -151,6 +152,18 @@ def grid_barrier(bar_ptr, n_programs):
 
 
 @triton.jit
+def _regulariser_grad(w, wb, lam, alpha, rho, cc):
+    """Step 2's term, fptt::regulariser_grad: zero when alpha == 0 (the regulariser off)."""
+    return tl.where(alpha == 0.0, 0.0, (rho - 1.0) * lam + (cc * alpha) * (w - wb))
+
+
+@triton.jit
+def _clip_input(g, r, dec):
+    """fptt::regularised_grad: what the clip and the base optimiser see."""
+    return tl.where(dec, g, g + r)
+
+
+@triton.jit
 def update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunks, pid, nprog,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Phase 1 (module docstring): per-chunk sum of squares of the regularised gradient
@@ -167,6 +180,7 @@ def update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunk
         alpha = tl.load(hrow + _H_ALPHA)
         rho = tl.load(hrow + _H_RHO)
         cc = tl.load(hrow + _H_C)
+        dec = tl.load(hrow + _H_DEC) == 1.0
         w_p = tl.load(row + _C_W).to(tl.pointer_type(tl.float32))
         g_p = tl.load(row + _C_G).to(tl.pointer_type(tl.float32))
         wb_p = tl.load(row + _C_WBAR).to(tl.pointer_type(tl.float32))
@@ -180,7 +194,7 @@ def update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunk
             g = tl.load(g_p + idx, mask=m, other=0.0)
             wb = tl.load(wb_p + idx, mask=m, other=0.0)
             lam = tl.load(lam_p + idx, mask=m, other=0.0)
-            gr = g + ((rho - 1.0) * lam + (cc * alpha) * (w - wb))
+            gr = _clip_input(g, _regulariser_grad(w, wb, lam, alpha, rho, cc), dec)
             gd = gr.to(tl.float64)
             acc += tl.where(m, gd * gd, 0.0)
         tl.store(partial_ptr + k, tl.sum(acc, axis=0))
@@ -232,13 +246,15 @@ def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_
             rho = tl.load(hrow + _H_RHO)
             cc = tl.load(hrow + _H_C)
             wd = tl.load(hrow + _H_WD)
+            dec = tl.load(hrow + _H_DEC) == 1.0
             w_p = tl.load(row + _C_W).to(tl.pointer_type(tl.float32))
             g_p = tl.load(row + _C_G).to(tl.pointer_type(tl.float32))
             wb_p = tl.load(row + _C_WBAR).to(tl.pointer_type(tl.float32))
             lam_p = tl.load(row + _C_LAM).to(tl.pointer_type(tl.float32))
             s1_p = tl.load(row + _C_S1).to(tl.pointer_type(tl.float32))
             step_before = tl.load(cstep_ptr + k)  # our own phase-1 copy
-            beta_over_alpha = tl.div_rn(beta, alpha)
+            # alpha == 0 (regulariser off) discards steps 5-6: divide by 1 there, not by 0
+            beta_over_alpha = tl.div_rn(beta, tl.where(alpha == 0.0, 1.0, alpha))
             if OPT == 0:
                 mom = tl.load(hrow + _H_MOM)
                 damp = tl.load(hrow + _H_DAMP)
@@ -277,7 +293,8 @@ def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_
                 wb = tl.load(wb_p + idx, mask=m, other=0.0)
                 lam = tl.load(lam_p + idx, mask=m, other=0.0)
                 # steps 2 and 3
-                gc = (g + ((rho - 1.0) * lam + (cc * alpha) * (w - wb))) * coef
+                r = _regulariser_grad(w, wb, lam, alpha, rho, cc)
+                gc = _clip_input(g, r, dec) * coef
                 # step 4
                 if OPT == 0:
                     mb = tl.where(use_buf, m, False)
@@ -301,9 +318,12 @@ def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_
                     w = w - step_size * tl.div_rn(ea, denom)
                     tl.store(s1_p + idx, ea, mask=m)
                     tl.store(s2_p + idx, eas, mask=m)
-                # steps 5 and 6: new w, old w_bar, then new lam
-                lam = lam - alpha * (w - wb)
-                wb = (1.0 - beta) * wb + (beta * w - beta_over_alpha * lam)
+                w = tl.where(dec, w - lr * r, w)  # decoupled: the regulariser's own step
+                # steps 5 and 6: new w, old w_bar, then new lam (alpha == 0: both kept)
+                lam_new = lam - alpha * (w - wb)
+                wb_new = (1.0 - beta) * wb + (beta * w - beta_over_alpha * lam_new)
+                lam = tl.where(alpha == 0.0, lam, lam_new)
+                wb = tl.where(alpha == 0.0, wb, wb_new)
                 tl.store(w_p + idx, w, mask=m)
                 tl.store(wb_p + idx, wb, mask=m)
                 tl.store(lam_p + idx, lam, mask=m)
@@ -422,9 +442,9 @@ def _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimi
     if dev.type == "cuda" and _interpreted():
         raise RuntimeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run the fused "
                            "update on CUDA tensors (its pointer table holds device addresses)")
-    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != 12 \
+    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != len(HYPER_FIELDS) \
             or not hyper.is_contiguous() or hyper.device != dev:
-        raise ValueError(f"hyper must be a contiguous float32 [groups, 12] tensor on {dev}, got "
+        raise ValueError(f"hyper must be a contiguous float32 [groups, {len(HYPER_FIELDS)}] tensor on {dev}, got "
                          f"{hyper.dtype} {tuple(hyper.shape)} on {hyper.device}")
     if status.dtype != torch.float32 or status.numel() != 3 or not status.is_contiguous() \
             or status.device != dev:

@@ -523,7 +523,7 @@ def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_ba
         w_bars, lams, s1s: 6 tensors each of the params' shapes (FPTT's w_bar and lam;
             SGD's momentum buffer or Adam's exp_avg); s2s: Adam's exp_avg_sq (6 tensors)
             or ignored for SGD; steps: 6 one-element float32 step counts;
-            hyper: float32 [groups, 12] (fptt_fast.optim.HYPER_FIELDS rows);
+            hyper: float32 [groups, len(HYPER_FIELDS)] (fptt_fast.optim.HYPER_FIELDS rows);
             group_of: 6 python ints (row of hyper per parameter);
             optimizer: 0 sgd, 1 adam, 2 adamw; clip: python float (<= 0: no clipping);
             status: float32 [3] (norm, last skipped, skipped count) — all exactly as

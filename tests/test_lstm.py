@@ -354,7 +354,7 @@ def test_bad_construction_raises():
     with pytest.raises(ValueError, match="backend"):
         fptt_fast.FPTTLSTM(2, 3, 1, backend="gpu")
     with pytest.raises(ValueError, match="alpha"):
-        fptt_fast.FPTTLSTM(2, 3, 1, alpha=0.0)
+        fptt_fast.FPTTLSTM(2, 3, 1, alpha=-0.1)
     from fptt_fast.kernels import lstm_segment as ks
     with pytest.raises(ValueError, match="MAX_OUTPUT"):
         fptt_fast.FPTTLSTM(2, 3, ks.MAX_OUTPUT + 1, backend="triton", device=device_of("triton"))

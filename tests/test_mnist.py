@@ -356,7 +356,8 @@ def test_compare_smnist(tmp_path, capsys, monkeypatch, data):
     code, out, err = main(capsys, "compare", "smnist", "--data-dir", data[0], *FAST, "--steps", "2",
                           "--limit-test", "8")
     assert code == 0, err
-    assert "smnist fptt vs bptt T=784" in out and "final [fptt]" in out and "final [bptt]" in out
+    assert "compare fptt, bptt on seeds 0" in out and "[fptt] smnist fptt T=784" in out
+    assert "[bptt] smnist bptt T=784" in out and "final [fptt]" in out and "final [bptt]" in out
     r = rows(tmp_path / "runs" / "smnist-compare-T784" / "compare.csv")
     assert list(r[0]) == ["step", "fptt_train_loss", "fptt_test_accuracy", "bptt_train_loss",
                           "bptt_test_accuracy"]

@@ -213,7 +213,7 @@ def test_fptt_segment_loop_weights_and_detach(fresh_seed):
 # --- bad input ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(beta=0.0), "beta"),
+    (dict(alpha=-1.0), "alpha"), (dict(beta=0.0), "beta"),
     (dict(beta=1.5), "beta"), (dict(clip=-1.0), "clip"), (dict(lr=float("nan")), "lr"),
     (dict(optimizer="rmsprop"), "optimizer"), (dict(nonfinite="ignore"), "nonfinite"),
     (dict(betas=(0.9, 1.0)), "betas"), (dict(nesterov=True, optimizer="adam"), "nesterov"),

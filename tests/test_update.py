@@ -312,7 +312,7 @@ def test_hyper_parameters_changed_later_are_validated(fresh_seed):
     for backend in ("reference", "cpu"):
         p = torch.randn(5, requires_grad=True)
         opt = fptt_fast.FPTT([p], backend=backend)
-        opt.param_groups[0]["alpha"] = 0.0
+        opt.param_groups[0]["alpha"] = -0.5
         p.grad = torch.randn(5)
         with pytest.raises(ValueError, match="alpha"):
             opt.step()

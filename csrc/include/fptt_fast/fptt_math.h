@@ -2,7 +2,7 @@
 //
 // Plain C++ with __host__ __device__ markers and no torch headers, so the same
 // lines run in the CPU backend (tested on every machine) and in the .cu kernels.
-// Steps refer to FPTT.md: 2 regulariser gradient, 3 clip (coef computed by the
+// Steps refer to docs/ALGORITHM.md: 2 regulariser gradient, 3 clip (coef computed by the
 // caller from the global norm), 4 base optimiser, 5 dual, 6 running average.
 #pragma once
 
@@ -21,11 +21,11 @@ namespace fptt {
 // fptt_fast/optim.py packs the rows in this order (checked at import).
 enum HyperIndex {
   H_LR = 0, H_ALPHA, H_BETA, H_RHO, H_C, H_WEIGHT_DECAY, H_BETA1, H_BETA2, H_EPS,
-  H_MOMENTUM, H_DAMPENING, H_NESTEROV, H_COUNT
+  H_MOMENTUM, H_DAMPENING, H_NESTEROV, H_DECOUPLED, H_COUNT
 };
 static const char* const kHyperNames[H_COUNT] = {
   "lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",
-  "momentum", "dampening", "nesterov"};
+  "momentum", "dampening", "nesterov", "decoupled"};
 
 enum Optimizer { OPT_SGD = 0, OPT_ADAM = 1, OPT_ADAMW = 2 };
 
@@ -36,9 +36,24 @@ FPTT_HD float clip_coefficient(double norm, float clip) {
   return coef < 1.f ? coef : 1.f;
 }
 
-// Step 2: task gradient plus the regulariser's.
+// The regulariser's gradient (step 2), (rho - 1) lam + c alpha (w - w_bar); zero when
+// alpha == 0, the regulariser off, whatever lam holds. Selects, not branches: the flags
+// are uniform and the CPU loops vectorise.
+FPTT_HD float regulariser_grad(float w, float w_bar, float lam, const float* h) {
+  const float r = (h[H_RHO] - 1.f) * lam + (h[H_C] * h[H_ALPHA]) * (w - w_bar);
+  return h[H_ALPHA] == 0.f ? 0.f : r;
+}
+
+// Decoupled (ALGORITHM.md, "The decoupled regulariser"): the regulariser's gradient is a
+// plain step of size lr outside the clip and the base optimiser. Compared with 1, not with
+// 0, so that a NaN row (fptt_fast.distributed's gradients-only launch) stays coupled and
+// its NaN reaches the norm.
+FPTT_HD bool is_decoupled(const float* h) { return h[H_DECOUPLED] == 1.f; }
+
+// What the clip (step 3) and the base optimiser (step 4) see: the task gradient plus the
+// regulariser's when coupled, the task gradient alone when decoupled.
 FPTT_HD float regularised_grad(float g, float w, float w_bar, float lam, const float* h) {
-  return g + ((h[H_RHO] - 1.f) * lam + (h[H_C] * h[H_ALPHA]) * (w - w_bar));
+  return is_decoupled(h) ? g : g + regulariser_grad(w, w_bar, lam, h);
 }
 
 // What the base optimiser needs of the step count, once per tensor: the step
@@ -83,19 +98,28 @@ FPTT_HD void adam_step(float& w, float g, float& m, float& v, const float* h, co
   w = w - s.step_size * (m / denom);
 }
 
-// Steps 5 and 6: the new w, the old w_bar, then the new lam.
+// Steps 5 and 6: the new w, the old w_bar, then the new lam. alpha == 0 (the regulariser
+// off) keeps both as they are.
 FPTT_HD void dual_and_average(float w, float& w_bar, float& lam, const float* h) {
-  lam = lam - h[H_ALPHA] * (w - w_bar);
-  w_bar = (1.f - h[H_BETA]) * w_bar + (h[H_BETA] * w - (h[H_BETA] / h[H_ALPHA]) * lam);
+  const float a = h[H_ALPHA];
+  const float lam_new = lam - a * (w - w_bar);
+  const float w_bar_new = (1.f - h[H_BETA]) * w_bar + (h[H_BETA] * w - (h[H_BETA] / a) * lam_new);
+  lam = a == 0.f ? lam : lam_new;
+  w_bar = a == 0.f ? w_bar : w_bar_new;
 }
 
 // Steps 2-6 on one element. s1/s2: momentum buffer (SGD) or exp_avg/exp_avg_sq.
+// Decoupled: the base optimiser takes the clipped task gradient, then w moves by
+// -lr * (the regulariser's gradient at the old w).
 template <int OPT>
 FPTT_HD void update_element(float& w, float g, float& w_bar, float& lam, float& s1, float& s2,
                             const float* h, const StepScalars& s) {
-  const float gc = regularised_grad(g, w, w_bar, lam, h) * s.coef;
+  const float r = regulariser_grad(w, w_bar, lam, h);
+  const bool dec = is_decoupled(h);
+  const float gc = (dec ? g : g + r) * s.coef;
   if (OPT == OPT_SGD) sgd_step(w, gc, s1, h, s.first);
   else adam_step<OPT>(w, gc, s1, s2, h, s);
+  w = dec ? w - h[H_LR] * r : w;
   dual_and_average(w, w_bar, lam, h);
 }
 

@@ -1,0 +1,180 @@
+"""The regulariser's three modes on every backend: coupled (the paper's FPTT, tested at
+length in test_update.py and test_lstm.py), off (alpha=0) and decoupled.
+
+- alpha=0 is the base optimiser on the clipped task gradient: compared with
+  torch.optim.SGD/Adam/AdamW + clip_grad_norm_, with w_bar and lam left bitwise as they
+  were (even when lam is not zero).
+- decoupled: the reference against the same update written out independently (torch's
+  optimiser on the clipped task gradient, then w -= lr * regulariser gradient at the old
+  w, then the dual and the average); every fused backend against the reference, for
+  FPTT.step() and FPTTLSTM's segment step.
+Tolerances on the parameters' scale (max |w|): 2e-5 for the update, 1e-4 through matmuls.
+"""
+import pytest
+import torch
+
+import fptt_fast
+from fptt_fast import reference
+
+from .utils import (FUSED, TOL_MATMUL, TOL_UPDATE, LSTMPair, backend_device, interpreted,
+                    make_pair, run_steps, scaled_err)
+
+TORCH_OPT = {
+    "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=0.01)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.05)),
+}
+SHAPES = [(33, 7), (129,), (1,), (4, 4, 3)]
+
+
+def random_fptt_state(opt, params):
+    """A w_bar and lam far from (w, 0), as after training with the regulariser on."""
+    for p in params:
+        opt.state[p]["w_bar"].copy_(p.detach() + torch.randn_like(p))
+        opt.state[p]["lam"].copy_(torch.randn_like(p))
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("name", sorted(TORCH_OPT))
+@pytest.mark.parametrize("clip", [0.5, None])
+def test_alpha_zero_is_the_base_optimiser(backend, name, clip, fresh_seed):
+    dev = "cpu" if backend == "reference" else backend_device(backend)
+    cls, kw = TORCH_OPT[name]
+    pa = [torch.randn(s, device=dev) for s in SHAPES]
+    pt = [p.clone() for p in pa]
+    fptt = fptt_fast.FPTT(pa, optimizer=name, alpha=0.0, rho=0.5, c=2.0, clip=clip,
+                          backend=backend, **kw)
+    torch_opt = cls(pt, **kw)
+    random_fptt_state(fptt, pa)
+    kept = [(fptt.state[p]["w_bar"].clone(), fptt.state[p]["lam"].clone()) for p in pa]
+    scale = max(p.abs().max().item() for p in pt)
+    for step in range(6 if interpreted(backend) else 22):
+        grads = [torch.randn_like(p) for p in pa]
+        for p, q, g in zip(pa, pt, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fptt.step()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(pt, clip)
+            assert norm.item() > clip  # the case really clips
+        torch_opt.step()
+        for i, (p, q) in enumerate(zip(pa, pt)):
+            assert scaled_err(p, q, scale) <= TOL_UPDATE, (step, i)
+    for p, (w_bar, lam) in zip(pa, kept):
+        assert torch.equal(fptt.state[p]["w_bar"], w_bar)
+        assert torch.equal(fptt.state[p]["lam"], lam)
+    assert fptt.regularizer().item() == 0.0
+
+
+def decoupled_by_hand(params, grads, w_bar, lam, torch_opt, h, clip):
+    """The decoupled update written out: torch's optimiser on the clipped task gradient,
+    then the regulariser's step at the old w, then steps 5 and 6."""
+    r = [(h.rho - 1.0) * l + h.c * h.alpha * (p.detach() - b) for p, b, l in zip(params, w_bar, lam)]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    torch_opt.step()
+    with torch.no_grad():
+        for p, ri, b, l in zip(params, r, w_bar, lam):
+            p.sub_(h.lr * ri)
+            l.sub_(h.alpha * (p - b))
+            b.mul_(1.0 - h.beta).add_(h.beta * p - (h.beta / h.alpha) * l)
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_OPT))
+def test_decoupled_reference_against_the_update_written_out(name, fresh_seed):
+    cls, kw = TORCH_OPT[name]
+    pa = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    pt = [p.clone() for p in pa]
+    hyper = dict(alpha=0.4, beta=0.6, rho=0.5, c=1.5)
+    h = reference.Hyper(lr=kw["lr"], **hyper)
+    states = []
+    for p in pa:
+        st = {"w_bar": p + torch.randn_like(p), "lam": torch.randn_like(p),
+              "step": torch.zeros((), dtype=torch.float64)}
+        if name == "sgd":
+            st["momentum_buffer"] = torch.zeros_like(p)
+        else:
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        states.append(st)
+    w_bar = [s["w_bar"].clone() for s in states]
+    lam = [s["lam"].clone() for s in states]
+    full = reference.Hyper(**{**h.__dict__, **{k: v for k, v in kw.items() if k != "lr"},
+                              "decoupled": True})
+    torch_opt = cls(pt, **kw)
+    for _ in range(20):
+        grads = [torch.randn_like(p) for p in pa]
+        reference.fptt_update_(pa, grads, states, [full] * len(pa), name, clip=0.5)
+        decoupled_by_hand(pt, grads, w_bar, lam, torch_opt, h, clip=0.5)
+        for p, q, s, b, l in zip(pa, pt, states, w_bar, lam):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+            torch.testing.assert_close(s["w_bar"], b, rtol=0, atol=1e-12)
+            torch.testing.assert_close(s["lam"], l, rtol=0, atol=1e-12)
+
+
+DECOUPLED_CASES = [
+    dict(optimizer="adam", decoupled=True, clip=1.0, rho=0.5, c=1.5, alpha=0.4, beta=0.6, lr=0.01),
+    dict(optimizer="adamw", decoupled=True, weight_decay=0.05, clip=0.1, lr=0.01),
+    dict(optimizer="sgd", decoupled=True, momentum=0.8, dampening=0.2, clip=1.0, rho=0.5, lr=0.05),
+    dict(optimizer="adam", alpha=0.0, clip=1.0, rho=0.5, c=1.5, lr=0.01),
+    dict(optimizer="sgd", alpha=0.0, momentum=0.9, clip=None, lr=0.05),
+]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("kw", DECOUPLED_CASES, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_fused_update_matches_reference(backend, kw, fresh_seed):
+    """Two groups (group 1: alpha 0.3, other lr and beta, the same mode), from a random
+    FPTT state, 22 steps (6 in the interpreter)."""
+    dev = backend_device(backend)
+    shapes = [(5000,), (33, 7), (129,)] if not interpreted(backend) else [(300,), (33, 7)]
+    pa, pb, oa, ob = make_pair(backend, shapes, device=dev, split=1,
+                               group1={"lr": kw["lr"] * 0.3, "alpha": 0.3, "beta": 0.7},
+                               random_state=True, **kw)
+    run_steps(pa, pb, oa, ob, 6 if interpreted(backend) else 22)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", ["alpha0", "decoupled"])
+def test_lstm_segment_step_matches_reference(backend, mode, fresh_seed):
+    """FPTTLSTM's fused segment step (cpu: one C++ call; triton, cuda: one launch) in
+    both modes, from a random FPTT state, segment after segment."""
+    dev = backend_device(backend, "lstm")
+    opt = dict(alpha=0.0) if mode == "alpha0" else dict(decoupled=True, rho=0.5, alpha=0.4)
+    pair = LSTMPair(backend, 3, 7, 2, loss="mse", device=dev, fptt_state=0.5, lr=1e-2,
+                    clip=1.0, **opt)
+    pair.run(4, [3, 1, 5] if interpreted(backend) else [3, 1, 5, 2, 4, 6, 1, 3, 2, 5],
+             state_tol=TOL_MATMUL)
+
+
+def test_reset_leaves_alpha_zero_groups_alone(fresh_seed):
+    """reset() (w <- w_bar, lam <- 0) would throw away training where alpha == 0, whose
+    w_bar never moves: such groups are left alone, the others reset."""
+    a, b = torch.randn(10), torch.randn(10)
+    opt = fptt_fast.FPTT([{"params": [a], "alpha": 0.0}, {"params": [b]}], backend="reference")
+    random_fptt_state(opt, [a, b])
+    a0 = a.clone()
+    opt.reset()
+    assert torch.equal(a, a0)
+    assert torch.equal(b, opt.state[b]["w_bar"]) and not opt.state[b]["lam"].any()
+
+
+def test_state_dict_without_decoupled_loads_as_coupled():
+    """A state dict saved before `decoupled` existed means the coupled regulariser."""
+    p = torch.randn(4)
+    opt = fptt_fast.FPTT([p], decoupled=True, backend="reference")
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["decoupled"]
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["decoupled"] is False
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+def test_bad_alpha_is_refused(bad):
+    with pytest.raises(ValueError, match="alpha"):
+        fptt_fast.FPTT([torch.randn(3)], alpha=bad)
+
+
+def test_bad_decoupled_is_refused():
+    with pytest.raises(ValueError, match="decoupled"):
+        fptt_fast.FPTT([torch.randn(3)], decoupled=1)
