@@ -85,6 +85,40 @@ def test_compare(tmp_path):
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
 
+def test_compare_variants_seeds_and_jobs(tmp_path):
+    """Three variants on two seeds in two worker processes: a folder per run, every run
+    in summary.csv at every evaluation, one column pair per run in compare.csv; the
+    same variant and seed as a plain train run gives the same numbers."""
+    p = ok(cli("compare", "add", *TINY, "--steps", "6", "--out", "cmp", "--seeds", "3", "5",
+               "--variant", "off:alpha=0", "--variant", "dec:decoupled=1,alpha=0.4",
+               "--variant", "bptt:algo=bptt", "--jobs", "2", cwd=tmp_path))
+    for label in ("off", "dec", "bptt"):
+        for seed in (3, 5):
+            assert f"final [{label} seed {seed}]" in p.stdout
+            assert (tmp_path / "cmp" / label / f"seed{seed}" / "checkpoint.pt").exists()
+    summary = rows(tmp_path / "cmp" / "summary.csv")
+    assert {(r["variant"], r["seed"], r["step"]) for r in summary} == {
+        (v, s, t) for v in ("off", "dec", "bptt") for s in ("3", "5") for t in ("3", "6")}
+    header = list(rows(tmp_path / "cmp" / "compare.csv")[0])
+    assert header[:3] == ["step", "off-seed3_train_loss", "off-seed3_test_mse"] and len(header) == 13
+    ok(cli("train", "add", *TINY, "--steps", "6", "--out", "one", "--seed", "5", "--alpha", "0.4",
+           "--decoupled", cwd=tmp_path))
+    drop = lambda r: {k: v for k, v in r.items() if k != "elapsed_s"}  # noqa: E731
+    assert ([drop(r) for r in rows(tmp_path / "one" / "log.csv")]
+            == [drop(r) for r in rows(tmp_path / "cmp" / "dec" / "seed5" / "log.csv")])
+
+
+@pytest.mark.parametrize("variant,message", [
+    ("a b", "the label must be"), ("x:alpha", "is not KEY=VALUE"), ("x:hidden=3", "is not KEY=VALUE"),
+    ("x:alpha=big", "alpha must be a float"), ("x:decoupled=maybe", "decoupled must be a bool"),
+    ("x:protocol=mine", "unknown protocol 'mine'"), ("x:alpha=-1", "alpha must be >= 0"),
+])
+def test_compare_bad_variant(tmp_path, variant, message):
+    p = cli("compare", "add", *TINY, "--steps", "2", "--variant", variant, cwd=tmp_path)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bench(tmp_path):
     p = ok(cli("bench", "--device", "cpu", "--budget", "0.05", "--threads", "1", cwd=tmp_path))
     assert "reference µs" in p.stdout and "cpu µs" in p.stdout

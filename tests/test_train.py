@@ -269,3 +269,70 @@ def test_prepare_folders_creates_or_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["afile"]
     train.prepare_folders([("a/b/c", "--out")])
     assert os.listdir("a/b/c") == []  # the probe file is gone
+
+
+def _authors_loop(lstm, lin, adam, x, y, K, clip):
+    """The Add loop of the authors' public code (anilkagak2/FPTT train.py,
+    add_task_train_online), written out as they write it: nn.LSTM, the head on h_n,
+    segments of T // K steps, only the first K-1 trained, weight p + 1/K."""
+    step = x.shape[0] // K
+    h = None
+    for p in range(K - 1):
+        h = None if p == 0 else (h[0].detach(), h[1].detach())
+        adam.zero_grad()
+        _, h = lstm(x[p * step:(p + 1) * step], h)
+        loss = torch.nn.functional.mse_loss(lin(h[0]).squeeze(), y.squeeze())
+        loss = (p + 1 / K) * loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(lstm.parameters()) + list(lin.parameters()), clip)
+        adam.step()
+
+
+@pytest.mark.parametrize("lstm", ["torch", "fused"])
+def test_authors_protocol_is_their_loop(lstm):
+    """--protocol authors (no --alpha: no regulariser) against the authors' loop on
+    nn.LSTM + torch Adam from the same start and the same batches: parameters within
+    1e-4 of max |w| after 5 batches (T=23: 7 steps per segment, the last 2 never seen).
+    The clip is high enough not to act: a clipped gradient would hide the segment weights."""
+    cfg = make_config("add", dict(T=23, K=3, hidden=8, batch=16, lr=1e-2, steps=5, eval_every=5,
+                                  protocol="authors", lstm=lstm, backend="cpu", clip=50.0))
+    assert cfg.alpha == 0.0
+    run = Run(cfg)
+    model = run.trainer.model
+    names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = "lstm." if lstm == "torch" else ""
+    ref_lstm, lin = torch.nn.LSTM(2, 8), torch.nn.Linear(8, 1)
+    ref_lstm.load_state_dict({n: state[prefix + n] for n in names})
+    lin.load_state_dict({"weight": state["head.weight"], "bias": state["head.bias"]})
+    # the head's weight starts xavier_normal_ (std sqrt(2 / (8 + 1)) = 0.47), not uniform(+-1/sqrt(8))
+    assert state["head.weight"].abs().max() > 1 / 8 ** 0.5
+    adam = torch.optim.Adam(list(ref_lstm.parameters()) + list(lin.parameters()), lr=1e-2)
+    gen = torch.Generator()
+    gen.set_state(run.gen.get_state())
+    for _ in range(5):
+        x, y = run.task.batch(cfg.batch, gen, run.device)
+        run.trainer.train_batch(x, y)
+        _authors_loop(ref_lstm, lin, adam, x, y, cfg.K, cfg.clip)
+    ours = model.state_dict()
+    theirs = {**{prefix + n: t for n, t in ref_lstm.state_dict().items()},
+              **{"head." + n: t for n, t in lin.state_dict().items()}}
+    scale = max(t.abs().max().item() for t in theirs.values())
+    moved = max((ours[k] - state[k]).abs().max().item() for k in theirs) / scale
+    assert moved > 1e-3  # they trained
+    for k, t in theirs.items():
+        assert (ours[k] - t).abs().max().item() / scale <= 1e-4, k
+
+
+def test_protocol_and_lstm_are_checked():
+    with pytest.raises(UsageError, match="protocol"):
+        make_config("add", dict(protocol="mine"))
+    with pytest.raises(UsageError, match="lstm"):
+        make_config("add", dict(lstm="cudnn"))
+    with pytest.raises(UsageError, match="add task and --algo fptt"):
+        make_config("digits", dict(protocol="authors"))
+    with pytest.raises(UsageError, match="add task and --algo fptt"):
+        make_config("add", dict(protocol="authors", algo="bptt"))
+    with pytest.raises(UsageError, match="alpha must be >= 0"):
+        make_config("add", dict(alpha=-0.5))
+    assert make_config("add", dict(protocol="authors", alpha=0.5)).alpha == 0.5
