@@ -308,7 +308,7 @@ class CpuLstmPlan {
     } else {
       return py::none();
     }
-    if (!std::isfinite(weight)) return py::none();
+    if (!std::isfinite(weight) || weight < 0.0) return py::none();  // Python's checks raise
 
     // what the call writes must be as validated; the inputs must not overlap it
     for (int k = 0; k < 6; ++k)

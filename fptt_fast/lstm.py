@@ -143,6 +143,9 @@ class FPTTLSTM(nn.Module):
         self.input_size, self.hidden_size, self.output_size = I, H, O
         self.loss, self.per_step = loss, bool(per_step)
         self.allow_tf32, self.check_inputs = bool(allow_tf32), bool(check_inputs)  # None: below
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r}: no CUDA device is available here "
+                               f"(torch.cuda.is_available() is False); use device='cpu'")
         kw = dict(device=device, dtype=dtype)
         self.weight_ih_l0 = nn.Parameter(torch.empty(4 * H, I, **kw))
         self.weight_hh_l0 = nn.Parameter(torch.empty(4 * H, H, **kw))
@@ -327,8 +330,9 @@ class FPTTLSTM(nn.Module):
             w = float(weight)
         except (TypeError, ValueError):
             raise ValueError(f"weight must be a number, got {weight!r}") from None
-        if not math.isfinite(w):
-            raise ValueError(f"weight must be finite, got {weight!r}")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight must be finite and >= 0 (a segment's share of the loss), "
+                             f"got {weight!r}")
         return w
 
     def _inputs(self, x, target, state, weight):

@@ -744,6 +744,7 @@ def _bad_inputs(gen):
         ("state arity", x, y, (h,), 1.0, ValueError, "state must be a pair"),
         ("state dtype", x, y, (h, h.double()), 1.0, TypeError, "state c must be float32"),
         ("weight nan", x, y, None, float("nan"), ValueError, "weight must be finite"),
+        ("weight negative", x, y, None, -1.0, ValueError, "weight must be finite and >= 0"),
         ("weight str", x, y, None, "1", None, None),  # float("1") works: taken by Python
         ("weight text", x, y, None, "one", ValueError, "weight must be a number"),
     ]

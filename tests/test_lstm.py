@@ -355,6 +355,9 @@ def test_bad_construction_raises():
         fptt_fast.FPTTLSTM(2, 3, 1, backend="gpu")
     with pytest.raises(ValueError, match="alpha"):
         fptt_fast.FPTTLSTM(2, 3, 1, alpha=-0.1)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda': no CUDA device is available"):
+            fptt_fast.FPTTLSTM(2, 3, 1, device="cuda")
     from fptt_fast.kernels import lstm_segment as ks
     with pytest.raises(ValueError, match="MAX_OUTPUT"):
         fptt_fast.FPTTLSTM(2, 3, ks.MAX_OUTPUT + 1, backend="triton", device=device_of("triton"))
