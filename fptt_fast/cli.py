@@ -598,7 +598,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from .train import Interrupted, UsageError
+    from .train import Interrupted, UsageError, WriteError
 
     args = build_parser().parse_args(argv)
     prog = _rank_prefix() + PROG
@@ -610,6 +610,9 @@ def _main(argv=None) -> int:
     except UsageError as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except WriteError as e:  # a full disk, say: the files written before are whole
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except Interrupted as e:  # SIGINT, handled by the run: a checkpoint of this very step
         if prog != PROG:  # under torchrun rank 0 saved it and says so
             return 130

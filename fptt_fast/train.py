@@ -78,6 +78,12 @@ class CheckpointError(UsageError):
     """A checkpoint that cannot be read or does not fit the requested run."""
 
 
+class WriteError(Exception):
+    """A run's file could not be written (a full disk, a folder gone read-only, ...); the
+    previous version of the file, if any, is intact. The message is one line naming the
+    path and the cause."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT stopped training at a step boundary, after a checkpoint was saved there.
     A KeyboardInterrupt, so that code not expecting it still stops."""
@@ -544,18 +550,24 @@ def atomic_write(path: str, write) -> None:
     """write(f) into a temporary file next to `path`, then os.replace it over `path`:
     a failure at any point leaves the previous file untouched (and no temp file)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        # torch.save reports a failed write as RuntimeError (its zip writer's enforce)
+        if isinstance(e, (OSError, RuntimeError)):
+            cause = " ".join((str(e).strip().splitlines() or [type(e).__name__])[:1])
+            raise WriteError(f"cannot write {path}: {cause} (the previous version, if any, is "
+                             f"intact)") from e
         raise
 
 

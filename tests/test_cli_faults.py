@@ -271,3 +271,29 @@ def test_sigint_saves_and_resumes_bitwise(tmp_path, uninterrupted):
     ok(run_script("train", "add", "--resume", "run/checkpoint.pt", "--steps", str(STEPS), "--no-progress",
                   cwd=tmp_path))
     assert_same_run(tmp_path / "run", uninterrupted)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("PytorchStreamWriter failed writing file data/0")])
+def test_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys, error):
+    """A write that fails mid-run (the disk fills at the second checkpoint): one line
+    naming the file and the cause, exit 1, no traceback; the first checkpoint is whole."""
+    monkeypatch.chdir(tmp_path)
+    real_save, calls = torch.save, []
+
+    def filling_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"PK\x03\x04 half")
+            raise error
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", filling_save)
+    code = cli.main(["train", "add", *TINY, "--steps", "6", "--out", "full"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fptt-fast: error: cannot write ")
+    assert os.path.join("full", "checkpoint.pt") in lines[0] and str(error).split(":")[0][:20] in lines[0]
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(os.path.join("full", "checkpoint.pt"))["step"] == 3

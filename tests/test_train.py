@@ -109,7 +109,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dying_save)
     run.trainer.model.head.bias.data.add_(1.0)  # a different state to save
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(train.WriteError, match=f"cannot write {path}: disk full .simulated."):
         train.save_checkpoint(path, run.state())
     monkeypatch.undo()
     assert open(path, "rb").read() == before
