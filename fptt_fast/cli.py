@@ -93,9 +93,10 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     p.add_argument("--lr", type=float, help=f"Adam learning rate {d('lr')}")
     p.add_argument("--alpha", type=float, help=f"FPTT alpha (proximal weight, dual step), 0: no "
                                                f"regulariser {d('alpha')}")
-    p.add_argument("--decoupled", action="store_const", const=True,
-                   help="apply the regulariser outside the clip and Adam's normalisation "
-                        "(docs/ALGORITHM.md) (default: coupled, as the paper)")
+    p.add_argument("--regularizer", choices=("decoupled", "coupled"),
+                   help="decoupled: the regulariser's step outside the clip and Adam's "
+                        "normalisation; coupled: the paper's, added to the gradient Adam sees, "
+                        "which stalls the Add task (docs/ALGORITHM.md) (default: decoupled)")
     p.add_argument("--beta", type=float, help=f"FPTT beta (running-average step) {d('beta')}")
     p.add_argument("--rho", type=float, help=f"FPTT rho (0: authors' code, 0.5: paper's Alg. 1) {d('rho')}")
     p.add_argument("--clip", type=float, help=f"global gradient-norm clip, 0: none {d('clip')}")
@@ -179,10 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given(args) -> dict:
-    keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "decoupled", "clip",
+    keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "clip",
             "algo", "seed", "backend", "device", "eval_every", "permute", "data_dir", "limit_test",
             "protocol", "lstm")
-    return {k: getattr(args, k, None) for k in keys}
+    given = {k: getattr(args, k, None) for k in keys}
+    reg = getattr(args, "regularizer", None)
+    given["decoupled"] = None if reg is None else reg == "decoupled"
+    return given
 
 
 def _default_out(cfg, kind: str) -> str:
@@ -550,7 +554,8 @@ def cmd_compare(args) -> int:
             write_summary_csv(os.path.join(out, "summary.csv"), histories, metric)
             plot_variants(os.path.join(out, "compare.png"),
                           {label: [histories[(label, s)] for s in seeds] for label in variants},
-                          metric, cfg.describe().replace(f"seed={cfg.seed}", f"seeds {seeds}"))
+                          metric, f"{cfg.task} T={cfg.T} K={cfg.K} H={cfg.hidden} batch={cfg.batch} "
+                                  f"lr={cfg.lr:g} {cfg.steps} batches, seeds {', '.join(map(str, seeds))}")
         for key in folders:
             say(results[key][1])
         say(f"wrote {os.path.join(out, 'compare.csv')}, {os.path.join(out, 'summary.csv')}, "

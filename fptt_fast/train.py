@@ -113,7 +113,7 @@ class Config:
     alpha: float = 0.5
     beta: float = 0.5
     rho: float = 0.0
-    decoupled: bool = False
+    decoupled: bool = True   # the regulariser outside Adam's normalisation (README: learns Add)
     clip: float = 1.0
     seed: int = 0
     permute: bool = False
@@ -183,7 +183,7 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
     if checkpoint is not None:
         saved = checkpoint["config"]
         _check_checkpoint_kind(checkpoint, task, given.get("algo", Config.algo))
-        saved = {**{f.name: f.default for f in dataclasses.fields(Config)}, **saved}  # older files
+        saved = {**ADDED_FIELDS, **saved}
         for k, v in given.items():
             if k in RUN_FIELDS and v != saved[k]:
                 option = "--" + k.replace("_", "-")
@@ -201,6 +201,10 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
     return cfg
 
 
+# Config fields added after checkpoints were first written, with the value that reproduces
+# what such a checkpoint's run did (it resumes as it was trained).
+ADDED_FIELDS = {"decoupled": False, "protocol": "segments", "lstm": "fused"}
+
 # A checkpoint's settings in the words of the options that set them.
 FIELD_WORDS = {"T": "sequence length T", "K": "segment count K", "hidden": "hidden size",
                "batch": "batch size"}
@@ -213,7 +217,7 @@ def _show(value) -> str:
 def describe_checkpoint(checkpoint: dict) -> str:
     """What a (loaded) checkpoint is, e.g. 'add bptt T=12 K=3 H=8 batch=8 lr=0.02 seed=0
     at step 3 of 3'."""
-    saved = checkpoint["config"]
+    saved = {**ADDED_FIELDS, **checkpoint["config"]}
     cfg = Config(**{f.name: saved[f.name] for f in dataclasses.fields(Config) if f.name in saved})
     return f"{cfg.describe()} at step {checkpoint['step']} of {cfg.steps}"
 

@@ -102,7 +102,7 @@ def test_compare_variants_seeds_and_jobs(tmp_path):
     header = list(rows(tmp_path / "cmp" / "compare.csv")[0])
     assert header[:3] == ["step", "off-seed3_train_loss", "off-seed3_test_mse"] and len(header) == 13
     ok(cli("train", "add", *TINY, "--steps", "6", "--out", "one", "--seed", "5", "--alpha", "0.4",
-           "--decoupled", cwd=tmp_path))
+           "--regularizer", "decoupled", cwd=tmp_path))
     drop = lambda r: {k: v for k, v in r.items() if k != "elapsed_s"}  # noqa: E731
     assert ([drop(r) for r in rows(tmp_path / "one" / "log.csv")]
             == [drop(r) for r in rows(tmp_path / "cmp" / "dec" / "seed5" / "log.csv")])
