@@ -50,7 +50,7 @@ void torch_gemm(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K
   // at::cpu::: the CPU kernels of mm.out / addmm_ called directly, past the dispatcher and
   // the autograd layer (a microsecond per call at these sizes, seven calls per segment at
   // omega=1): the same structured kernel at::mm_out / Tensor::addmm_ reach, so the same
-  // BLAS call and bitwise the same results (issue 12).
+  // BLAS call and bitwise the same results.
   if (beta == 0.f) at::cpu::mm_out(c, a, b);
   else at::cpu::addmm_(c, a, b, beta, 1.0);
 }
@@ -144,7 +144,7 @@ std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(
 //
 // FPTTLSTM._cpu_call (fptt_fast/lstm.py) used to rebuild seven lists of tensors, re-key the
 // hyper table and record the status in Python on every segment: more than the segment
-// itself costs at small sizes (issue 12). A CpuLstmPlan holds the six parameters, the
+// itself costs at small sizes. A CpuLstmPlan holds the six parameters, the
 // gradient buffers, the workspace and the optimiser's FPTT state and hyper table, and runs
 // a segment in one call. What it re-checks per call:
 //   - the optimiser: its CpuUpdatePlan's check (bind_update.cpp; the same groups, hyper-
@@ -482,7 +482,7 @@ class CpuLstmPlan {
 
 void register_lstm_cpu(pybind11::module_& m) {
   // The argument list repeats lstm_segment_step_cuda's (cuda_glue/lstm_cuda.cpp) up to
-  // status on purpose: one order for every segment binding (issue 10); each list is its
+  // status on purpose: one order for every segment binding; each list is its
   // binding's documented Python signature.
   m.def("lstm_segment_step_cpu", &lstm_segment_step_cpu,
         "One FPTT LSTM segment step on CPU tensors: forward over the segment, head and loss, "

@@ -6,7 +6,7 @@
 //
 // Why a plan: for a small model the Python around the kernel cost more than the kernel
 // (lists rebuilt, hyper-parameter rows re-keyed, every tensor converted and re-validated on
-// every step; issue 12). A CpuUpdatePlan is built once from the optimiser's param_groups and
+// every step). A CpuUpdatePlan is built once from the optimiser's param_groups and
 // FPTT state and holds the tensors (at::Tensor references), the hyper-parameter table and
 // the slot table. One step() call then re-checks only what can have changed since the
 // checks last passed, cheaply, and runs the kernel:
@@ -335,7 +335,7 @@ class CpuUpdatePlan {
                   "] has a hyper-parameter that is not a number");
   }
 
-  // FPTT.md steps 2-6 for every parameter with a gradient. Returns the skipped-step count
+  // docs/ALGORITHM.md steps 2-6 for every parameter with a gradient. Returns the skipped-step count
   // (status[2]) after the step, or a PlanCode (< 0) with nothing changed.
   int64_t step(py::handle groups, py::handle clip) {
     if (const int64_t code = check_current(groups, clip, false)) return code;

@@ -41,7 +41,7 @@ bool with_cuda() {
 
 // ---- test-only bindings of the argument checks -------------------------------------
 // The CUDA glue is not built on CPU CI, yet its argument checks must be tested there (on a
-// GPU, checks that came after a use of the arguments crashed the process: issue 11). So
+// GPU, checks that came after a use of the arguments crashed the process). So
 // the checks live in torch-only headers (update_checks.h, lstm_checks.h), parameterised by
 // the expected device type, and are bound here with the exact arguments of each binding
 // plus device_type: with device_type="cpu", CPU tensors stand in for CUDA ones and the

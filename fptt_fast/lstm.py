@@ -12,7 +12,7 @@ are [omega, B, O] / [omega, B] and the loss is the mean over the segment's steps
 One train_segment computes the LSTM forward over the segment from the given state
 (detached: the backward is truncated at the segment's start), the head and the loss
 (times `weight`), the backward through the segment, the parameter gradients, and one
-FPTT update (FPTT.md steps 2-6) of all six parameters by the module's own
+FPTT update (docs/ALGORITHM.md, steps 2-6) of all six parameters by the module's own
 fptt_fast.FPTT optimiser (`m.optimizer`, same keyword arguments, its state is the FPTT
 state). The returned loss is the *unweighted* segment loss (a detached 0-dim tensor).
 
@@ -65,7 +65,7 @@ CUDA_KERNELS = {"auto": 0, "general": 1, "persistent": 2}
 CUDA_KERNEL_NAMES = {1: "general", 2: "persistent"}
 # The Triton backend's kernels (kernels/lstm_segment.py: general; kernels/lstm_persistent.py:
 # weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32). "auto" runs the
-# general one for now: the persistent one has not been measured on a GPU yet (issue 14).
+# general one for now: the persistent one has not been measured on a GPU yet.
 TRITON_KERNELS = ("auto", "general", "persistent")
 
 
@@ -94,7 +94,7 @@ class FPTTLSTM(nn.Module):
             (kernels/lstm_persistent.py: weights held in registers, train_sequence's K
             segments in one launch; H <= 128, I <= 32, O <= 32, ValueError beyond) or
             "auto" (for now the general one: the persistent kernel is not yet measured on
-            a GPU, issue 14). `last_kernel` says which one ran.
+            a GPU). `last_kernel` says which one ran.
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
             the CPU only. Shapes, dtypes and devices are always checked.
@@ -173,7 +173,7 @@ class FPTTLSTM(nn.Module):
         self._workspace = None  # its scratch memory, grown on demand and reused
         # cpu backend: True uses the torch-free built-in OpenMP GEMM instead of at::mm. On by
         # default for tiny models (4H x max(I, H, O) <= 256 weights per product), where the
-        # seven ATen calls' dispatch costs more than their arithmetic (issue 12: 9.4 -> 4.8 us
+        # seven ATen calls' dispatch costs more than their arithmetic (9.4 -> 4.8 us
         # per train_segment at I=2, H=2, O=1 on 2 cores); both are deterministic.
         self.cpu_builtin_gemm = 4 * H * max(I, H, O) <= 256
         # cpu backend: the plan whose train() is train_segment's fast path (see there); set

@@ -3,7 +3,7 @@
 Swap it in for torch.optim.Adam/SGD/AdamW: p.grad holds the task gradient of the
 segment; step() adds the regulariser's gradient, clips globally, takes the base
 optimiser step and updates the dual (lam) and the running average (w_bar), all in
-one fused pass on the cpu/triton/cuda backends (FPTT.md steps 2-6).
+one fused pass on the cpu/triton/cuda backends (docs/ALGORITHM.md, steps 2-6).
 """
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ class FPTT(torch.optim.Optimizer):
         environment variable FPTT_FAST_STATUS=mapped (or mapped=True) on a CUDA device and
         the cuda or triton backend: the status then lives in mapped pinned host memory, and
         nonfinite='raise' reads the count with one host load instead of queueing an event
-        and a copy per step (issue 12; NOT YET RUN ON A GPU, so not the default)."""
+        and a copy per step (NOT YET RUN ON A GPU, so not the default)."""
         if mapped is None:
             mapped = os.environ.get("FPTT_FAST_STATUS") == "mapped"
         if not mapped or device.type != "cuda" or self.backend not in ("cuda", "triton"):
@@ -309,7 +309,7 @@ class FPTT(torch.optim.Optimizer):
         return lists
 
     def step(self, closure=None):
-        """FPTT.md steps 2-6 for every parameter with a gradient."""
+        """docs/ALGORITHM.md steps 2-6 for every parameter with a gradient."""
         # The hot path (cpu backend, plan built, no closure, no hooks, no profiler): one C++
         # call. torch wraps every Optimizer subclass's step() in a profiler record_function
         # and two hook loops, ~10 us on a 2-core VM: more than this whole step for a small

@@ -1,4 +1,4 @@
-"""The fused FPTT update (FPTT.md steps 2-6) as ONE Triton kernel launch.
+"""The fused FPTT update (docs/ALGORITHM.md, steps 2-6) as ONE Triton kernel launch.
 
 Called by fptt_fast.FPTT for backend="triton":
 
@@ -466,7 +466,7 @@ def _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimi
 
 def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, clip,
                  status, *, grid_limit=None) -> None:
-    """FPTT.md steps 2-6 on every tensor, in one kernel launch; see the module docstring.
+    """docs/ALGORITHM.md steps 2-6 on every tensor, in one kernel launch; see the module docstring.
 
     grid_limit (tests only): cap the number of programs below the co-residency cap, to
     exercise several chunks per program and the barrier with odd grid sizes.

@@ -90,7 +90,7 @@ the grid (every program of the launch must be resident: the syncs spin) is read 
 the compiled kernel's registers and shared memory (_co_resident_cap) and bounds G;
 batch tiles beyond G*BB rows are taken by the groups in turn. NOT YET MEASURED ON A
 GPU: the register count, spills and the times are to be read there first
-(benchmarks/NOTES.md, "Triton persistent kernel (issue 14)").
+(benchmarks/NOTES.md, "Triton persistent kernel").
 
 Workspace
 ---------

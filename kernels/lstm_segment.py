@@ -20,7 +20,7 @@ Called by fptt_fast.FPTTLSTM for backend="triton":
      db_ih = db_hh = sum_t,b dG_t, dW_out = sum_t dP_t^T h_t, db_out = sum_t,b dP_t,
      written to `grads`; program 0 writes loss_out (tile sums added in tile order).
   -- grid barrier 2 --
-  C  the FPTT update (FPTT.md steps 2-6) of the six parameters, exactly
+  C  the FPTT update (docs/ALGORITHM.md, steps 2-6) of the six parameters, exactly
      kernels/fptt_update.py's phases (the same @triton.jit helpers, update_phase1 and
      update_phase2, over the same cached chunk tables), with its barrier between them
   -- grid barrier 3 (inside C) --
@@ -60,7 +60,7 @@ from global memory / L2 every step), so any H fits the register budget. The boun
 MAX_HIDDEN = 2048 (ValueError beyond it) keeps the kernel's int32 element offsets in
 range (the largest tensor, weight_hh [4H, H], has 16.8M elements at H = 2048, and one
 step of the workspace 4 * B * H) and the per-step work of one program bounded; the
-issue asks for H in 1..512. Also checked: T * B * 4H and T * B * I < 2^31 (workspace
+design targets H in 1..512. Also checked: T * B * 4H and T * B * I < 2^31 (workspace
 offsets), I <= MAX_INPUT, and O <= MAX_OUTPUT = 512: the head's logits row [BB, O] is
 one register tile and its tl.dot operands are staged in shared memory, which does grow
 with O. Compiled ahead of time for sm_90 with num_warps=4 (triton 3.9, no GPU needed):

@@ -22,7 +22,7 @@ def test_add_task_data(T, fresh_seed):
     # seeded: the same generator state gives the same batch
     x2, y2 = tasks.add_task(T, 64, generator=torch.Generator().manual_seed(fresh_seed))
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    # predicting 1.0 gives MSE ~ 1/6 (the "unsolved" level of FPTT.md), on a large batch
+    # predicting 1.0 gives MSE ~ 1/6 (the "unsolved" level of docs/ALGORITHM.md), on a large batch
     _, yb = tasks.add_task(T, 20000, generator=gen)
     assert abs(((yb - 1.0) ** 2).mean().item() - 1 / 6) < 0.01
 

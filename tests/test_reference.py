@@ -16,7 +16,7 @@ TORCH_OPT = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.op
 
 
 def independent_fptt(params, optimizer, kw, alpha, beta, rho, c, clip):
-    """FPTT.md steps 2-6 written out per element, with torch.optim itself as step 4."""
+    """docs/ALGORITHM.md steps 2-6 written out per element, with torch.optim itself as step 4."""
     topt = TORCH_OPT[optimizer](params, foreach=False, **kw)
     w_bar = [p.detach().clone() for p in params]
     lam = [torch.zeros_like(p) for p in params]
@@ -116,7 +116,7 @@ def _quadratic(d, a):
 
 
 def test_exact_minimiser_ties_to_the_paper(fresh_seed):
-    """FPTT.md's tie to the paper, with an exactly minimised quadratic loss.
+    """docs/ALGORITHM.md's tie to the paper, with an exactly minimised quadratic loss.
 
     With rho = 0 and c = 1 (the authors' code) the stationarity of step 2's objective,
     grad l(w) - lam + alpha (w - w_bar) = 0, makes the new lam (step 5) equal to

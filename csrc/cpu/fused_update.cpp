@@ -17,7 +17,7 @@ constexpr int64_t kChunk = 8192;
 // Below this many elements in all both passes run on the calling thread. Waking the
 // OpenMP team costs more than that much work: on a 2-core VM busy with other work,
 // FPTT.step() on six tiny tensors took 0.5-0.9 ms with the team against ~50 us with
-// OMP_NUM_THREADS=1, both through the old Python list path (issue 12). Elements, not
+// OMP_NUM_THREADS=1, both through the old Python list path. Elements, not
 // chunks: every tensor, however small, is at least one chunk. The results do not depend
 // on it (fixed chunks, partial sums added in chunk order).
 constexpr int64_t kParallelMinElements = 4 * kChunk;

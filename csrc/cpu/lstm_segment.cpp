@@ -1,5 +1,5 @@
 // LSTM segment step on the CPU: forward, head, loss, backward through the segment and
-// the parameter gradients (FPTT.md step 1). No torch headers: the GEMMs go through a
+// the parameter gradients (docs/ALGORITHM.md, step 1). No torch headers: the GEMMs go through a
 // callback (the binding passes at::mm; gemm_builtin is the torch-free fallback), the
 // pointwise math is lstm_math.h, shared with the CUDA kernels.
 //
@@ -32,7 +32,7 @@ constexpr int64_t kParallelMin = 1 << 15;
 // f(k) for k in [0, n): split over an OpenMP team if `parallel`, else a plain loop. Not an
 // if() clause: libgomp still builds and tears down a one-thread team for a parallel region
 // whose if() is false, about a microsecond per region on a busy 2-core VM, five regions
-// per segment step at omega=1: more than the whole tiny step (issue 12; same reasoning as
+// per segment step at omega=1: more than the whole tiny step (same reasoning as
 // fused_update.cpp's for_each_chunk). Every f(k) writes its own outputs, so the results
 // do not depend on the branch taken.
 template <class F>

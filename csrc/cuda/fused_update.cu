@@ -1,5 +1,5 @@
 // FPTT fused update on CUDA: one cooperative kernel launch per optimiser step for all
-// tensors (FPTT.md steps 2-6). No torch headers: this file builds with plain
+// tensors (docs/ALGORITHM.md, steps 2-6). No torch headers: this file builds with plain
 //   nvcc -c -arch=sm_90 -I csrc/include csrc/cuda/fused_update.cu
 // The pointwise math is fptt_math.h's, shared with the CPU kernels; the device code of
 // the two phases is fused_update_device.cuh's, shared with csrc/cuda/lstm_segment.cu.

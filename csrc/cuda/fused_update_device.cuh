@@ -1,4 +1,4 @@
-// Device code of the fused FPTT update (FPTT.md steps 2-6), shared by the kernels that
+// Device code of the fused FPTT update (docs/ALGORITHM.md, steps 2-6), shared by the kernels that
 // run it: csrc/cuda/fused_update.cu (the update alone) and csrc/cuda/lstm_segment.cu (the
 // LSTM segment step, whose last phases are this update). No torch headers. The design
 // (chunks, fixed-order norm, step-count race) is described at the top of fused_update.cu.
@@ -61,7 +61,7 @@ __device__ __forceinline__ int find_slot(const UpdateSlot* __restrict__ slots, i
 }
 
 // Phase 1 on one chunk: this thread's part of the sum of squares of the regularised
-// gradient (FPTT.md step 2), elements in a fixed order whatever the path.
+// gradient (docs/ALGORITHM.md, step 2), elements in a fixed order whatever the path.
 // Loads go through L2 (__ldcg), never the non-coherent read-only path: a kernel that runs
 // several updates (lstm_persistent.cu: one per segment) rewrites g (from other blocks)
 // and w, w_bar, lam between them, and a line cached by an earlier read could be stale.

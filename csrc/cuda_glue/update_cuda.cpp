@@ -113,7 +113,7 @@ int64_t grid_size_cuda(int64_t n_chunks, int64_t optimizer, int64_t device) {
 }
 
 // FPTT's status [norm, last skipped, skipped count] in mapped pinned host memory
-// (FPTT_FAST_STATUS=mapped, issue 12; benchmarks/NOTES.md): the kernels store it through
+// (FPTT_FAST_STATUS=mapped; benchmarks/NOTES.md): the kernels store it through
 // the device view as they store a device status (one thread, plain stores), and the host
 // reads the count from the host view with no event, copy or sync. Returns (device view,
 // host view) of the same 3 zeroed floats; the memory is freed (cudaFreeHost, which waits

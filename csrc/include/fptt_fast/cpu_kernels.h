@@ -16,7 +16,7 @@ struct UpdateResult {
   bool skipped;  // norm not finite: nothing was written
 };
 
-// FPTT.md steps 2-6 over all slots: one deterministic norm pass (fixed chunks,
+// docs/ALGORITHM.md steps 2-6 over all slots: one deterministic norm pass (fixed chunks,
 // summed in a fixed order, whatever the thread count), then one update pass.
 // clip <= 0: no clipping. A non-finite norm leaves every array untouched.
 // Runs on the calling thread below a few chunks of work (kParallelMinElements in

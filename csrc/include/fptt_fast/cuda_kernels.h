@@ -5,7 +5,7 @@
 // The fused update is one cooperative kernel launch per optimiser step covering
 // every tensor (multi-tensor apply over a device-side table of UpdateSlot):
 //   phase 1  per chunk of kChunk elements, in a fixed assignment: the sum of squares
-//            (double) of the regularised gradient (FPTT.md step 2) -> partials[chunk];
+//            (double) of the regularised gradient (docs/ALGORITHM.md, step 2) -> partials[chunk];
 //            the block owning a slot's first chunk saves that slot's step scalars;
 //   grid.sync()
 //   phase 2  every block reduces all partials in the same fixed order (so every block
@@ -72,7 +72,7 @@ inline WorkspaceLayout workspace_layout(int n_slots, int64_t n_chunks) {
   return l;
 }
 
-// FPTT.md steps 2-6 over all slots of `table`, in ONE cooperative kernel launch on
+// docs/ALGORITHM.md steps 2-6 over all slots of `table`, in ONE cooperative kernel launch on
 // `stream`. Asynchronous: no host synchronisation, no allocation, no memcpy, so it can
 // be captured in a CUDA graph (the table's memory must then outlive the graph).
 //   table      the slots and scratch (above), device memory of `device`

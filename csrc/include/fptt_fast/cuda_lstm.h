@@ -6,7 +6,7 @@
 //   forward over the segment from (h0, c0), head and loss (times `weight`), backward
 //   through the segment (truncated at its start), the six parameter gradients (fixed-order
 //   sums: bitwise deterministic, independent of the grid size), then the fused FPTT update
-//   (FPTT.md steps 2-6) of the six parameters, with the device code of cuda_kernels.h's
+//   (docs/ALGORITHM.md, steps 2-6) of the six parameters, with the device code of cuda_kernels.h's
 //   launch_fused_update (csrc/cuda/fused_update_device.cuh).
 //
 // Notation: T = omega (steps), B batch, I input size, H hidden size, O head outputs,

@@ -3,7 +3,7 @@
 //
 // Why they live here, in torch-only code that builds without CUDA: the CUDA glue
 // (csrc/cuda_glue) is compiled only where torch has CUDA, so checks written there never
-// ran on CPU CI, and on a GPU two bindings crashed the process on bad input (issue 11).
+// ran on CPU CI, and on a GPU two bindings crashed the process on bad input.
 // Every check takes the expected device type as a parameter: the CPU bindings call them
 // with c10::kCPU, the CUDA glue with c10::kCUDA, and bindings.cpp exposes the same
 // functions as test-only bindings (_C._check_fused_update_args, ...) so that
