@@ -45,7 +45,7 @@ import torch
 import fptt_fast
 from fptt_fast import backends
 from fptt_fast.lstm import LOSS_CODE
-from fptt_fast.optim import OPT_CODE
+from fptt_fast.optim import HYPER_FIELDS, OPT_CODE
 
 SEED = 20261126
 N_CASES = 240  # per target; >= 200 required by issue 11
@@ -384,7 +384,8 @@ def m_shape(case):
         new = mk(rng.choice([2, 0]))
     elif k == "hyper":
         G = t.shape[0]
-        new = mk(rng.choice([(G, 11), (G, 13), (12,), (G, 12, 1)]))
+        n = len(HYPER_FIELDS)
+        new = mk(rng.choice([(G, n - 1), (G, n + 1), (n,), (G, n, 1)]))
     elif k in ("status", "loss_out"):
         new = mk(rng.choice([0, 2, 4]) if k == "status" else rng.choice([0, 2]))
     elif case.family == "update" or k in STATE_LISTS:
@@ -798,7 +799,7 @@ def test_read_only_gradients_may_share_memory():
         w = [p.clone() for p in ps]
         st = [[torch.zeros(6) for _ in w] for _ in range(4)]
         steps = [torch.zeros(1) for _ in w]
-        hyper = torch.tensor([[0.01, 0.5, 0.5, 0.0, 1.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0]])
+        hyper = torch.tensor([[0.01, 0.5, 0.5, 0.0, 1.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]])
         ext().fused_update_cpu(w, grads, st[0], st[1], st[2], st[3], steps, hyper, [0, 0], 1, 0.0)
         outs.append(w)
     for u, v in zip(*outs):

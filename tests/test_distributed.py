@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import fptt_fast
 from fptt_fast import distributed, reference
+from fptt_fast.layout import HYPER_FIELDS
 from fptt_fast.backends import segment_unavailable_reason
 from fptt_fast.lstm import PARAM_NAMES
 
@@ -414,7 +415,7 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
     """Without a GPU, the cuda half of segment_gradients up to the launch: the arguments it
     gives _C.lstm_train_cuda pass the CUDA glue's own checks (_C._check_lstm_segment_cuda_args
     on CPU tensors, as the glue runs them before launching), and they are those of one
-    segment with its update made to write nothing: n_segs 1, no weight ramp, a [1, 12] table
+    segment with its update made to write nothing: n_segs 1, no weight ramp, a [1, len(HYPER_FIELDS)] table
     of NaN for every parameter, a status of its own (not the optimiser's), the module's
     gradient buffers. What the kernel then does with them needs a GPU:
     test_gradients_launch_has_its_update_off[cuda]."""
@@ -449,7 +450,7 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
     for call, weight in zip(calls, (0.5, 1.0)):
         assert call["dims"] == (T, 5, I, H, O)
         assert call["n_segs"] == 1 and call["ramp"] is False and call["weight"] == weight
-        assert call["hyper"].shape == (1, 12) and call["hyper"].isnan().all()
+        assert call["hyper"].shape == (1, len(HYPER_FIELDS)) and call["hyper"].isnan().all()
         assert call["group_of"] == [0] * 6
         assert call["status"] is not m.optimizer._status and call["status"].shape == (3,)
         assert call["kernel"] == fptt_fast.lstm.CUDA_KERNELS[m.cuda_kernel]
