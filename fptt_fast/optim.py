@@ -17,6 +17,8 @@ from . import backends, reference
 from .layout import HYPER_FIELDS, OPT_CODE  # noqa: F401 (re-exported: the binary layout)
 from .reference import NONFINITE, OPTIMIZERS, Hyper
 
+MISSING_GRAD = ("skip", "zero")
+
 try:  # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_*_hook)
     from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
     from torch.optim.optimizer import _global_optimizer_pre_hooks as _GLOBAL_PRE_HOOKS
@@ -86,6 +88,10 @@ class FPTT(torch.optim.Optimizer):
             -lr times the regulariser's gradient (as AdamW decouples weight decay).
         clip: max global L2 norm of the gradient the base optimiser takes; None/0: no
             clipping.
+        missing_grad: "skip" (torch's rule): a parameter whose .grad is None is left alone.
+            "zero": it takes a zero task gradient (a zeroed buffer is attached as its
+            .grad), so the regulariser, the clip norm and its step count cover it, as in
+            code that adds the regulariser to the loss.
         nonfinite: "raise" (FloatingPointError; on CUDA at the next step() after the
             GPU finished, or at check_finite()) or "skip" (the step changes nothing
             and is counted in skipped_steps). Either way a gradient holding inf/NaN
@@ -114,9 +120,13 @@ class FPTT(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, *, optimizer="adam", betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5,
                  beta=0.5, rho=0.0, c=1.0, decoupled=False, clip=None, nonfinite="raise",
-                 backend="auto", graph=False):
+                 missing_grad="skip", backend="auto", graph=False):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if missing_grad not in MISSING_GRAD:
+            raise ValueError(f"missing_grad must be one of {MISSING_GRAD}, got {missing_grad!r}")
+        self.missing_grad = missing_grad
+        self._zero_grads = {}  # missing_grad="zero": a zero gradient buffer per parameter
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.base = optimizer
@@ -315,6 +325,8 @@ class FPTT(torch.optim.Optimizer):
         # and two hook loops, ~10 us on a 2-core VM: more than this whole step for a small
         # model. FPTT.step is marked as already wrapped (below the class), and everything
         # else goes through that same torch wrapper (_hooked_step).
+        if self.missing_grad == "zero":
+            self._attach_zero_grads()
         plan = self._plan
         if (plan is not None and closure is None and not self._optimizer_step_pre_hooks
                 and not self._optimizer_step_post_hooks and not _GLOBAL_PRE_HOOKS
@@ -325,6 +337,18 @@ class FPTT(torch.optim.Optimizer):
                     self.report_skipped(count)
                 return None
         return _hooked_step(self) if closure is None else _hooked_step(self, closure)
+
+    def _attach_zero_grads(self):
+        """missing_grad="zero": a parameter without .grad gets its own zeroed buffer (the
+        same tensor every time, so cached launch tables stay valid)."""
+        for p in self._params():
+            if p.grad is None:
+                buf = self._zero_grads.get(p)
+                if buf is None:
+                    buf = self._zero_grads[p] = torch.zeros_like(p)
+                else:
+                    buf.zero_()  # a backward may have accumulated into it since
+                p.grad = buf
 
     @torch.no_grad()
     def _step(self, closure=None):
@@ -561,12 +585,13 @@ class FPTT(torch.optim.Optimizer):
 
     # -- FPTT extras --------------------------------------------------------------
     @torch.no_grad()
-    def reset(self):
-        """End of epoch: w <- w_bar and lam <- 0 for every parameter (not those of a
-        group with alpha == 0: the regulariser off keeps no average)."""
+    def reset(self, lam=True):
+        """End of epoch: w <- w_bar for every parameter and, with lam=True, lam <- 0 (the
+        authors' MNIST loop; their PTB loops keep lam: lam=False). Groups with alpha == 0
+        are left alone: the regulariser off keeps no average."""
         pairs = [(p, Hyper.from_group(g)) for g in self.param_groups for p in g["params"]]
         reference.reset_([p for p, _ in pairs], [self.state[p] for p, _ in pairs],
-                         [h for _, h in pairs])
+                         [h for _, h in pairs], lam=bool(lam))
 
     @torch.no_grad()
     def regularizer(self):
@@ -589,7 +614,8 @@ class FPTT(torch.optim.Optimizer):
     # values are carried), and the flat buffers: the copy builds its own from the per-
     # parameter state, so its state entries are views of them again (plain pickle copies
     # each view on its own).
-    _TRANSIENT = ("flat_state", "_pending", "_count_host", "_status_host", "_skip_word")
+    _TRANSIENT = ("flat_state", "_pending", "_count_host", "_status_host", "_skip_word",
+                  "_zero_grads")
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -603,6 +629,8 @@ class FPTT(torch.optim.Optimizer):
     def __setstate__(self, state):
         state = dict(state)
         mapped = state.pop("_status_mapped", False)
+        state["_zero_grads"] = {}  # buffers of the copy's own parameters, made when needed
+        state.setdefault("missing_grad", "skip")
         super().__setstate__(state)
         self._build_state(mapped_status=mapped)
 

@@ -210,15 +210,16 @@ def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfi
     return norm, False
 
 
-def reset_(params, states, hypers):
-    """End of epoch (the authors do it): w <- w_bar, lam <- 0. Parameters whose group
-    has alpha == 0 keep no average (w_bar stays at its start) and are left alone."""
+def reset_(params, states, hypers, lam=True):
+    """End of epoch (the authors do it): w <- w_bar and, with lam=True, lam <- 0. Parameters
+    whose group has alpha == 0 keep no average (w_bar stays at its start) and are left alone."""
     with torch.no_grad():
         for w, s, h in zip(params, states, hypers):
             if h.alpha == 0:
                 continue
             w.copy_(s["w_bar"])
-            s["lam"].zero_()
+            if lam:
+                s["lam"].zero_()
 
 
 # ----------------------------------------------------------------------------

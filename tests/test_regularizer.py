@@ -178,3 +178,65 @@ def test_bad_alpha_is_refused(bad):
 def test_bad_decoupled_is_refused():
     with pytest.raises(ValueError, match="decoupled"):
         fptt_fast.FPTT([torch.randn(3)], decoupled=1)
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_missing_grad_zero_regularises_every_parameter(backend, fresh_seed):
+    """missing_grad="zero": a parameter without .grad steps as with an explicit zero
+    gradient (regulariser, clip norm, step count); the default leaves it alone. Its buffer
+    is zeroed each step even after a backward wrote into it."""
+    shapes = [(7, 3), (11,)]
+    w0 = [torch.randn(s) for s in shapes]
+    w_bar0, lam0 = [w + torch.randn_like(w) for w in w0], [torch.randn_like(w) for w in w0]
+    runs = {}
+    for mode in ("zero", "explicit", "skip"):
+        ps = [w.clone().requires_grad_() for w in w0]
+        opt = fptt_fast.FPTT(ps, lr=0.01, clip=1.0, backend=backend,
+                             missing_grad="zero" if mode == "zero" else "skip")
+        for p, b, l in zip(ps, w_bar0, lam0):  # the same FPTT state for every mode
+            opt.state[p]["w_bar"].copy_(b)
+            opt.state[p]["lam"].copy_(l)
+        runs[mode] = (ps, opt)
+    gens = [torch.Generator().manual_seed(fresh_seed) for _ in runs]
+    for step in range(12):
+        for (mode, (ps, opt)), gen in zip(runs.items(), gens):
+            g0 = torch.randn(shapes[0], generator=gen)
+            ps[0].grad = g0
+            if mode == "explicit":
+                ps[1].grad = torch.zeros(shapes[1])
+            elif step == 5 and mode == "zero":
+                ps[1].grad.add_(1.0)  # as a backward reaching it once would; zeroed again below
+                ps[1].grad = None
+            else:
+                ps[1].grad = None
+            opt.step()
+    (pz, oz), (pe, oe), (ps_, os_) = runs["zero"], runs["explicit"], runs["skip"]
+    for a, b in zip(pz, pe):
+        assert torch.equal(a, b) and torch.equal(oz.state[a]["lam"], oe.state[b]["lam"])
+    assert oz.state[pz[1]]["step"].item() == 12 and os_.state[ps_[1]]["step"].item() == 0
+    assert not torch.equal(pz[1], ps_[1])  # the regulariser moved it; skip did not
+
+
+def test_reset_keeps_lam_when_asked(fresh_seed):
+    p = torch.randn(6)
+    opt = fptt_fast.FPTT([p], backend="reference")
+    random_fptt_state(opt, [p])
+    lam = opt.state[p]["lam"].clone()
+    opt.reset(lam=False)
+    assert torch.equal(p, opt.state[p]["w_bar"]) and torch.equal(opt.state[p]["lam"], lam)
+    opt.reset()
+    assert not opt.state[p]["lam"].any()
+
+
+def test_missing_grad_is_checked_and_survives_copies():
+    import copy
+
+    with pytest.raises(ValueError, match="missing_grad"):
+        fptt_fast.FPTT([torch.randn(3)], missing_grad="ignore")
+    p = torch.randn(4)
+    opt = fptt_fast.FPTT([p], missing_grad="zero", backend="reference")
+    opt.step()
+    twin = copy.deepcopy(opt)
+    assert twin.missing_grad == "zero" and twin._zero_grads == {}
+    twin.step()
+    assert twin.state[twin.param_groups[0]["params"][0]]["step"].item() == 2
