@@ -666,6 +666,70 @@ class FPTT(torch.optim.Optimizer):
         self._pending = None  # a report pending from before the load no longer applies
         self._seen_skipped = int(self._status_values()[STATUS_SKIPPED].item())
 
+    # torch.optim group keys that mean the same here, per base optimiser
+    _TORCH_GROUP_KEYS = {"sgd": ("lr", "momentum", "dampening", "nesterov", "weight_decay"),
+                         "adam": ("lr", "betas", "eps", "weight_decay"),
+                         "adamw": ("lr", "betas", "eps", "weight_decay")}
+    _TORCH_SLOTS = {"sgd": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq"),
+                    "adamw": ("exp_avg", "exp_avg_sq")}
+
+    @torch.no_grad()
+    def load_torch_state_dict(self, state_dict):
+        """Take over a torch.optim.SGD / Adam / AdamW state_dict (the base optimiser this
+        FPTT wraps, same parameters and groups in the same order): its step counts,
+        moments or momentum buffers and its groups' hyper-parameters; W̄ starts at the
+        current w and λ at 0, as for a new FPTT. Checked first: a mismatch raises
+        ValueError naming it and changes nothing. (amsgrad, maximize, capturable and
+        differentiable runs are refused: FPTT has no such mode.)"""
+        if not isinstance(state_dict, dict) or "fptt" in state_dict or \
+                not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("load_torch_state_dict takes a torch.optim optimiser's state_dict "
+                             "(keys 'state' and 'param_groups'); an FPTT state_dict goes to "
+                             "load_state_dict")
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state_dict has {len(groups)} parameter groups, this optimiser "
+                             f"{len(self.param_groups)}")
+        keys, slots = self._TORCH_GROUP_KEYS[self.base], self._TORCH_SLOTS[self.base]
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            if len(theirs.get("params", ())) != len(mine["params"]):
+                raise ValueError(f"group {gi}: {len(theirs.get('params', ()))} parameters in the "
+                                 f"state_dict, {len(mine['params'])} here")
+            for k in keys:
+                if k not in theirs:
+                    raise ValueError(f"group {gi} misses {k!r}: not a torch.optim."
+                                     f"{ {'sgd': 'SGD', 'adam': 'Adam', 'adamw': 'AdamW'}[self.base]} "
+                                     f"state_dict")
+            for k in ("amsgrad", "maximize", "capturable", "differentiable"):
+                if theirs.get(k):
+                    raise ValueError(f"group {gi}: {k}=True has no FPTT equivalent")
+        for i, p in enumerate(self._params()):
+            st = states.get(i, {})
+            for n in slots:
+                t = st.get(n)
+                if t is not None and tuple(torch.as_tensor(t).shape) != tuple(p.shape):
+                    raise ValueError(f"parameter {i}: {n} has shape "
+                                     f"{tuple(torch.as_tensor(t).shape)}, the parameter {tuple(p.shape)}")
+            if st and self.base != "sgd" and not all(n in st for n in ("step",) + slots):
+                raise ValueError(f"parameter {i}: its state misses one of step, {', '.join(slots)}")
+        for mine, theirs in zip(self.param_groups, groups):
+            for k in keys:
+                mine[k] = tuple(theirs[k]) if k == "betas" else theirs[k]
+            reference.validate_hyper(mine, self.base)
+        for i, p in enumerate(self._params()):
+            st, mine = states.get(i, {}), self.state[p]
+            mine["w_bar"].copy_(p)
+            mine["lam"].zero_()
+            for n in slots:
+                t = st.get(n)
+                mine[n].copy_(torch.as_tensor(t)) if t is not None else mine[n].zero_()
+            # torch's SGD keeps no count: a buffer means a step was taken (ours counts
+            # steps only to know whether the buffer is initialised)
+            step = float(st["step"]) if "step" in st else float(st.get("momentum_buffer") is not None)
+            mine["step"].fill_(step)
+        self._hyper_key = None
+        self._drop_plan()
+
     def _check_state_dict(self, sd):
         if not isinstance(sd, dict):
             raise ValueError(f"state_dict must be a dict, got {type(sd).__name__}")

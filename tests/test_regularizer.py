@@ -240,3 +240,49 @@ def test_missing_grad_is_checked_and_survives_copies():
     assert twin.missing_grad == "zero" and twin._zero_grads == {}
     twin.step()
     assert twin.state[twin.param_groups[0]["params"][0]]["step"].item() == 2
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("name", sorted(TORCH_OPT))
+def test_take_over_a_torch_optimiser(backend, name, fresh_seed):
+    """Train with torch's optimiser, hand its state to FPTT(alpha=0) with
+    load_torch_state_dict: both then go on to the same parameters (within 2e-5 of max |w|),
+    W̄ = w and λ = 0 at the take-over, the hyper-parameters taken from the state_dict."""
+    cls, kw = TORCH_OPT[name]
+    pt = [torch.randn(s) for s in SHAPES]
+    torch_opt = cls(pt, **kw)
+    for _ in range(5):
+        for p in pt:
+            p.grad = torch.randn_like(p)
+        torch_opt.step()
+    pa = [p.detach().clone() for p in pt]
+    fptt = fptt_fast.FPTT(pa, optimizer=name, alpha=0.0, lr=123.0, backend=backend)
+    fptt.load_torch_state_dict(torch_opt.state_dict())
+    assert fptt.param_groups[0]["lr"] == kw["lr"]
+    assert all(torch.equal(fptt.state[p]["w_bar"], p) and not fptt.state[p]["lam"].any() for p in pa)
+    scale = max(p.abs().max().item() for p in pt)
+    for _ in range(10):
+        for p, q in zip(pa, pt):
+            q.grad = torch.randn_like(q)
+            p.grad = q.grad.clone()
+        torch_opt.step()
+        fptt.step()
+    for p, q in zip(pa, pt):
+        assert scaled_err(p, q, scale) <= TOL_UPDATE
+
+
+def test_take_over_refuses_what_does_not_fit():
+    p = torch.randn(4)
+    adam = torch.optim.Adam([p.clone()], lr=0.1)
+    adam.state_dict()
+    fptt = fptt_fast.FPTT([p], optimizer="sgd", backend="reference")
+    with pytest.raises(ValueError, match="misses 'momentum'"):
+        fptt.load_torch_state_dict(adam.state_dict())
+    fptt = fptt_fast.FPTT([p], backend="reference")
+    with pytest.raises(ValueError, match="an FPTT state_dict goes to load_state_dict"):
+        fptt.load_torch_state_dict(fptt.state_dict())
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        fptt.load_torch_state_dict(torch.optim.Adam([p.clone()], amsgrad=True).state_dict())
+    two = torch.optim.Adam([p.clone(), p.clone()])
+    with pytest.raises(ValueError, match="2 parameters in the state_dict, 1 here"):
+        fptt.load_torch_state_dict(two.state_dict())
