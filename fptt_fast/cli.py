@@ -505,8 +505,13 @@ def cmd_compare(args) -> int:
     seeds = (list(dict.fromkeys(args.seeds)) if args.seeds
              else [make_config(args.task, given, paper=args.paper).seed])
     folders = _compare_runs(variants, seeds)
-    cfgs = {key: make_config(args.task, {**given, **variants[key[0]], "seed": seed}, paper=args.paper)
-            for key in folders for seed in [key[1]]}
+    def run_options(label, seed):
+        opts = {**given, **variants[label], "seed": seed}
+        if opts.get("algo") == "bptt" and "protocol" not in variants[label]:
+            opts["protocol"] = None  # --protocol is FPTT's loop: the BPTT arm keeps its own
+        return opts
+
+    cfgs = {key: make_config(args.task, run_options(*key), paper=args.paper) for key in folders}
     cfg = next(iter(cfgs.values()))
     label = (lambda key: key[0]) if len(seeds) == 1 else (lambda key: f"{key[0]} seed {key[1]}")
     out, made = _compare_out(args, cfg, list(folders.values()))  # checked before a download or data read

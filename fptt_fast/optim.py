@@ -631,6 +631,9 @@ class FPTT(torch.optim.Optimizer):
         mapped = state.pop("_status_mapped", False)
         state["_zero_grads"] = {}  # buffers of the copy's own parameters, made when needed
         state.setdefault("missing_grad", "skip")
+        for group in state.get("param_groups", ()):  # pickled before these keys existed
+            for k, v in _ADDED_GROUP_KEYS.items():
+                group.setdefault(k, v)
         super().__setstate__(state)
         self._build_state(mapped_status=mapped)
 

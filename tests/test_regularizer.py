@@ -286,3 +286,18 @@ def test_take_over_refuses_what_does_not_fit():
     two = torch.optim.Adam([p.clone(), p.clone()])
     with pytest.raises(ValueError, match="2 parameters in the state_dict, 1 here"):
         fptt.load_torch_state_dict(two.state_dict())
+
+
+def test_an_optimiser_pickled_before_decoupled_existed_steps():
+    """Unpickling fills the group keys added since (decoupled) with their old meaning."""
+    import pickle
+
+    p = torch.randn(4)
+    opt = fptt_fast.FPTT([p], backend="reference")
+    state = opt.__getstate__()
+    del state["param_groups"][0]["decoupled"]
+    old = fptt_fast.FPTT.__new__(fptt_fast.FPTT)
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert old.param_groups[0]["decoupled"] is False
+    old.param_groups[0]["params"][0].grad = torch.randn(4)
+    old.step()
