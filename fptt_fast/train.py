@@ -485,10 +485,8 @@ class Trainer:
     def _train_batch_reduced(self, x, y) -> torch.Tensor:
         opt, rows = self._reduced, x.shape[1]
         opt.rows = rows
-        if self.cfg.algo == "fptt":
-            loss = self._sequence(opt, x, y)
-        else:  # clip=0 here (opt is not self.opt): ReducedStep clips the all-reduced gradient
-            loss = self._sequence(opt, x, y)
+        # BPTT runs with clip=0 here (opt is not self.opt): ReducedStep clips the reduced gradient
+        loss = self._sequence(opt, x, y)
         return torch.tensor(distributed.mean_over_rows(loss.item(), rows, self.dist.pg))
 
 
@@ -795,19 +793,7 @@ def plot_variants(path: str, variants: dict, metric: str, title: str) -> None:
                 title="train loss")
     ax_test.set(xlabel="step (sequence batch)", ylabel=metric,
                 title=metric.replace("_", " ") + ": mean, band = range over seeds")
-    if metric == "test_mse":
-        for ax in (ax_loss, ax_test):
-            ax.set_yscale("log")
-            ax.axhline(1 / 6, color="grey", ls="--", lw=1, label="predict 1.0 (0.167)")
-    else:
-        ax_test.set_ylim(0, 1)
-    for ax in (ax_loss, ax_test):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    _finish_figure(path, fig, ax_loss, ax_test, metric, title)
 
 
 def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
@@ -823,6 +809,14 @@ def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
         ax_test.plot([r[0] for r in tested], [r[2] for r in tested], "o-", label=label, ms=3)
     ax_loss.set(xlabel="step (sequence batch)", ylabel="train loss", title="train loss")
     ax_test.set(xlabel="step (sequence batch)", ylabel=metric, title=metric.replace("_", " "))
+    _finish_figure(path, fig, ax_loss, ax_test, metric, title)
+
+
+def _finish_figure(path, fig, ax_loss, ax_test, metric, title) -> None:
+    """The two panels' common finish (log scale and the 0.167 line for MSE), then the
+    figure written atomically."""
+    import matplotlib.pyplot as plt
+
     if metric == "test_mse":
         for ax in (ax_loss, ax_test):
             ax.set_yscale("log")
@@ -831,7 +825,7 @@ def plot_curves(path: str, curves: dict, metric: str, title: str) -> None:
         ax_test.set_ylim(0, 1)
     for ax in (ax_loss, ax_test):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
