@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from . import backends
+from . import backends, train
 
 PROG = "fptt-fast"
 
@@ -84,7 +84,9 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     """Options shared by train and compare. Defaults are None: "not given" (see
     train.make_config: task defaults, --paper, or the checkpoint fill them in)."""
     d = _task_default
-    p.add_argument("task", help="add, digits, smnist (sequential MNIST) or psmnist (permuted)")
+    p.add_argument("task", nargs=None if algo else "?",
+                   help="add, digits, smnist (sequential MNIST) or psmnist (permuted)" +
+                        ("" if algo else "; left out with --resume"))
     p.add_argument("--T", type=int, help=f"sequence length {d('T')}")
     p.add_argument("--K", type=int, help=f"FPTT segments per sequence {d('K')}")
     p.add_argument("--hidden", type=int, help=f"LSTM hidden size {d('hidden')}")
@@ -101,16 +103,19 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     p.add_argument("--rho", type=float, help=f"FPTT rho (0: authors' code, 0.5: paper's Alg. 1) {d('rho')}")
     p.add_argument("--clip", type=float, help=f"global gradient-norm clip, 0: none {d('clip')}")
     if algo:
-        p.add_argument("--algo", help="fptt or bptt (default: fptt)")
-    p.add_argument("--protocol", help="FPTT's loop: segments (K segments of ceil(T/K) steps, all "
+        p.add_argument("--algo", choices=train.ALGOS, help="(default: fptt)")
+    p.add_argument("--protocol", choices=train.PROTOCOLS, help="FPTT's loop: segments (K segments of ceil(T/K) steps, all "
                                       "trained, weights (p+1)/K) or authors (the authors' Add loop: "
                                       "T//K steps, K-1 trained, weights p+1/K, no regulariser unless "
                                       "--alpha is given) (default: segments)")
-    p.add_argument("--lstm", help="fused (FPTTLSTM, the backend's one-call segment step) or torch "
+    p.add_argument("--weights", choices=train.reference.SEGMENT_WEIGHTS,
+                   help="segment p's loss weight: ramp, (p+1)/K; authors, p + 1/K (0.1, 1.1, ..., "
+                        "as the authors' Add code weights its segments) (default: ramp)")
+    p.add_argument("--lstm", choices=train.LSTMS, help="fused (FPTTLSTM, the backend's one-call segment step) or torch "
                                   "(torch's LSTM under autograd + fptt_fast.FPTT) (default: fused)")
     p.add_argument("--seed", type=int, help=f"seed of the model and the training batches {d('seed')}")
-    p.add_argument("--backend", help="FPTT backend: auto, reference, cpu, triton, cuda (default: auto)")
-    p.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, help="FPTT backend (default: auto)")
+    p.add_argument("--device", choices=train.DEVICES, help="(default: auto)")
     p.add_argument("--eval-every", dest="eval_every", type=int,
                    help=f"steps between evaluations {d('eval_every')}")
     p.add_argument("--permute", action="store_const", const=True,
@@ -170,10 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeds, each run by every variant (default: --seed's)")
     c.add_argument("--jobs", type=int, default=1,
                    help="runs at once, each in its own process with --threads threads (default 1)")
+    c.add_argument("--resume", metavar="DIR",
+                   help="finish the compare in DIR (interrupted, or with a larger --steps): its "
+                        f"{COMPARE_MANIFEST} gives the task, options, variants and seeds; each run "
+                        "continues from its checkpoint, bitwise (default: none)")
     b = sub.add_parser("bench", help="FPTT.step throughput per backend vs the reference",
                        formatter_class=_HelpFormatter,
                        description="FPTT.step throughput per backend vs the reference.")
-    b.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    b.add_argument("--device", default="auto", choices=train.DEVICES, help="where to time")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     b.add_argument("--budget", type=float, default=0.6, help="seconds per measurement")
     return parser
@@ -182,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _given(args) -> dict:
     keys = ("T", "K", "hidden", "batch", "steps", "lr", "alpha", "beta", "rho", "clip",
             "algo", "seed", "backend", "device", "eval_every", "permute", "data_dir", "limit_test",
-            "protocol", "lstm")
+            "protocol", "weights", "lstm")
     given = {k: getattr(args, k, None) for k in keys}
     reg = getattr(args, "regularizer", None)
     given["decoupled"] = None if reg is None else reg == "decoupled"
@@ -194,9 +203,15 @@ def _default_out(cfg, kind: str) -> str:
     return os.path.join("runs", f"{task}-{kind}-T{cfg.T}")
 
 
-COMPARE_FILES = ("compare.csv", "compare.png", "summary.csv")
+# A compare's own files. compare.json, written before any run starts, says what the
+# compare is, so that `compare --resume DIR` can finish it.
+COMPARE_MANIFEST = "compare.json"
+COMPARE_FILES = ("compare.csv", "compare.png", "summary.csv", COMPARE_MANIFEST)
+COMPARE_FORMAT = "fptt_fast.compare/1"
+# What --resume DIR lets a compare change: how long and how it runs, not what it trains.
+RESUME_MAY_GIVE = ("steps", "jobs", "threads", "no_progress")
 # What a variant may change (--variant LABEL:KEY=VALUE,...): how a run learns, not the task.
-VARIANT_KEYS = ("algo", "protocol", "lstm", "alpha", "beta", "rho", "decoupled", "lr", "clip", "K",
+VARIANT_KEYS = ("algo", "protocol", "weights", "lstm", "alpha", "beta", "rho", "decoupled", "lr", "clip", "K",
                 "backend")
 DEFAULT_VARIANTS = ("fptt", "bptt:algo=bptt")
 
@@ -440,9 +455,18 @@ def _download_once(args, cfg, dist) -> bool:
     return False
 
 
+def _train_resume_command(cfg, save: str) -> str:
+    """The command that continues a train run from its checkpoint `save` (its log and
+    plot then go next to the checkpoint: the checkpoint holds the whole history)."""
+    import shlex
+
+    return f"{PROG} train {cfg.task} --algo {cfg.algo} --resume {shlex.quote(save)}"
+
+
 def cmd_train(args) -> int:
     from . import distributed
-    from .train import LOG_CSV, LOSS_PNG, Run, UsageError, load_checkpoint, make_config, prepare_folders
+    from .train import (LOG_CSV, LOSS_PNG, Interrupted, Run, UsageError, load_checkpoint, make_config,
+                        prepare_folders)
 
     _refuse_empty(args, ("--out", "--save", "--resume", "--data-dir"))
     _check_download(args)
@@ -462,7 +486,11 @@ def cmd_train(args) -> int:
         say(_backend_line(run))
         if dist is not None:
             say(_distributed_line(run))
-        run.fit(out, save_path=save, progress=not args.no_progress)
+        try:
+            run.fit(out, save_path=save, progress=not args.no_progress)
+        except Interrupted as e:
+            e.resume = _train_resume_command(cfg, save)
+            raise
         say(_final_line(run))
         say(f"wrote {os.path.join(out, LOG_CSV)}, {os.path.join(out, LOSS_PNG)}, {save}")
     finally:
@@ -479,81 +507,168 @@ def _set_threads(threads) -> None:
     torch.set_flush_denormal(True)
 
 
-def _compare_job(cfg_fields: dict, out_dir: str, threads, download: bool, label: str) -> tuple:
-    """One run of a compare in a worker process (--jobs): (history, backend line, final line)."""
-    from .train import Config, Run
+def _compare_job(cfg_fields: dict, out_dir: str, threads, download: bool, label: str,
+                 checkpoint: str | None) -> tuple:
+    """One run of a compare in a worker process (--jobs): (history, backend line, final
+    line), or None if SIGINT stopped it (its checkpoint saved at the step boundary)."""
+    from .train import Config, Interrupted, Run, load_checkpoint
 
     _set_threads(threads)
-    run = Run(Config(**cfg_fields), download=download)
-    run.fit(out_dir, progress=False)
+    run = Run(Config(**cfg_fields), load_checkpoint(checkpoint) if checkpoint else None,
+              download=download)
+    try:
+        run.fit(out_dir, progress=False)
+    except Interrupted:
+        return None
     return run.history, _backend_line(run), _final_line(run, label)
 
 
+def _write_manifest(out: str, task: str, paper: bool, given: dict, variants: dict, seeds) -> None:
+    import json
+
+    from .train import atomic_write
+
+    text = json.dumps({"format": COMPARE_FORMAT, "task": task, "paper": paper,
+                       "given": {k: v for k, v in given.items() if v is not None},
+                       "variants": variants, "seeds": list(seeds)}, indent=1)
+    atomic_write(os.path.join(out, COMPARE_MANIFEST), lambda f: f.write(text.encode()))
+
+
+def _read_manifest(folder: str) -> dict:
+    """The compare in `folder` (its compare.json), checked; UsageError if it is none."""
+    import json
+
+    from .train import UsageError
+
+    path = os.path.join(folder, COMPARE_MANIFEST)
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {folder}: no {COMPARE_MANIFEST} there (not a compare's "
+                         f"folder, or one written before compare --resume existed)") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {folder}: cannot read {path}: {e}") from None
+    ok = (isinstance(m, dict) and m.get("format") == COMPARE_FORMAT and isinstance(m.get("task"), str)
+          and isinstance(m.get("given"), dict) and isinstance(m.get("variants"), dict)
+          and all(isinstance(v, dict) for v in m["variants"].values())
+          and isinstance(m.get("seeds"), list) and all(isinstance(x, int) for x in m["seeds"]))
+    if not ok:
+        raise UsageError(f"--resume {folder}: {path} is not a {COMPARE_FORMAT} manifest (damaged?)")
+    return m
+
+
+def _compare_plan(args) -> tuple:
+    """(task, given options, paper, variants, seeds, output folder or None) of this compare:
+    from the command line, or with --resume DIR from DIR's manifest (the command line may
+    then change only RESUME_MAY_GIVE)."""
+    from .train import UsageError, make_config
+
+    if args.resume is None:
+        if args.task is None:
+            raise UsageError("compare needs a task (add, digits, smnist or psmnist), or --resume DIR")
+        variants, given = parse_variants(args.variant), _given(args)
+        seeds = (list(dict.fromkeys(args.seeds)) if args.seeds
+                 else [make_config(args.task, given, paper=args.paper).seed])
+        return args.task, given, args.paper, variants, seeds, args.out
+    m = _read_manifest(args.resume)
+    if args.task is not None and args.task != m["task"]:
+        raise UsageError(f"--resume {args.resume} is a compare of {m['task']}, not {args.task}")
+    given = _given(args)
+    extra = [k for k, v in given.items() if v is not None and k not in RESUME_MAY_GIVE]
+    extra += [o for o, v in (("variant", args.variant), ("seeds", args.seeds), ("out", args.out),
+                             ("paper", args.paper), ("download", args.download)) if v]
+    if extra:
+        options = ", ".join("--" + k.replace("_", "-") for k in extra)
+        raise UsageError(f"--resume takes the compare's settings from {COMPARE_MANIFEST}: leave out "
+                         f"{options} (only --steps, --jobs, --threads, --no-progress may change)")
+    given = {**m["given"], **({"steps": args.steps} if args.steps is not None else {})}
+    return m["task"], given, m["paper"], m["variants"], m["seeds"], args.resume
+
+
 def cmd_compare(args) -> int:
-    import dataclasses
+    import shlex
 
     from . import distributed
-    from .train import (Run, UsageError, make_config, plot_variants, prepare_folders,
-                        write_compare_csv, write_summary_csv)
+    from .train import (CHECKPOINT, Interrupted, Run, UsageError, load_checkpoint, make_config,
+                        plot_variants, prepare_folders, task_metric, write_compare_csv,
+                        write_summary_csv)
 
-    _refuse_empty(args, ("--out", "--data-dir"))
-    _check_download(args)
+    _refuse_empty(args, ("--out", "--data-dir", "--resume"))
+    if args.task is not None:
+        _check_download(args)
     if args.jobs < 1:
         raise UsageError(f"jobs must be positive, got {args.jobs}")
-    variants = parse_variants(args.variant)
-    given = _given(args)
-    seeds = (list(dict.fromkeys(args.seeds)) if args.seeds
-             else [make_config(args.task, given, paper=args.paper).seed])
+    task, given, paper, variants, seeds, out = _compare_plan(args)
+    resuming = args.resume is not None
     folders = _compare_runs(variants, seeds)
+
     def run_options(label, seed):
         opts = {**given, **variants[label], "seed": seed}
-        if opts.get("algo") == "bptt" and "protocol" not in variants[label]:
-            opts["protocol"] = None  # --protocol is FPTT's loop: the BPTT arm keeps its own
+        if opts.get("algo") == "bptt":  # FPTT's loop options: the BPTT arm keeps its own
+            for key in ("protocol", "weights"):
+                if key not in variants[label]:
+                    opts[key] = None
         return opts
 
-    cfgs = {key: make_config(args.task, run_options(*key), paper=args.paper) for key in folders}
+    # resuming: each run from its checkpoint, if it saved one; a complete run is not rebuilt
+    ckpt_paths, ckpts = {}, {}
+    if resuming:
+        for key, folder in folders.items():
+            path = os.path.join(out, folder, CHECKPOINT)
+            if os.path.exists(path):
+                ckpt_paths[key], ckpts[key] = path, load_checkpoint(path)
+    cfgs = {key: make_config(task, run_options(*key), paper=paper, checkpoint=ckpts.get(key))
+            for key in folders}
+    done = {key for key, c in ckpts.items() if c["step"] >= cfgs[key].steps}
+    for key in done:
+        if ckpts[key]["step"] > cfgs[key].steps:
+            raise UsageError(f"--steps {cfgs[key].steps}: the run in {folders[key]} is already at "
+                             f"step {ckpts[key]['step']}")
     cfg = next(iter(cfgs.values()))
     label = (lambda key: key[0]) if len(seeds) == 1 else (lambda key: f"{key[0]} seed {key[1]}")
-    out, made = _compare_out(args, cfg, list(folders.values()))  # checked before a download or data read
+    if resuming:
+        made = [(os.path.join(out, f), "--resume") for f in folders.values()]
+    else:
+        out, made = _compare_out(args, cfg, list(folders.values()))  # checked before a download
+    resume_command = f"{PROG} compare --resume {shlex.quote(out)}"
+    metric = task_metric(task)
     dist = _start_distributed(cfg)
-    if dist is not None and args.jobs > 1:
-        raise UsageError("--jobs runs one process per run: not under torchrun")
     try:
+        if dist is not None and args.jobs > 1:
+            raise UsageError("--jobs runs one process per run: not under torchrun")
         download = _download_once(args, cfg, dist)
-        # build (and validate) every run before writing anything
-        runs = {key: Run(c, download=download, dist=dist) for key, c in cfgs.items()}
-        main = next(iter(runs.values())).is_main
-        metric = next(iter(runs.values())).task.metric
+        todo = [key for key in folders if key not in done]
+        # build (and validate) every run to train before writing anything
+        runs = {key: Run(cfgs[key], ckpts.get(key), download=download, dist=dist) for key in todo}
+        main = dist is None or dist.is_main
         say = print if main else (lambda *a, **k: None)
         _on_rank0(dist, lambda: prepare_folders(made))
+        if main:
+            _write_manifest(out, task, paper, given, variants, seeds)
         say(f"compare {', '.join(variants)} on seeds {', '.join(map(str, seeds))}: "
-            f"{len(runs)} runs of {cfg.steps} batches")
-        if dist is not None:
+            f"{len(folders)} runs of {cfg.steps} batches" +
+            (f" ({len(done)} complete, {len(ckpts) - len(done)} resumed)" if resuming else ""))
+        if dist is not None and runs:
             say(_distributed_line(next(iter(runs.values()))))
-        results = {}
+        results = {key: (ckpts[key]["history"], _history_line(ckpts[key], label(key), metric))
+                   for key in done}
         if args.jobs == 1:
             for key, run in runs.items():
                 say(f"[{label(key)}] {run.cfg.describe()}; {_backend_line(run)}")
-                run.fit(os.path.join(out, folders[key]), progress=not args.no_progress)
+                try:
+                    run.fit(os.path.join(out, folders[key]), progress=not args.no_progress)
+                except Interrupted as e:
+                    e.resume = resume_command
+                    raise
                 results[key] = (run.history, _final_line(run, label(key)))
         else:
-            import concurrent.futures
-            import multiprocessing
-
             runs.clear()  # each worker builds its own
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-                futures = {pool.submit(_compare_job, dataclasses.asdict(c), os.path.join(out, folders[key]),
-                                       args.threads, download, label(key)): key for key, c in cfgs.items()}
-                for done in concurrent.futures.as_completed(futures):
-                    key = futures[done]
-                    history, backend_line, final_line = done.result()
-                    say(f"[{label(key)}] {cfgs[key].describe()}; {backend_line}")
-                    say(f"  {final_line}", flush=True)
-                    results[key] = (history, final_line)
+            results.update(_compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download,
+                                               label, say, resume_command))
         if main:
             name = lambda key: label(key).replace(" seed ", "-seed")  # noqa: E731
-            histories = {key: results[key][0] for key in folders}
+            histories = {key: [tuple(r) for r in results[key][0]] for key in folders}
             write_compare_csv(os.path.join(out, "compare.csv"),
                               {name(k): h for k, h in histories.items()}, metric)
             write_summary_csv(os.path.join(out, "summary.csv"), histories, metric)
@@ -568,6 +683,62 @@ def cmd_compare(args) -> int:
     finally:
         distributed.shutdown(dist)
     return 0
+
+
+def _compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download, label, say,
+                        resume_command) -> dict:
+    """The runs `todo` in --jobs worker processes; {key: (history, final line)}. SIGINT:
+    the runs under way save at their step boundary, the ones not started are cancelled,
+    then Interrupted (with the command that finishes the compare)."""
+    import concurrent.futures
+    import dataclasses
+    import multiprocessing
+
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .train import Interrupted, _sigint_at_step_boundary
+
+    results, stopped = {}, False
+    ctx = multiprocessing.get_context("spawn")
+    with _sigint_at_step_boundary() as interrupted, \
+            concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_compare_job, dataclasses.asdict(cfgs[key]),
+                               os.path.join(out, folders[key]), args.threads, download, label(key),
+                               ckpt_paths.get(key)): key for key in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = concurrent.futures.wait(pending, timeout=0.2)
+            for f in finished:
+                key = futures[f]
+                try:
+                    result = f.result()
+                except (concurrent.futures.CancelledError, KeyboardInterrupt, BrokenProcessPool):
+                    if not (stopped or interrupted()):  # not ours: a worker died
+                        raise
+                    result = None
+                if result is None:
+                    stopped = True
+                    continue
+                history, backend_line, final_line = result
+                say(f"[{label(key)}] {cfgs[key].describe()}; {backend_line}")
+                say(f"  {final_line}", flush=True)
+                results[key] = (history, final_line)
+            if interrupted() or stopped:
+                stopped = True
+                for f in pending:
+                    f.cancel()
+    if stopped:
+        e = Interrupted(None, out)
+        e.resume = resume_command
+        raise e
+    return results
+
+
+def _history_line(ckpt: dict, label: str, metric: str) -> str:
+    """_final_line of a complete run from its checkpoint."""
+    step, loss, test = [r for r in ckpt["history"] if r[2] is not None][-1][:3]
+    return (f"final [{label}]: step {step}  train_loss {loss:.5g}  {metric} {test:.5g}  "
+            f"({float(ckpt['elapsed']):.1f} s, earlier)")
 
 
 def cmd_bench(args) -> int:
@@ -626,8 +797,9 @@ def _main(argv=None) -> int:
     except Interrupted as e:  # SIGINT, handled by the run: a checkpoint of this very step
         if prog != PROG:  # under torchrun rank 0 saved it and says so
             return 130
-        print(f"{prog}: interrupted at step {e.step}; saved {e.save_path} "
-              f"(continue with --resume {e.save_path})", file=sys.stderr)
+        saved = (f" at step {e.step}; saved {e.save_path}" if e.step is not None else
+                 f"; the runs under way saved checkpoints in {e.save_path}")
+        print(f"{prog}: interrupted{saved} (continue with: {e.resume})", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # before training, or a second Ctrl-C
         print(f"{prog}: interrupted (a training run's checkpoint is the one of its last evaluation)",

@@ -521,10 +521,11 @@ class FPTTLSTM(nn.Module):
         self.optimizer.step()
         return loss, state
 
-    def train_sequence(self, x, target, K, state=None, graph=None):
+    def train_sequence(self, x, target, K, state=None, graph=None, weights="ramp"):
         """FPTT over one batch of sequences x [T, B, I]: K segments of ceil(T/K) steps,
         state carried (detached) from `state` (zeros if None), one update per segment.
-        Terminal: segment p predicts `target` from its last state, weight (p+1)/K;
+        Terminal: segment p predicts `target` from its last state, weighted as `weights`
+        says (reference.segment_weights: "ramp", (p+1)/K; "authors", p + 1/K);
         per-step: each segment takes its own targets, weight 1. Returns the K unweighted
         segment losses as a tensor [K].
 
@@ -536,14 +537,20 @@ class FPTTLSTM(nn.Module):
         if graph and self.backend != "cuda":
             raise ValueError(f"graph=True needs the cuda backend, this module runs "
                              f"{self.backend!r}")
+        if graph and weights != "ramp" and not self.per_step:
+            raise ValueError(f"graph=True runs the kernels' ramp weights; weights={weights!r} "
+                             f"runs the segments one call each (leave graph out)")
         self._check_device()
         x = self._check_x(x)
         if self.per_step:
             target = self._check_target(target, x.shape[0], x.shape[1])
         bounds = reference.segment_bounds(x.shape[0], int(K))
-        # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one launch)
-        one_launch = self.backend == "cuda" or (
-            self.backend == "triton" and self._triton_kernel_choice() == "persistent")
+        seg_weights = reference.segment_weights(len(bounds), weights)
+        # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one
+        # launch); their kernels weight the segments by the ramp
+        one_launch = (self.backend == "cuda" or (
+            self.backend == "triton" and self._triton_kernel_choice() == "persistent")) and (
+            self.per_step or weights == "ramp")
         if one_launch and self._dist is None:
             B = x.shape[1]
             if not self.per_step:
@@ -557,7 +564,7 @@ class FPTTLSTM(nn.Module):
         losses = []
         for p, (a, b) in enumerate(bounds):
             tgt = target[a:b] if self.per_step else target
-            weight = 1.0 if self.per_step else (p + 1) / len(bounds)
+            weight = 1.0 if self.per_step else seg_weights[p]
             loss, state = self.train_segment(x[a:b], tgt, state, weight)
             losses.append(loss)
         return torch.stack(losses)

@@ -694,6 +694,7 @@ class FPTT(torch.optim.Optimizer):
             raise ValueError(f"the state_dict has {len(groups)} parameter groups, this optimiser "
                              f"{len(self.param_groups)}")
         keys, slots = self._TORCH_GROUP_KEYS[self.base], self._TORCH_SLOTS[self.base]
+        new_values = []
         for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
             if len(theirs.get("params", ())) != len(mine["params"]):
                 raise ValueError(f"group {gi}: {len(theirs.get('params', ()))} parameters in the "
@@ -706,6 +707,14 @@ class FPTT(torch.optim.Optimizer):
             for k in ("amsgrad", "maximize", "capturable", "differentiable"):
                 if theirs.get(k):
                     raise ValueError(f"group {gi}: {k}=True has no FPTT equivalent")
+            # torch allows a tensor lr; FPTT's hyper table takes plain numbers
+            values = {k: tuple(float(b) for b in theirs[k]) if k == "betas" else
+                      (float(theirs[k]) if torch.is_tensor(theirs[k]) else theirs[k]) for k in keys}
+            try:
+                reference.validate_hyper({**mine, **values}, self.base)
+            except ValueError as e:
+                raise ValueError(f"group {gi}: {e}") from None
+            new_values.append(values)
         for i, p in enumerate(self._params()):
             st = states.get(i, {})
             for n in slots:
@@ -715,10 +724,8 @@ class FPTT(torch.optim.Optimizer):
                                      f"{tuple(torch.as_tensor(t).shape)}, the parameter {tuple(p.shape)}")
             if st and self.base != "sgd" and not all(n in st for n in ("step",) + slots):
                 raise ValueError(f"parameter {i}: its state misses one of step, {', '.join(slots)}")
-        for mine, theirs in zip(self.param_groups, groups):
-            for k in keys:
-                mine[k] = tuple(theirs[k]) if k == "betas" else theirs[k]
-            reference.validate_hyper(mine, self.base)
+        for mine, values in zip(self.param_groups, new_values):
+            mine.update(values)
         for i, p in enumerate(self._params()):
             st, mine = states.get(i, {}), self.state[p]
             mine["w_bar"].copy_(p)

@@ -191,7 +191,9 @@ def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfi
         return torch.zeros(()), False
     r = [regularizer_grad(w, s["w_bar"], s["lam"], h) for w, s, h in zip(params, states, hypers)]
     g_in = [g if h.decoupled else g + ri for g, ri, h in zip(grads, r, hypers)]
-    coef, norm = clip_coef(g_in, clip)
+    # decoupled: g + 0 * r, g itself unless the regulariser's state is inf or NaN
+    coef, norm = clip_coef([g + 0 * ri if h.decoupled else g for g, ri, h in zip(g_in, r, hypers)],
+                           clip)
     if not torch.isfinite(norm):
         if nonfinite == "raise":
             raise FloatingPointError(
@@ -329,20 +331,38 @@ def segment_bounds(T: int, K: int):
     return [(p * omega, min(T, (p + 1) * omega)) for p in range(K)]
 
 
-def train_sequence_fptt(model, opt, x, target, K, loss="mse", per_step=False, state=None):
+# How a terminal problem weights segment p of K: "ramp", fptt_fast's (p+1)/K (the last
+# segment, which sees the whole sequence, weighs 1); "authors", p + 1/K (0.1, 1.1, ..., 9.1
+# for K=10: the authors' Add code, whose `p + 1/PARTS` is not (p+1)/PARTS). Adam is blind
+# to a common scale but not to the ratio between segments: 10:1 for ramp, 91:1 here.
+SEGMENT_WEIGHTS = ("ramp", "authors")
+
+
+def segment_weights(K: int, schedule: str = "ramp") -> list[float]:
+    """The K segment weights of a terminal problem under `schedule` (SEGMENT_WEIGHTS)."""
+    if schedule == "ramp":
+        return [(p + 1) / K for p in range(K)]
+    if schedule == "authors":
+        return [p + 1 / K for p in range(K)]
+    raise ValueError(f"unknown segment weights {schedule!r}; choose one of: {', '.join(SEGMENT_WEIGHTS)}")
+
+
+def train_sequence_fptt(model, opt, x, target, K, loss="mse", per_step=False, state=None,
+                        weights="ramp"):
     """FPTT over one batch of sequences: K segments, hidden state carried detached,
     one FPTT update (opt.step()) per segment. Terminal problems weight segment p's
-    loss by (p+1)/K and predict the one target from each segment's last state;
-    per-step problems take each segment's own targets with weight 1.
+    loss by segment_weights(K, weights)[p] and predict the one target from each segment's
+    last state; per-step problems take each segment's own targets with weight 1.
     Returns the list of unweighted segment losses (detached)."""
     if state is None:
         state = model.lstm.zero_state(x.shape[1], x.device, x.dtype)
     losses = []
+    seg_weights = segment_weights(K, weights)
     for p, (a, b) in enumerate(segment_bounds(x.shape[0], K)):
         state = (state[0].detach(), state[1].detach())
         tgt = target[a:b] if per_step else target
         seg_loss, state = segment_loss(model, x[a:b], tgt, state, loss, per_step)
-        weight = 1.0 if per_step else (p + 1) / K
+        weight = 1.0 if per_step else seg_weights[p]
         opt.zero_grad(set_to_none=False)
         (weight * seg_loss).backward()
         opt.step()

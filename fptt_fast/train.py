@@ -91,6 +91,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, step: int, save_path: str):
         super().__init__(f"interrupted at step {step}")
         self.step, self.save_path = step, save_path
+        self.resume = f"--resume {save_path}"  # the CLI sets the whole command that continues
 
 
 # ----------------------------------------------------------------------------
@@ -118,6 +119,7 @@ class Config:
     seed: int = 0
     permute: bool = False
     protocol: str = "segments"
+    weights: str = "ramp"     # the segments' loss weights (reference.SEGMENT_WEIGHTS)
     lstm: str = "fused"
     steps: int = 1500
     eval_every: int = 100
@@ -131,6 +133,7 @@ class Config:
         algo, reg = self.algo, ""
         if algo == "fptt":
             algo += " (authors' loop)" if self.protocol == "authors" else ""
+            algo += f" weights={self.weights}" if self.weights != "ramp" else ""
             reg = (" alpha=0 (no regulariser)" if self.alpha == 0 else
                    f" alpha={self.alpha:g}" + (" decoupled" if self.decoupled else " coupled"))
         return (f"{self.task}{perm} {algo} T={self.T} K={self.K} H={self.hidden} "
@@ -138,7 +141,7 @@ class Config:
 
 
 RUN_FIELDS = ("task", "algo", "T", "K", "hidden", "batch", "lr", "alpha", "beta", "rho",
-              "decoupled", "clip", "seed", "permute", "protocol", "lstm")
+              "decoupled", "clip", "seed", "permute", "protocol", "weights", "lstm")
 # Quick defaults: about a minute on 2 CPU cores with --threads 1 (add: test MSE ~0.005).
 # MNIST (T=784) cannot be quick on a CPU: its defaults are the paper's but a smaller model
 # and batch and fewer steps (README, "Sequential and permuted MNIST").
@@ -204,7 +207,7 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
 
 # Config fields added after checkpoints were first written, with the value that reproduces
 # what such a checkpoint's run did (it resumes as it was trained).
-ADDED_FIELDS = {"decoupled": False, "protocol": "segments", "lstm": "fused"}
+ADDED_FIELDS = {"decoupled": False, "protocol": "segments", "weights": "ramp", "lstm": "fused"}
 
 # A checkpoint's settings in the words of the options that set them.
 FIELD_WORDS = {"T": "sequence length T", "K": "segment count K", "hidden": "hidden size",
@@ -241,6 +244,13 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"unknown algorithm {cfg.algo!r}; choose one of: {', '.join(ALGOS)}")
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {cfg.protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+    if cfg.weights not in reference.SEGMENT_WEIGHTS:
+        raise UsageError(f"unknown segment weights {cfg.weights!r}; choose one of: "
+                         f"{', '.join(reference.SEGMENT_WEIGHTS)}")
+    if cfg.algo == "bptt" and cfg.weights != "ramp":
+        raise UsageError("--weights is FPTT's segment weighting: BPTT trains on the whole sequence's loss")
+    if cfg.protocol == "authors" and cfg.weights != "ramp":
+        raise UsageError("--protocol authors has its own segment weights (p + 1/K): leave --weights out")
     if cfg.lstm not in LSTMS:
         raise UsageError(f"unknown lstm {cfg.lstm!r}; choose one of: {', '.join(LSTMS)}")
     if cfg.protocol == "authors" and (cfg.task != "add" or cfg.algo != "fptt"):
@@ -418,6 +428,11 @@ class MNISTTask:
         return correct / len(self.test_labels)
 
 
+def task_metric(task: str) -> str:
+    """The test metric a task reports (test_mse, test_accuracy)."""
+    return {"add": AddTask, "digits": DigitsTask}.get(task, MNISTTask).metric
+
+
 def make_task(cfg: Config, device, download: bool = False):
     if cfg.task in MNIST_TASKS:
         return MNISTTask(cfg, device, download)
@@ -462,16 +477,18 @@ class Trainer:
         if cfg.protocol == "authors":
             return self._authors_sequence(opt, x, y)
         if isinstance(self.model, FPTTLSTM):  # the fused segment step
-            return self.model.train_sequence(x, y, cfg.K)[-1]
-        return reference.train_sequence_fptt(self.model, opt, x, y, cfg.K, loss=self.loss)[-1]
+            return self.model.train_sequence(x, y, cfg.K, weights=cfg.weights)[-1]
+        return reference.train_sequence_fptt(self.model, opt, x, y, cfg.K, loss=self.loss,
+                                             weights=cfg.weights)[-1]
 
     def _authors_sequence(self, opt, x, y) -> torch.Tensor:
         """The authors' Add loop (PROTOCOLS): segments of T // K steps, the first K-1
         trained, segment p weighted p + 1/K; returns the last trained segment's loss."""
         K, step = self.cfg.K, x.shape[0] // self.cfg.K
+        weights = reference.segment_weights(K, "authors")
         state, loss = None, None
         for p in range(K - 1):
-            xs, weight = x[p * step:(p + 1) * step], p + 1 / K
+            xs, weight = x[p * step:(p + 1) * step], weights[p]
             if isinstance(self.model, FPTTLSTM):
                 loss, state = self.model.train_segment(xs, y, state, weight=weight)
                 continue
@@ -488,6 +505,12 @@ class Trainer:
         # BPTT runs with clip=0 here (opt is not self.opt): ReducedStep clips the reduced gradient
         loss = self._sequence(opt, x, y)
         return torch.tensor(distributed.mean_over_rows(loss.item(), rows, self.dist.pg))
+
+
+@torch.no_grad()
+def _authors_head(model) -> None:
+    """The authors' Add code initialises the head's weight with xavier_normal_."""
+    torch.nn.init.xavier_normal_(model.head.weight)
 
 
 def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
@@ -517,14 +540,13 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
             if authors:
-                with torch.no_grad():
-                    torch.nn.init.xavier_normal_(model.head.weight)
+                _authors_head(model)
                 if dist is not None:
                     distributed.broadcast_([model.head.weight], dist.pg, device)
             return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
         if authors:
-            torch.nn.init.xavier_normal_(model.head.weight)
+            _authors_head(model)
         if dist is not None:  # every rank starts from rank 0's parameters (as DDP does)
             distributed.broadcast_(list(model.parameters()), dist.pg, device)
         torch_lstm = "cuDNN" if device.type == "cuda" else "oneDNN"
@@ -566,8 +588,10 @@ def atomic_write(path: str, write) -> None:
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        # torch.save reports a failed write as RuntimeError (its zip writer's enforce)
-        if isinstance(e, (OSError, RuntimeError)):
+        # torch.save reports a failed write as RuntimeError from its zip writer
+        # (PytorchStreamWriter, inline_container.cc); other RuntimeErrors are bugs
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+                k in str(e) for k in ("PytorchStreamWriter", "inline_container"))):
             cause = " ".join((str(e).strip().splitlines() or [type(e).__name__])[:1])
             raise WriteError(f"cannot write {path}: {cause} (the previous version, if any, is "
                              f"intact)") from e

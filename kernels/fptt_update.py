@@ -158,9 +158,10 @@ def _regulariser_grad(w, wb, lam, alpha, rho, cc):
 
 
 @triton.jit
-def _clip_input(g, r, dec):
-    """fptt::regularised_grad: what the clip and the base optimiser see."""
-    return tl.where(dec, g, g + r)
+def _norm_input(g, r, dec):
+    """fptt::norm_input: what the clip's norm sums (decoupled: g + 0 * r, so that a
+    non-finite w_bar or lam reaches the norm)."""
+    return tl.where(dec, g + 0.0 * r, g + r)
 
 
 @triton.jit
@@ -194,7 +195,7 @@ def update_phase1(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, n_chunk
             g = tl.load(g_p + idx, mask=m, other=0.0)
             wb = tl.load(wb_p + idx, mask=m, other=0.0)
             lam = tl.load(lam_p + idx, mask=m, other=0.0)
-            gr = _clip_input(g, _regulariser_grad(w, wb, lam, alpha, rho, cc), dec)
+            gr = _norm_input(g, _regulariser_grad(w, wb, lam, alpha, rho, cc), dec)
             gd = gr.to(tl.float64)
             acc += tl.where(m, gd * gd, 0.0)
         tl.store(partial_ptr + k, tl.sum(acc, axis=0))
@@ -294,7 +295,7 @@ def update_phase2(tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_
                 lam = tl.load(lam_p + idx, mask=m, other=0.0)
                 # steps 2 and 3
                 r = _regulariser_grad(w, wb, lam, alpha, rho, cc)
-                gc = _clip_input(g, r, dec) * coef
+                gc = tl.where(dec, g, g + r) * coef  # the base optimiser's input
                 # step 4
                 if OPT == 0:
                     mb = tl.where(use_buf, m, False)

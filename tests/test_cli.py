@@ -139,7 +139,10 @@ def checkpoints(tmp_path_factory):
 BAD = [
     (["train", "mul"], "unknown task 'mul'"),
     (["compare", "mul"], "unknown task 'mul'"),
-    (["train", "add", "--backend", "gpu"], "unknown backend 'gpu'"),
+    (["train", "add", "--backend", "gpu"], "invalid choice: 'gpu'"),
+    (["train", "add", "--algo", "sgd"], "invalid choice: 'sgd'"),
+    (["compare", "--resume", "run"], "no compare.json there"),
+    (["compare"], "compare needs a task"),
     (["train", "add", "--device", "cpu", "--backend", "cuda"], "Available for cpu: reference, cpu"),
     (["train", "add", "--T", "0"], "T must be positive"),
     (["train", "add", "--K", "0"], "K must be positive"),
@@ -174,3 +177,22 @@ def test_bad_input(checkpoints, args, message):
     assert message in lines[0], lines[0]
     after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     assert after == before, "bad input changed files"
+
+
+def test_compare_resume_refuses_other_settings(tmp_path):
+    """--resume DIR takes what DIR's compare is from its compare.json: a changed variant,
+    seed or option is refused (exit 2) and nothing is written; --steps may grow."""
+    ok(cli("compare", "add", *TINY, "--steps", "3", "--out", "cmp", cwd=tmp_path))
+    before = {p: p.read_bytes() for p in (tmp_path / "cmp").rglob("*") if p.is_file()}
+    for extra, option in ((["--variant", "x:alpha=0"], "--variant"), (["--seeds", "4"], "--seeds"),
+                          (["--hidden", "16"], "--hidden"), (["--paper"], "--paper")):
+        p = cli("compare", "--resume", "cmp", *extra, cwd=tmp_path)
+        assert p.returncode == 2 and f"leave out {option}" in p.stderr, p.stderr
+    p = cli("compare", "digits", "--resume", "cmp", cwd=tmp_path)
+    assert p.returncode == 2 and "is a compare of add, not digits" in p.stderr, p.stderr
+    p = cli("compare", "--resume", "cmp", "--steps", "2", cwd=tmp_path)
+    assert p.returncode == 2 and "already at step 3" in p.stderr, p.stderr
+    assert before == {p: p.read_bytes() for p in (tmp_path / "cmp").rglob("*") if p.is_file()}
+    p = ok(cli("compare", "add", "--resume", "cmp", "--steps", "6", "--no-progress", cwd=tmp_path))
+    assert "2 resumed" in p.stdout
+    assert len(rows(tmp_path / "cmp" / "fptt" / "log.csv")) == 6

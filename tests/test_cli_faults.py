@@ -220,6 +220,12 @@ def start_and_wait_for_checkpoint(cwd):
     proc = subprocess.Popen([sys.executable, "-m", "fptt_fast", *FAULT_RUN, "--out", "run"], cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     path = cwd / "run" / "checkpoint.pt"
+    wait_for(proc, path)
+    return proc, path
+
+
+def wait_for(proc, path):
+    """Return once `path` exists (proc's first checkpoint); fail if proc ends first."""
     deadline = time.monotonic() + 120
     while not path.exists():
         if proc.poll() is not None:
@@ -228,7 +234,6 @@ def start_and_wait_for_checkpoint(cwd):
             proc.kill()
             raise AssertionError("no checkpoint after 120 s")
         time.sleep(0.005)
-    return proc, path
 
 
 def assert_same_run(a_dir, b_dir):
@@ -265,12 +270,62 @@ def test_sigint_saves_and_resumes_bitwise(tmp_path, uninterrupted):
     assert proc.returncode == 130, (proc.returncode, err)
     step = load_checkpoint(str(path))["step"]  # saved at the step under way, not the last evaluation
     assert FIRST_SAVE < step < STEPS
+    hint = "fptt-fast train add --algo fptt --resume run/checkpoint.pt"
     assert err.strip() == (f"fptt-fast: interrupted at step {step}; saved run/checkpoint.pt "
-                           f"(continue with --resume run/checkpoint.pt)"), err
+                           f"(continue with: {hint})"), err
     assert len(rows(tmp_path / "run" / "log.csv")) == step
-    ok(run_script("train", "add", "--resume", "run/checkpoint.pt", "--steps", str(STEPS), "--no-progress",
-                  cwd=tmp_path))
+    ok(run_script(*hint.split()[1:], "--no-progress", cwd=tmp_path))  # the hint, as given
     assert_same_run(tmp_path / "run", uninterrupted)
+
+
+def test_sigint_hint_of_a_bptt_run_works(tmp_path):
+    """A BPTT run's hint names --algo bptt (without it, resume refuses the checkpoint)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fptt_fast", *FAULT_RUN, "--algo", "bptt", "--out", "run"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, tmp_path / "run" / "checkpoint.pt")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    hint = err.strip().split("(continue with: ")[1].rstrip(")")
+    assert hint == "fptt-fast train add --algo bptt --resume run/checkpoint.pt"
+    ok(run_script(*hint.split()[1:], "--no-progress", cwd=tmp_path))
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == STEPS
+
+
+# A compare of two variants, one seed: run "a" then run "b" (one job) or both at once (two).
+COMPARE_RUN = ["compare", "add", "--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every",
+               "50", "--steps", str(STEPS), "--no-progress", "--variant", "a:alpha=0",
+               "--variant", "b:algo=bptt"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_compare(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uninterrupted_compare")
+    ok(run_script(*COMPARE_RUN, "--out", "cmp", cwd=d))
+    return d / "cmp"
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigint_during_compare_resumes_bitwise(tmp_path, uninterrupted_compare, jobs):
+    """Ctrl-C (SIGINT to the process group, workers included) during a compare: exit 130
+    and a hint; the hint's command finishes every run, bitwise the uninterrupted compare,
+    and writes the compare's files."""
+    proc = subprocess.Popen([sys.executable, "-m", "fptt_fast", *COMPARE_RUN, "--out", "cmp",
+                             "--jobs", str(jobs)], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(proc, tmp_path / "cmp" / "a" / "checkpoint.pt")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not (tmp_path / "cmp" / "compare.csv").exists()
+    hint = err.strip().split("(continue with: ")[1].rstrip(")")
+    assert hint == "fptt-fast compare --resume cmp"
+    ok(run_script(*hint.split()[1:], cwd=tmp_path))
+    for run in ("a", "b"):
+        assert_same_run(tmp_path / "cmp" / run, uninterrupted_compare / run)
+    drop = lambda rs: [{k: v for k, v in r.items() if "elapsed" not in k} for r in rs]  # noqa: E731
+    assert drop(rows(tmp_path / "cmp" / "compare.csv")) == drop(rows(uninterrupted_compare / "compare.csv"))
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
@@ -297,3 +352,17 @@ def test_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys, error):
     assert os.path.join("full", "checkpoint.pt") in lines[0] and str(error).split(":")[0][:20] in lines[0]
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(os.path.join("full", "checkpoint.pt"))["step"] == 3
+
+
+def test_a_bug_while_saving_is_not_called_a_write_failure(tmp_path, monkeypatch, capsys):
+    """Only OSError and torch's zip-writer errors mean the disk failed; another
+    RuntimeError during a save is a bug and keeps its traceback."""
+    monkeypatch.chdir(tmp_path)
+
+    def broken_save(obj, f, *a, **k):
+        raise RuntimeError("a bug in a payload")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="a bug in a payload"):  # python prints it, exit 1
+        cli.main(["train", "add", *TINY, "--steps", "6", "--out", "bug"])
+    assert "cannot write" not in capsys.readouterr().err

@@ -288,6 +288,24 @@ def test_take_over_refuses_what_does_not_fit():
         fptt.load_torch_state_dict(two.state_dict())
 
 
+def test_take_over_checks_every_group_before_changing_one():
+    """A bad value in the second group raises and leaves the first group as it was; a
+    tensor lr (which torch allows) arrives as a float."""
+    a, b = torch.randn(4), torch.randn(3)
+    fptt = fptt_fast.FPTT([{"params": [a]}, {"params": [b]}], lr=0.5, backend="reference")
+    sd = torch.optim.Adam([{"params": [a.clone()], "lr": torch.tensor(0.01)},
+                           {"params": [b.clone()]}], lr=0.1).state_dict()
+    sd["param_groups"][1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="group 1: .*beta"):
+        fptt.load_torch_state_dict(sd)
+    assert [g["lr"] for g in fptt.param_groups] == [0.5, 0.5]
+    sd["param_groups"][1]["betas"] = (0.8, 0.99)
+    fptt.load_torch_state_dict(sd)
+    lr0 = fptt.param_groups[0]["lr"]
+    assert type(lr0) is float and lr0 == pytest.approx(0.01)
+    assert fptt.param_groups[1]["betas"] == (0.8, 0.99)
+
+
 def test_an_optimiser_pickled_before_decoupled_existed_steps():
     """Unpickling fills the group keys added since (decoupled) with their old meaning."""
     import pickle
@@ -301,3 +319,33 @@ def test_an_optimiser_pickled_before_decoupled_existed_steps():
     assert old.param_groups[0]["decoupled"] is False
     old.param_groups[0]["params"][0].grad = torch.randn(4)
     old.step()
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED)
+@pytest.mark.parametrize("where", ["w_bar", "lam"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_decoupled_skips_a_nonfinite_regulariser_state(backend, where, bad, fresh_seed):
+    """Decoupled, the norm sums the task gradient alone, yet a non-finite w_bar or lam
+    must skip the step as it does when coupled (nothing changes, the skip is counted);
+    with alpha=0 the regulariser's state is unused, so the step goes on."""
+    dev = backend_device(backend)
+    params = [torch.randn(300, device=dev), torch.randn(33, 7, device=dev)]
+    opt = fptt_fast.FPTT([{"params": params[:1]}, {"params": params[1:], "alpha": 0.0}],
+                         lr=0.01, decoupled=True, rho=0.5, nonfinite="skip", backend=backend)
+    random_fptt_state(opt, params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.state[params[1]][where].view(-1)[5] = bad   # alpha=0 group: unused
+    before = [p.clone() for p in params]
+    opt.step()
+    assert opt.skipped_steps == 0 and not any(torch.equal(p, b) for p, b in zip(params, before))
+    opt.state[params[0]][where].view(-1)[7] = bad
+    before = [p.clone() for p in params]
+    state = {p: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params}
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        for k, v in state[p].items():
+            assert torch.equal(opt.state[p][k], v, ) or (k == where and torch.equal(
+                opt.state[p][k].nan_to_num(), v.nan_to_num())), k

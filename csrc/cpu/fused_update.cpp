@@ -66,13 +66,13 @@ FPTT_CPU_CLONES double chunk_sumsq(const UpdateSlot& t, int64_t begin, int64_t e
   for (; i + kLanes <= end; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const int64_t j = i + l;
-      const double g = regularised_grad(t.g[j], t.w[j], t.w_bar[j], t.lam[j], t.hyper);
+      const double g = norm_input(t.g[j], t.w[j], t.w_bar[j], t.lam[j], t.hyper);
       lane[l] += g * g;
     }
   }
   double acc = 0.0;
   for (; i < end; ++i) {
-    const double g = regularised_grad(t.g[i], t.w[i], t.w_bar[i], t.lam[i], t.hyper);
+    const double g = norm_input(t.g[i], t.w[i], t.w_bar[i], t.lam[i], t.hyper);
     acc += g * g;
   }
   for (int l = 0; l < kLanes; ++l) acc += lane[l];

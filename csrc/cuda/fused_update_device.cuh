@@ -82,17 +82,17 @@ __device__ __forceinline__ double chunk_sumsq(const UpdateSlot& s, int64_t base,
       const float4 g4 = __ldcg(reinterpret_cast<const float4*>(g + e));
       const float4 b4 = __ldcg(reinterpret_cast<const float4*>(wb + e));
       const float4 l4 = __ldcg(reinterpret_cast<const float4*>(lam + e));
-      const float r0 = regularised_grad(g4.x, w4.x, b4.x, l4.x, h);
-      const float r1 = regularised_grad(g4.y, w4.y, b4.y, l4.y, h);
-      const float r2 = regularised_grad(g4.z, w4.z, b4.z, l4.z, h);
-      const float r3 = regularised_grad(g4.w, w4.w, b4.w, l4.w, h);
+      const float r0 = norm_input(g4.x, w4.x, b4.x, l4.x, h);
+      const float r1 = norm_input(g4.y, w4.y, b4.y, l4.y, h);
+      const float r2 = norm_input(g4.z, w4.z, b4.z, l4.z, h);
+      const float r3 = norm_input(g4.w, w4.w, b4.w, l4.w, h);
       acc += double(r0) * double(r0);
       acc += double(r1) * double(r1);
       acc += double(r2) * double(r2);
       acc += double(r3) * double(r3);
     } else {
       for (int c = 0; c < 4 && e + c < len; ++c) {
-        const float r = regularised_grad(__ldcg(g + e + c), __ldcg(w + e + c),
+        const float r = norm_input(__ldcg(g + e + c), __ldcg(w + e + c),
                                          __ldcg(wb + e + c), __ldcg(lam + e + c), h);
         acc += double(r) * double(r);
       }

@@ -50,10 +50,13 @@ FPTT_HD float regulariser_grad(float w, float w_bar, float lam, const float* h) 
 // its NaN reaches the norm.
 FPTT_HD bool is_decoupled(const float* h) { return h[H_DECOUPLED] == 1.f; }
 
-// What the clip (step 3) and the base optimiser (step 4) see: the task gradient plus the
-// regulariser's when coupled, the task gradient alone when decoupled.
-FPTT_HD float regularised_grad(float g, float w, float w_bar, float lam, const float* h) {
-  return is_decoupled(h) ? g : g + regulariser_grad(w, w_bar, lam, h);
+// What the clip's norm (step 3) sums: the task gradient plus the regulariser's when
+// coupled, the task gradient alone when decoupled. Decoupled adds 0 * r, which is g
+// unless r is inf or NaN: a non-finite w_bar or lam then reaches the norm and the step
+// is skipped, as it is when coupled.
+FPTT_HD float norm_input(float g, float w, float w_bar, float lam, const float* h) {
+  const float r = regulariser_grad(w, w_bar, lam, h);
+  return is_decoupled(h) ? g + 0.f * r : g + r;
 }
 
 // What the base optimiser needs of the step count, once per tensor: the step
