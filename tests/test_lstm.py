@@ -228,8 +228,9 @@ def test_gradients_match_autograd(backend, loss, per_step, fresh_seed):
 
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED])
-@pytest.mark.parametrize("loss,per_step", [("mse", False), ("ce", True), ("ce", False)])
-def test_train_sequence_matches_reference_loop(backend, loss, per_step, fresh_seed):
+@pytest.mark.parametrize("loss,per_step,weights", [("mse", False, "ramp"), ("ce", True, "ramp"),
+                                                  ("ce", False, "ramp"), ("mse", False, "authors")])
+def test_train_sequence_matches_reference_loop(backend, loss, per_step, weights, fresh_seed):
     dev = backend_device(backend, "lstm")
     I, H, O, B, T, K = 2, 10, 3, 4, 23, 4
     kw = dict(optimizer="adam", lr=2e-3, clip=1.0, eps=ADAM_EPS)
@@ -241,8 +242,9 @@ def test_train_sequence_matches_reference_loop(backend, loss, per_step, fresh_se
         x = torch.randn(T, B, I, device=dev)
         y = (make_target(loss, per_step, T, B, O, dev) if per_step
              else make_target(loss, False, 1, B, O, dev))
-        want = torch.stack(reference.train_sequence_fptt(model, opt, x, y, K, loss, per_step))
-        got = m.train_sequence(x, y, K)
+        want = torch.stack(reference.train_sequence_fptt(model, opt, x, y, K, loss, per_step,
+                                                         weights=weights))
+        got = m.train_sequence(x, y, K, weights=weights)
         assert got.shape == (K,)
         assert (got - want).abs().max().item() <= TOL_MATMUL * max(1.0, want.abs().max().item())
     scale = max(p.abs().max().item() for p in model.parameters())

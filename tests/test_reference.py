@@ -184,10 +184,12 @@ def test_segment_bounds():
             reference.segment_bounds(T, K)
 
 
-def test_fptt_segment_loop_weights_and_detach(fresh_seed):
-    """train_sequence_fptt: one update per segment, weight (p+1)/K on the terminal
-    loss, state detached: the first update's gradient equals the gradient of
-    (1/K) * loss of segment 0 alone."""
+@pytest.mark.parametrize("weights,weight_of", [("ramp", lambda p: (p + 1) / 4),
+                                               ("authors", lambda p: p + 1 / 4)])
+def test_fptt_segment_loop_weights_and_detach(weights, weight_of, fresh_seed):
+    """train_sequence_fptt: one update per segment, segment p's terminal loss weighted
+    (p+1)/K (ramp) or p + 1/K (the authors'), state detached: update p's gradient equals
+    the gradient of the weighted loss of segment p alone."""
     torch.manual_seed(fresh_seed)
     model = reference.LSTMWithHead(2, 6, 1, dtype=torch.float64)
     x, y = torch.randn(8, 3, 2, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64)
@@ -198,14 +200,14 @@ def test_fptt_segment_loop_weights_and_detach(fresh_seed):
             grads.append([p.grad.clone() for p in model.parameters()])
 
     opt = Spy(model.parameters(), lr=0.0)
-    losses = reference.train_sequence_fptt(model, opt, x, y, K=4)
+    losses = reference.train_sequence_fptt(model, opt, x, y, K=4, weights=weights)
     assert len(losses) == len(grads) == 4
     for p_idx, (a, b) in enumerate(reference.segment_bounds(8, 4)):
         # rebuild segment p's entering state by running the earlier segments
         with torch.no_grad():
             _, st = model.lstm(x[:a]) if a else (None, None)
         loss, _ = reference.segment_loss(model, x[a:b], y, st, "mse", False)
-        expect = torch.autograd.grad((p_idx + 1) / 4 * loss, list(model.parameters()))
+        expect = torch.autograd.grad(weight_of(p_idx) * loss, list(model.parameters()))
         for e, g in zip(expect, grads[p_idx]):
             assert torch.allclose(e, g, atol=1e-12)
 

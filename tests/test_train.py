@@ -142,6 +142,9 @@ def test_truncated_checkpoint_is_rejected(tmp_path):
     (dict(backend="gpu"), "unknown backend"),
     (dict(algo="sgd"), "unknown algorithm"),
     (dict(device="tpu"), "unknown device"),
+    (dict(weights="flat"), "unknown segment weights 'flat'"),
+    (dict(algo="bptt", weights="authors"), "--weights is FPTT's segment weighting"),
+    (dict(protocol="authors", weights="authors"), "has its own segment weights"),
 ])
 def test_bad_configurations(given, match):
     with pytest.raises(UsageError, match=match):
