@@ -5,7 +5,8 @@
     losses = m.train_sequence(x, target, K)              # K segments, state carried
     out, state = m(x, state)                             # evaluation forward
 
-x is time-major [omega, B, I] like nn.LSTM; state is (h, c), each [B, H]. Terminal
+x is time-major [omega, B, I] like nn.LSTM (batch_first=True: [B, omega, I], and per-step
+targets and outputs batch-first too); state is (h, c), each [B, H]. Terminal
 targets are [B, O] (mse, float32) or [B] (ce, class indices); with per_step=True they
 are [omega, B, O] / [omega, B] and the loss is the mean over the segment's steps.
 
@@ -95,6 +96,9 @@ class FPTTLSTM(nn.Module):
             segments in one launch; H <= 128, I <= 32, O <= 32, ValueError beyond) or
             "auto" (for now the general one: the persistent kernel is not yet measured on
             a GPU). `last_kernel` says which one ran.
+        batch_first: x is [B, omega, I] and per-step targets [B, omega, ...], outputs
+            [B, omega, O], as nn.LSTM(batch_first=True); the state stays (h, c) of [B, H].
+            The kernels run time-major: such inputs are transposed (one copy) first.
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
             the CPU only. Shapes, dtypes and devices are always checked.
@@ -119,8 +123,7 @@ class FPTTLSTM(nn.Module):
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, decoupled=False, clip=None, nonfinite="raise", backend="auto", device=None,
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
-                 triton_kernel="auto",
-                 process_group=None):
+                 triton_kernel="auto", batch_first=False, process_group=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("output_size", output_size)):
@@ -142,6 +145,9 @@ class FPTTLSTM(nn.Module):
         I, H, O = input_size, hidden_size, output_size
         self.input_size, self.hidden_size, self.output_size = I, H, O
         self.loss, self.per_step = loss, bool(per_step)
+        if not isinstance(batch_first, bool):
+            raise ValueError(f"batch_first must be True or False, got {batch_first!r}")
+        self.batch_first = batch_first
         self.allow_tf32, self.check_inputs = bool(allow_tf32), bool(check_inputs)  # None: below
         if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r}: no CUDA device is available here "
@@ -295,6 +301,15 @@ class FPTTLSTM(nn.Module):
             out.append(t.detach().contiguous())
         return tuple(out)
 
+    def _check_layout(self, target, omega, B):
+        """A terminal target with omega rows where x has B: x was most likely given
+        batch-first to a time-major module; say so rather than blame the target."""
+        if (isinstance(target, torch.Tensor) and target.dim() >= 1 and omega != B
+                and not self.batch_first and not self.per_step and target.shape[0] == omega):
+            raise ValueError(f"target has {omega} rows but x [omega={omega}, B={B}, I] has batch {B}: "
+                             f"x is read time-major [omega, B, I]; for batch-first x [B, omega, I] "
+                             f"build the module with batch_first=True")
+
     def _check_target(self, target, omega, B):
         O = self.output_size
         if not isinstance(target, torch.Tensor):
@@ -339,18 +354,42 @@ class FPTTLSTM(nn.Module):
         self._check_device()
         x = self._check_x(x)
         omega, B = x.shape[0], x.shape[1]
+        self._check_layout(target, omega, B)
         return (x, self._check_target(target, omega, B), self._check_state(state, B),
                 self._check_weight(weight))
 
     # -- evaluation -----------------------------------------------------------------------
     def forward(self, x, state=None):
-        """Head outputs at every step [omega, B, O] and the final (h, c). Differentiable
-        (plain torch ops: ReferenceLSTM's math on this module's parameters)."""
+        """Head outputs at every step [omega, B, O] ([B, omega, O] with batch_first) and
+        the final (h, c). Differentiable (plain torch ops: ReferenceLSTM's math on this
+        module's parameters)."""
         self._check_device()
+        x, _ = self._time_major(x, None)
         x = self._check_x(x)
         state = self._check_state(state, x.shape[1])
         outs, state = reference.ReferenceLSTM.forward(self, x, state)
-        return self.head(outs), state
+        out = self.head(outs)
+        return (out.transpose(0, 1) if self.batch_first else out), state
+
+    def _time_major(self, x, target):
+        """(x, target) as the kernels take them: batch_first inputs transposed (contiguous)
+        to [omega, B, ...]; per-step targets checked against x's [B, omega] first, so that a
+        mismatch is reported in the caller's layout."""
+        if not self.batch_first:
+            return x, target
+        I = self.input_size
+        if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[2] == I
+                and x.shape[0] >= 1 and x.shape[1] >= 1):
+            if not isinstance(x, torch.Tensor):
+                return x, target  # _check_x names the type
+            raise ValueError(f"x must be batch-first [B >= 1, omega >= 1, I={I}] (batch_first=True), "
+                             f"got shape {tuple(x.shape)}")
+        if self.per_step and isinstance(target, torch.Tensor):
+            if tuple(target.shape[:2]) != tuple(x.shape[:2]):
+                raise ValueError(f"per-step target must start with x's [B, omega] = {list(x.shape[:2])} "
+                                 f"(batch_first=True), got shape {tuple(target.shape)}")
+            target = target.transpose(0, 1).contiguous()
+        return x.transpose(0, 1).contiguous(), target
 
     # -- training -------------------------------------------------------------------------
     def _reference_loss(self, x, target, state):
@@ -454,6 +493,7 @@ class FPTTLSTM(nn.Module):
     def loss_and_grads(self, x, target, state=None, weight=1.0):
         """The segment's loss, new state and the task gradients of weight * loss, as
         {name: tensor} (PARAM_NAMES), without any update. For tests and diagnostics."""
+        x, target = self._time_major(x, target)
         x, target, state, weight = self._inputs(x, target, state, weight)
         if self.backend == "cpu":
             loss, state = self._cpu_call(x, target, state, weight, False)
@@ -468,6 +508,11 @@ class FPTTLSTM(nn.Module):
 
     def train_segment(self, x, target, state=None, weight=1.0):
         """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
+        x, target = self._time_major(x, target)
+        return self._train_segment(x, target, state, weight)
+
+    def _train_segment(self, x, target, state, weight):
+        """train_segment on time-major inputs."""
         # cpu backend, the common case: ONE C++ call that checks the inputs itself and runs
         # the segment (_C.CpuLstmPlan.train, csrc/bind_lstm.cpp); None, having done nothing,
         # when anything is unusual: the checks below then raise today's errors or take it.
@@ -522,7 +567,7 @@ class FPTTLSTM(nn.Module):
         return loss, state
 
     def train_sequence(self, x, target, K, state=None, graph=None, weights="ramp"):
-        """FPTT over one batch of sequences x [T, B, I]: K segments of ceil(T/K) steps,
+        """FPTT over one batch of sequences x [T, B, I] ([B, T, I] with batch_first): K segments of ceil(T/K) steps,
         state carried (detached) from `state` (zeros if None), one update per segment.
         Terminal: segment p predicts `target` from its last state, weighted as `weights`
         says (reference.segment_weights: "ramp", (p+1)/K; "authors", p + 1/K);
@@ -541,9 +586,12 @@ class FPTTLSTM(nn.Module):
             raise ValueError(f"graph=True runs the kernels' ramp weights; weights={weights!r} "
                              f"runs the segments one call each (leave graph out)")
         self._check_device()
+        x, target = self._time_major(x, target)
         x = self._check_x(x)
         if self.per_step:
             target = self._check_target(target, x.shape[0], x.shape[1])
+        else:
+            self._check_layout(target, x.shape[0], x.shape[1])
         bounds = reference.segment_bounds(x.shape[0], int(K))
         seg_weights = reference.segment_weights(len(bounds), weights)
         # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one
@@ -565,7 +613,7 @@ class FPTTLSTM(nn.Module):
         for p, (a, b) in enumerate(bounds):
             tgt = target[a:b] if self.per_step else target
             weight = 1.0 if self.per_step else seg_weights[p]
-            loss, state = self.train_segment(x[a:b], tgt, state, weight)
+            loss, state = self._train_segment(x[a:b], tgt, state, weight)
             losses.append(loss)
         return torch.stack(losses)
 
@@ -640,4 +688,4 @@ class FPTTLSTM(nn.Module):
     def extra_repr(self):
         return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
                 f"output_size={self.output_size}, loss={self.loss!r}, per_step={self.per_step}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + (", batch_first=True" if self.batch_first else ""))

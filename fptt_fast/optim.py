@@ -18,6 +18,20 @@ from .layout import HYPER_FIELDS, OPT_CODE  # noqa: F401 (re-exported: the binar
 from .reference import NONFINITE, OPTIMIZERS, Hyper
 
 MISSING_GRAD = ("skip", "zero")
+# Parameter dtypes FPTT takes. The fused kernels compute in float32; float64 (a control
+# run for rounding, say) runs on the reference backend, which keeps the parameters' dtype.
+STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def _resolve_backend(requested: str, device_type: str, dtype: torch.dtype) -> str:
+    """backends.resolve for parameters of `dtype`: auto picks the reference backend for
+    float64; a fused backend asked for float64 raises TypeError naming the alternative."""
+    if dtype == torch.float32:
+        return backends.resolve(requested, device_type)
+    if requested not in ("auto", "reference"):
+        raise TypeError(f"backend {requested!r} computes in float32; float64 parameters run on "
+                        f"backend='reference' (or 'auto', which picks it)")
+    return backends.resolve("reference", device_type)
 
 try:  # torch's global step hooks (torch.optim.optimizer.register_optimizer_step_*_hook)
     from torch.optim.optimizer import _global_optimizer_post_hooks as _GLOBAL_POST_HOOKS
@@ -164,8 +178,11 @@ class FPTT(torch.optim.Optimizer):
         reference.validate_hyper(group, self.base)
         group["betas"] = tuple(group["betas"])
         for p in group["params"]:
-            if p.dtype != torch.float32:
-                raise TypeError(f"FPTT supports float32 parameters, got {p.dtype} (shape {tuple(p.shape)})")
+            if p.dtype not in STATE_DTYPES:
+                raise TypeError(
+                    f"FPTT takes float32 or float64 parameters, got {p.dtype} (shape "
+                    f"{tuple(p.shape)}): train float32 parameters (torch.autocast runs the model "
+                    f"in {str(p.dtype).replace('torch.', '')}) or keep a float32 master copy")
             if not p.is_contiguous():
                 raise ValueError(f"FPTT needs contiguous parameters; got one of shape {tuple(p.shape)} "
                                  f"with strides {p.stride()}")
@@ -188,11 +205,16 @@ class FPTT(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"FPTT needs all parameters on one device, got {sorted(map(str, devices))}")
         device = params[0].device if params else torch.device("cpu")
-        self.backend = backends.resolve(self._requested_backend, device.type)
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(f"FPTT keeps one flat state per slot: all parameters of one dtype, got "
+                            f"{', '.join(sorted(map(str, dtypes)))}")
+        dtype = dtypes.pop() if dtypes else torch.float32
+        self.backend = _resolve_backend(self._requested_backend, device.type, dtype)
         names = ("w_bar", "lam") + (("momentum_buffer",) if self.base == "sgd" else ("exp_avg", "exp_avg_sq"))
         total = sum(p.numel() for p in params)
-        flat = {n: torch.zeros(total, device=device) for n in names}
-        flat["step"] = torch.zeros(len(params), device=device)
+        flat = {n: torch.zeros(total, device=device, dtype=dtype) for n in names}
+        flat["step"] = torch.zeros(len(params), device=device)  # counts, float32 as the kernels read them
         offset = 0
         for i, p in enumerate(params):
             old = self.state.get(p, {})
