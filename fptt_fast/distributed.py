@@ -233,7 +233,8 @@ def attach_fpttlstm(module, pg) -> FlatAllReduce:
     kw = module._opt_kwargs
     clip = kw["clip"]
     fields = [("input_size", module.input_size), ("hidden_size", module.hidden_size),
-              ("output_size", module.output_size), ("loss", code(module.loss)),
+              ("output_size", module.output_size), ("num_layers", module.num_layers),
+              ("loss", code(module.loss)),
               ("per_step", module.per_step), ("optimizer", OPT_CODE[kw["optimizer"]]),
               ("lr", kw["lr"]), ("betas[0]", kw["betas"][0]), ("betas[1]", kw["betas"][1]),
               ("eps", kw["eps"]), ("weight_decay", kw["weight_decay"]),

@@ -123,10 +123,10 @@ class FPTTLSTM(nn.Module):
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, decoupled=False, clip=None, nonfinite="raise", backend="auto", device=None,
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
-                 triton_kernel="auto", batch_first=False, process_group=None):
+                 triton_kernel="auto", batch_first=False, num_layers=1, process_group=None):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
-                        ("output_size", output_size)):
+                        ("output_size", output_size), ("num_layers", num_layers)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if loss not in LOSSES:
@@ -153,18 +153,21 @@ class FPTTLSTM(nn.Module):
             raise RuntimeError(f"device={device!r}: no CUDA device is available here "
                                f"(torch.cuda.is_available() is False); use device='cpu'")
         kw = dict(device=device, dtype=dtype)
-        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * H, I, **kw))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * H, H, **kw))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * H, **kw))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * H, **kw))
-        bound = 1.0 / math.sqrt(H)  # nn.LSTM's initialisation
-        with torch.no_grad():
-            for p in (self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0):
-                p.uniform_(-bound, bound)
+        self.num_layers = num_layers
+        self._param_names = reference.layer_names(num_layers) + list(HEAD_KEYS)
+        reference.init_lstm_parameters(self, I, H, num_layers, **kw)  # nn.LSTM's
         self.head = nn.Linear(H, O, **kw)
         self.requested_backend = backend
         dev_type = self.weight_hh_l0.device.type
-        self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O), self.allow_tf32)
+        if num_layers > 1:  # the fused segment steps are single-layer
+            if backend not in ("auto", "reference"):
+                raise ValueError(f"num_layers={num_layers}: the fused segment steps ({backend!r}) are "
+                                 f"single-layer; stacked layers run the reference segment math with "
+                                 f"the fused FPTT update: backend='auto' (or 'reference')")
+            self.backend, opt_backend = "reference", backend  # auto: the fused update
+        else:
+            self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
+                                                                 self.allow_tf32)
         if self.backend == "triton":
             self._triton_kernel_choice()  # ValueError now if "persistent" cannot take the sizes
         if check_inputs is None:  # reading the values is a host sync on a GPU
@@ -206,19 +209,19 @@ class FPTTLSTM(nn.Module):
 
     # -- parameters and state dicts ---------------------------------------------------
     def fptt_parameters(self):
-        """The six parameters in the optimiser's order (PARAM_NAMES)."""
-        return [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0,
-                self.head.weight, self.head.bias]
+        """The parameters in the optimiser's order: nn.LSTM's, layer by layer
+        (reference.layer_names), then head.weight, head.bias (PARAM_NAMES for one layer)."""
+        return [self.get_parameter(n) for n in self._param_names]
 
     def lstm_state_dict(self):
-        """{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, head.weight, head.bias}
-        (copies). The first four load into nn.LSTM(I, H) as is; head.* (without the prefix)
-        into nn.Linear(H, O)."""
-        return {n: p.detach().clone() for n, p in zip(PARAM_NAMES, self.fptt_parameters())}
+        """{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, ... (each layer),
+        head.weight, head.bias} (copies). The LSTM's load into nn.LSTM(I, H, num_layers) as
+        they are; head.* (without the prefix) into nn.Linear(H, O)."""
+        return {n: p.detach().clone() for n, p in zip(self._param_names, self.fptt_parameters())}
 
     @torch.no_grad()
     def load_lstm_state_dict(self, state_dict, head=None):
-        """Load an nn.LSTM(I, H) state dict (single layer, with biases; keys may carry an
+        """Load an nn.LSTM(I, H, num_layers) state dict (with biases; keys may carry an
         'lstm.' prefix, as in reference.LSTMWithHead), optionally with head.weight/head.bias,
         or the head from `head` (an nn.Linear(H, O) state dict). Everything is checked before
         anything is written. The FPTT state starts afresh (w_bar = w, lam = 0, optimiser
@@ -228,13 +231,14 @@ class FPTTLSTM(nn.Module):
         sd = {(k[5:] if k.startswith("lstm.") else k): v for k, v in state_dict.items()}
         if head is not None:
             sd.update({"head." + k: v for k, v in head.items()})
-        unknown = sorted(set(sd) - set(PARAM_NAMES))
+        names = self._param_names
+        unknown = sorted(set(sd) - set(names))
         if unknown:
-            raise ValueError(f"unexpected keys {unknown} (a single-layer nn.LSTM with biases "
-                             f"and an nn.Linear head have {list(PARAM_NAMES)})")
-        params = dict(zip(PARAM_NAMES, self.fptt_parameters()))
+            raise ValueError(f"unexpected keys {unknown} (an nn.LSTM with num_layers="
+                             f"{self.num_layers} and biases, and an nn.Linear head, have {names})")
+        params = dict(zip(names, self.fptt_parameters()))
         todo = []
-        for name in PARAM_NAMES:
+        for name in names:
             if name not in sd:
                 if name in HEAD_KEYS:
                     continue
@@ -258,7 +262,7 @@ class FPTTLSTM(nn.Module):
         if self.optimizer.flat_state["lam"].device != self._device():
             raise RuntimeError("the parameters moved to another device after construction; the "
                                "FPTT state did not: build the module with device=...")
-        for n, p in zip(PARAM_NAMES, self.fptt_parameters()):
+        for n, p in zip(self._param_names, self.fptt_parameters()):
             if p.dtype != torch.float32 or not p.is_contiguous():
                 raise TypeError(f"parameter {n} must stay a contiguous float32 tensor, got "
                                 f"{p.dtype} (FPTTLSTM supports float32 only)")
@@ -281,18 +285,21 @@ class FPTTLSTM(nn.Module):
         return x.contiguous()
 
     def _check_state(self, state, B):
-        H = self.hidden_size
+        H, L = self.hidden_size, self.num_layers
+        shape = (B, H) if L == 1 else (L, B, H)  # one layer: [B, H], as before stacking
+        what = f"[B={B}, H={H}]" if L == 1 else f"[L={L}, B={B}, H={H}]"
         if state is None:
-            z = torch.zeros(B, H, device=self._device(), dtype=torch.float32)
+            z = torch.zeros(shape, device=self._device(), dtype=torch.float32)
             return z, z.clone()
         if not (isinstance(state, (tuple, list)) and len(state) == 2):
-            raise ValueError("state must be a pair (h, c) of [B, H] tensors")
+            raise ValueError(f"state must be a pair (h, c) of {'[B, H]' if L == 1 else '[L, B, H]'} "
+                             f"tensors")
         out = []
         for name, t in zip(("h", "c"), state):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"state {name} must be a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != (B, H):
-                raise ValueError(f"state {name} must have shape [B={B}, H={H}], got {tuple(t.shape)}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state {name} must have shape {what}, got {tuple(t.shape)}")
             if t.dtype != torch.float32:
                 raise TypeError(f"state {name} must be float32, got {t.dtype}")
             if t.device != self._device():
@@ -367,7 +374,7 @@ class FPTTLSTM(nn.Module):
         x, _ = self._time_major(x, None)
         x = self._check_x(x)
         state = self._check_state(state, x.shape[1])
-        outs, state = reference.ReferenceLSTM.forward(self, x, state)
+        outs, state = reference.stacked_lstm(self, x, state, self.num_layers)
         out = self.head(outs)
         return (out.transpose(0, 1) if self.batch_first else out), state
 
@@ -393,7 +400,7 @@ class FPTTLSTM(nn.Module):
 
     # -- training -------------------------------------------------------------------------
     def _reference_loss(self, x, target, state):
-        outs, new_state = reference.ReferenceLSTM.forward(self, x, state)
+        outs, new_state = reference.stacked_lstm(self, x, state, self.num_layers)
         pred = self.head(outs) if self.per_step else self.head(outs[-1])
         return reference.task_loss(pred, target, self.loss), new_state
 
@@ -497,14 +504,14 @@ class FPTTLSTM(nn.Module):
         x, target, state, weight = self._inputs(x, target, state, weight)
         if self.backend == "cpu":
             loss, state = self._cpu_call(x, target, state, weight, False)
-            return loss, state, {n: g.clone() for n, g in zip(PARAM_NAMES, self._grads)}
+            return loss, state, {n: g.clone() for n, g in zip(self._param_names, self._grads)}
         # triton/cuda: the gradients here come from autograd (their kernels' own gradients
         # without an update: fptt_fast.distributed.segment_gradients)
         with torch.enable_grad():
             loss, new_state = self._reference_loss(x, target, state)
             grads = torch.autograd.grad(weight * loss, self.fptt_parameters())
         return (loss.detach(), (new_state[0].detach(), new_state[1].detach()),
-                dict(zip(PARAM_NAMES, grads)))
+                dict(zip(self._param_names, grads)))
 
     def train_segment(self, x, target, state=None, weight=1.0):
         """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
@@ -688,4 +695,5 @@ class FPTTLSTM(nn.Module):
     def extra_repr(self):
         return (f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
                 f"output_size={self.output_size}, loss={self.loss!r}, per_step={self.per_step}, "
-                f"backend={self.backend!r}" + (", batch_first=True" if self.batch_first else ""))
+                f"backend={self.backend!r}" + (", batch_first=True" if self.batch_first else "")
+                + (f", num_layers={self.num_layers}" if self.num_layers > 1 else ""))

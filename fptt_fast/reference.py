@@ -229,65 +229,105 @@ def reset_(params, states, hypers, lam=True):
 # ----------------------------------------------------------------------------
 
 
-class ReferenceLSTM(nn.Module):
-    """Single-layer LSTM with nn.LSTM's parameter names, shapes and gate order
-    (i, f, g, o), so `ReferenceLSTM(...).load_state_dict(nn.LSTM(...).state_dict())`
-    works as is. Time-major: x is [T, B, I]; state is (h, c), each [B, H]."""
+def layer_names(num_layers: int) -> list[str]:
+    """nn.LSTM's parameter names, layer by layer: weight_ih_l{k}, weight_hh_l{k},
+    bias_ih_l{k}, bias_hh_l{k}."""
+    return [f"{kind}_l{k}" for k in range(num_layers)
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
 
-    def __init__(self, input_size, hidden_size, device=None, dtype=torch.float32):
+
+def init_lstm_parameters(module, I: int, H: int, num_layers: int, device=None, dtype=torch.float32):
+    """nn.LSTM's parameters on `module` (layer 0 reads I inputs, the others H), drawn as
+    nn.LSTM draws them: uniform(-1/sqrt(H), 1/sqrt(H)) in the order of layer_names."""
+    kw = dict(device=device, dtype=dtype)
+    bound = 1.0 / math.sqrt(H)
+    for k in range(num_layers):
+        shapes = ((4 * H, I if k == 0 else H), (4 * H, H), (4 * H,), (4 * H,))
+        for name, shape in zip(layer_names(num_layers)[4 * k:4 * k + 4], shapes):
+            p = nn.Parameter(torch.empty(shape, **kw))
+            with torch.no_grad():
+                p.uniform_(-bound, bound)
+            setattr(module, name, p)
+
+
+def lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One LSTM layer over x [T, B, In] from (h, c) [B, H]: (outputs [T, B, H], (h, c))."""
+    pre_x = F.linear(x, w_ih, b_ih)  # all steps at once
+    outs = []
+    # unbind, not pre_x[t]: indexing inside the loop makes each step's backward build a
+    # gradient the size of the whole sequence (quadratic in T)
+    for px in pre_x.unbind(0):
+        gates = px + F.linear(h, w_hh, b_hh)
+        i, f, g, o = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return torch.stack(outs), (h, c)
+
+
+def stacked_lstm(module, x, state, num_layers: int):
+    """nn.LSTM's stacked forward on `module`'s parameters (layer_names): layer k reads
+    layer k-1's outputs. state: (h, c) of [B, H] for one layer, [L, B, H] for L > 1 (as
+    returned). Returns (the top layer's outputs [T, B, H], state)."""
+    h0, c0 = state
+    if num_layers == 1:
+        h0, c0 = h0[None], c0[None]
+    names, out, hs, cs = layer_names(num_layers), x, [], []
+    for k in range(num_layers):
+        out, (h, c) = lstm_layer(out, h0[k], c0[k], *(getattr(module, n) for n in names[4 * k:4 * k + 4]))
+        hs.append(h)
+        cs.append(c)
+    if num_layers == 1:
+        return out, (hs[0], cs[0])
+    return out, (torch.stack(hs), torch.stack(cs))
+
+
+class ReferenceLSTM(nn.Module):
+    """LSTM with nn.LSTM's parameter names, shapes, gate order (i, f, g, o) and stacking,
+    so `ReferenceLSTM(...).load_state_dict(nn.LSTM(...).state_dict())` works as is.
+    Time-major: x is [T, B, I]; state is (h, c), each [B, H] for one layer, [L, B, H]
+    for num_layers=L > 1."""
+
+    def __init__(self, input_size, hidden_size, device=None, dtype=torch.float32, num_layers=1):
         super().__init__()
-        I, H = input_size, hidden_size
-        kw = dict(device=device, dtype=dtype)
-        self.input_size, self.hidden_size = I, H
-        self.weight_ih_l0 = nn.Parameter(torch.empty(4 * H, I, **kw))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(4 * H, H, **kw))
-        self.bias_ih_l0 = nn.Parameter(torch.empty(4 * H, **kw))
-        self.bias_hh_l0 = nn.Parameter(torch.empty(4 * H, **kw))
-        bound = 1.0 / math.sqrt(H)  # nn.LSTM's initialisation
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        init_lstm_parameters(self, input_size, hidden_size, num_layers, device, dtype)
 
     def zero_state(self, batch, device=None, dtype=None):
         p = self.weight_hh_l0
-        z = torch.zeros(batch, self.hidden_size, device=device or p.device, dtype=dtype or p.dtype)
+        lead = () if self.num_layers == 1 else (self.num_layers,)
+        z = torch.zeros(*lead, batch, self.hidden_size, device=device or p.device, dtype=dtype or p.dtype)
         return z, z.clone()
 
     def forward(self, x, state=None):
         """Returns (outputs [T, B, H], (h, c))."""
-        h, c = state if state is not None else self.zero_state(x.shape[1], x.device, x.dtype)
+        state = state if state is not None else self.zero_state(x.shape[1], x.device, x.dtype)
         if getattr(self, "torch_lstm", False):
-            return fused_lstm_forward(self, x, (h, c))
-        pre_x = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)  # all steps at once
-        outs = []
-        # unbind, not pre_x[t]: indexing inside the loop makes each step's backward build a
-        # gradient the size of the whole sequence (quadratic in T)
-        for px in pre_x.unbind(0):
-            gates = px + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            outs.append(h)
-        return torch.stack(outs), (h, c)
+            return fused_lstm_forward(self, x, state)
+        return stacked_lstm(self, x, state, self.num_layers)
 
 
 def fused_lstm_forward(lstm, x, state):
     """The same LSTM through torch's fused implementation (what nn.LSTM calls: cuDNN on a
-    GPU, oneDNN or ATen's on a CPU), on `lstm`'s four parameters: for the command line's
+    GPU, oneDNN or ATen's on a CPU), on `lstm`'s parameters: for the command line's
     BPTT baseline and its lstm="torch" runs, where a Python loop over 1000 steps would cost
     more than the training it compares with. cuDNN follows torch.backends.cudnn.allow_tf32
     (TF32 by default)."""
-    params = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
-    out, h, c = torch._VF.lstm(x, (state[0][None], state[1][None]), params, True, 1, 0.0,
-                               lstm.training, False, False)
-    return out, (h[0], c[0])
+    L = lstm.num_layers
+    params = [getattr(lstm, n) for n in layer_names(L)]
+    h0, c0 = (state[0][None], state[1][None]) if L == 1 else state
+    out, h, c = torch._VF.lstm(x, (h0, c0), params, True, L, 0.0, lstm.training, False, False)
+    return out, ((h[0], c[0]) if L == 1 else (h, c))
 
 
 class LSTMWithHead(nn.Module):
     """ReferenceLSTM followed by nn.Linear(H, O) on the hidden state."""
 
-    def __init__(self, input_size, hidden_size, output_size, device=None, dtype=torch.float32):
+    def __init__(self, input_size, hidden_size, output_size, device=None, dtype=torch.float32,
+                 num_layers=1):
         super().__init__()
-        self.lstm = ReferenceLSTM(input_size, hidden_size, device=device, dtype=dtype)
+        self.lstm = ReferenceLSTM(input_size, hidden_size, device=device, dtype=dtype,
+                                  num_layers=num_layers)
         self.head = nn.Linear(hidden_size, output_size, device=device, dtype=dtype)
 
     def forward(self, x, state=None):

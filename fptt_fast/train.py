@@ -109,6 +109,7 @@ class Config:
     T: int = 30
     K: int = 5
     hidden: int = 32
+    layers: int = 1
     batch: int = 256
     lr: float = 2e-2
     alpha: float = 0.5
@@ -140,7 +141,7 @@ class Config:
                 f"batch={self.batch} lr={self.lr:g} seed={self.seed}{reg}")
 
 
-RUN_FIELDS = ("task", "algo", "T", "K", "hidden", "batch", "lr", "alpha", "beta", "rho",
+RUN_FIELDS = ("task", "algo", "T", "K", "hidden", "layers", "batch", "lr", "alpha", "beta", "rho",
               "decoupled", "clip", "seed", "permute", "protocol", "weights", "lstm")
 # Quick defaults: about a minute on 2 CPU cores with --threads 1 (add: test MSE ~0.005).
 # MNIST (T=784) cannot be quick on a CPU: its defaults are the paper's but a smaller model
@@ -207,7 +208,8 @@ def make_config(task: str, given: dict, paper: bool = False, checkpoint: dict | 
 
 # Config fields added after checkpoints were first written, with the value that reproduces
 # what such a checkpoint's run did (it resumes as it was trained).
-ADDED_FIELDS = {"decoupled": False, "protocol": "segments", "weights": "ramp", "lstm": "fused"}
+ADDED_FIELDS = {"decoupled": False, "protocol": "segments", "weights": "ramp", "lstm": "fused",
+                "layers": 1}
 
 # A checkpoint's settings in the words of the options that set them.
 FIELD_WORDS = {"T": "sequence length T", "K": "segment count K", "hidden": "hidden size",
@@ -260,7 +262,7 @@ def validate(cfg: Config) -> None:
         raise UsageError(f"--protocol authors trains the first K-1 of K segments: K must be >= 2, got {cfg.K}")
     if cfg.alpha < 0:
         raise UsageError(f"alpha must be >= 0 (0: no regulariser), got {cfg.alpha}")
-    for name in ("T", "K", "hidden", "batch", "steps", "eval_every"):
+    for name in ("T", "K", "hidden", "layers", "batch", "steps", "eval_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.task == "digits" and cfg.T != 64:
@@ -321,7 +323,7 @@ def _final_hidden(model, x):
     state = None
     for a in range(0, x.shape[0], EVAL_CHUNK):
         _, state = run(x[a:a + EVAL_CHUNK], state)
-    return state[0]
+    return state[0] if state[0].dim() == 2 else state[0][-1]  # stacked: the top layer's
 
 
 class AddTask:
@@ -533,9 +535,9 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                        decoupled=cfg.decoupled, clip=cfg.clip)
         authors = cfg.algo == "fptt" and cfg.protocol == "authors"
         if cfg.algo == "fptt" and backend != "reference" and cfg.lstm == "fused":
-            try:
+            try:  # (stacked layers: FPTTLSTM picks the segment math and update for "auto")
                 model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
-                                 backend=backend, device=device,
+                                 backend="auto" if cfg.layers > 1 and cfg.backend == "auto" else backend, device=device, num_layers=cfg.layers,
                                  process_group=dist.pg if dist is not None else None, **fptt_kw)
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
@@ -543,8 +545,11 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                 _authors_head(model)
                 if dist is not None:
                     distributed.broadcast_([model.head.weight], dist.pg, device)
-            return Trainer(model, model.optimizer, cfg, task.loss, f"{backend} (FPTTLSTM)", dist)
-        model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device)
+            what = "FPTTLSTM" if cfg.layers == 1 else (f"FPTTLSTM, {cfg.layers} layers: the reference "
+                                                        f"segment math, the {model.optimizer.backend} update")
+            return Trainer(model, model.optimizer, cfg, task.loss, f"{model.backend} ({what})", dist)
+        model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device,
+                                       num_layers=cfg.layers)
         if authors:
             _authors_head(model)
         if dist is not None:  # every rank starts from rank 0's parameters (as DDP does)
@@ -656,7 +661,8 @@ def _check_layout(path: str, ckpt: dict) -> None:
     hand-edited checkpoint ends in CheckpointError, not in a TypeError mid-way."""
     missing = [k for k in ("config", "step", "model", "optimizer", "data_rng", "torch_rng",
                            "python_rng", "history", "elapsed") if k not in ckpt]
-    if missing or not isinstance(ckpt["config"], dict) or not set(RUN_FIELDS) <= set(ckpt["config"]):
+    if missing or not isinstance(ckpt["config"], dict) or \
+            not set(RUN_FIELDS) - set(ADDED_FIELDS) <= set(ckpt["config"]):
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {missing or 'config fields'})")
     for f in dataclasses.fields(Config):
         value, want = ckpt["config"].get(f.name, f.default), type(f.default)

@@ -53,10 +53,10 @@ def _tensors_equal(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("task,algo", [("add", "fptt"), ("add", "bptt"), ("digits", "fptt"),
-                                       ("psmnist", "fptt")])
-def test_resume_is_bitwise_identical(tmp_path, task, algo):
-    given = dict(TINY, algo=algo, steps=13, seed=3)
+@pytest.mark.parametrize("task,algo,layers", [("add", "fptt", 1), ("add", "bptt", 1), ("digits", "fptt", 1),
+                                              ("psmnist", "fptt", 1), ("add", "fptt", 2), ("add", "bptt", 2)])
+def test_resume_is_bitwise_identical(tmp_path, task, algo, layers):
+    given = dict(TINY, algo=algo, steps=13, seed=3, layers=layers)
     if task == "digits":
         given.update(T=64, K=4, permute=True)
     if task == "psmnist":  # a tiny synthetic MNIST (tests/test_mnist.py writes it)
@@ -344,3 +344,18 @@ def test_protocol_and_lstm_are_checked():
     with pytest.raises(UsageError, match="alpha must be >= 0"):
         make_config("add", dict(alpha=-0.5))
     assert make_config("add", dict(protocol="authors", alpha=0.5)).alpha == 0.5
+
+
+def test_a_checkpoint_from_before_the_added_fields_resumes_as_it_was_trained(tmp_path):
+    """A checkpoint written before decoupled, protocol, weights, lstm and layers existed
+    (its config lacks them) resumes with the values its run had (train.ADDED_FIELDS)."""
+    given = dict(TINY, steps=4, decoupled=False)
+    Run(make_config("add", given)).fit(str(tmp_path), save_path=str(tmp_path / "ck.pt"), progress=False)
+    ckpt = torch.load(tmp_path / "ck.pt", weights_only=True)
+    for k in train.ADDED_FIELDS:
+        del ckpt["config"][k]
+    torch.save(ckpt, tmp_path / "old.pt")
+    old = load_checkpoint(str(tmp_path / "old.pt"))
+    cfg = make_config("add", {"steps": 6}, checkpoint=old)
+    assert {k: getattr(cfg, k) for k in train.ADDED_FIELDS} == train.ADDED_FIELDS
+    Run(cfg, old).fit(str(tmp_path / "on"), progress=False)
