@@ -102,11 +102,11 @@ fi
 # summary) first: the kernels, bindings, graphs and distributed tests; then the command
 # line, training loop and reference tests, which CI runs on the CPU anyway.
 # -v: each result is logged as it completes, so a stage cut by its limit still names them
-GPU_TESTS="tests/test_bindings.py tests/test_update.py tests/test_regularizer.py tests/test_update_cuda.py tests/test_update_triton.py
+GPU_TESTS="tests/test_bindings.py tests/test_update.py tests/test_regularizer.py tests/test_lstm_layouts.py tests/test_update_cuda.py tests/test_update_triton.py
   tests/test_lstm.py tests/test_lstm_cuda.py tests/test_lstm_persistent.py tests/test_lstm_triton.py
   tests/test_lstm_triton_persistent.py tests/test_graphs.py tests/test_distributed.py
   tests/test_host_path.py tests/test_layout.py tests/test_foundation.py"
-HOST_TESTS="tests/test_cli.py tests/test_cli_faults.py tests/test_mnist.py tests/test_train.py
+HOST_TESTS="tests/test_dtypes.py tests/test_cli.py tests/test_cli_faults.py tests/test_mnist.py tests/test_train.py
   tests/test_reference.py tests/test_cuda_sources.py tests/test_examples.py"
 PYTEST_XDIST=(-v -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 60 -rfE --durations=15)
 stage tests 150 $PY -m pytest $GPU_TESTS "${PYTEST_XDIST[@]}"

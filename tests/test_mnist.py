@@ -306,13 +306,13 @@ def test_training_uses_the_fused_segment_step(data, monkeypatch):
     """FPTTLSTM.train_sequence with K=10: ten segment updates per batch (79 steps, the
     last 73), on the first state of the batch, terminal cross-entropy."""
     seen = []
-    real = FPTTLSTM.train_segment
+    real = FPTTLSTM._train_segment  # train_segment on time-major inputs, what train_sequence runs
 
-    def spy(self, x, target, state=None, weight=1.0):
+    def spy(self, x, target, state, weight):
         seen.append((x.shape[0], weight, target.shape))
         return real(self, x, target, state, weight)
 
-    monkeypatch.setattr(FPTTLSTM, "train_segment", spy)
+    monkeypatch.setattr(FPTTLSTM, "_train_segment", spy)
     torch.set_num_threads(1)
     run = train.Run(make_config("psmnist", dict(data_dir=data[0], hidden=8, batch=16, steps=1,
                                                       device="cpu")))
