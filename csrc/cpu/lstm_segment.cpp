@@ -25,6 +25,143 @@ namespace fptt {
 namespace cpu {
 namespace {
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The gate rows also in an AVX2 build, picked at load time (as fused_update.cpp's loops):
+// the same IEEE operations in either (no FMA contraction under -std=c++17).
+#define FPTT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FPTT_CPU_CLONES
+#endif
+
+// The gate math 8 floats at a time (GCC/Clang vector extensions: AVX2 in the avx2 clone,
+// pairs of SSE registers in the default one); rows are walked in whole vectors, the last
+// partial one through a zero-padded copy, so every element gets the same arithmetic.
+#define FPTT_INLINE inline __attribute__((always_inline))
+typedef float F8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+// Activations on F8, branch-free: Cephes' single-precision polynomials (range reduction by
+// ln 2 and degree 6 for exp; tanh's odd polynomial below 0.625), within a few ulp of
+// libm's expf/tanhf, which ran one element at a time and were most of a segment step.
+// inf and NaN come out as libm's do (the selects compare, they never clamp a NaN away).
+struct VecMath {
+  static FPTT_INLINE F8 exp(F8 x) {
+    const I8 nan = x != x;
+    F8 xc = x < -87.3f ? F8{} - 87.3f : x;
+    xc = xc > 88.3f ? F8{} + 88.3f : xc;
+    xc = nan ? F8{} : xc;  // (the int conversion below must not see NaN)
+    const F8 r = xc * 1.44269504088896341f;
+    const I8 n = __builtin_convertvector(r + (r >= 0.f ? F8{} + 0.5f : F8{} - 0.5f), I8);
+    const F8 fn = __builtin_convertvector(n, F8);  // round(x / ln 2), in [-126, 127]
+    F8 y = xc - fn * 0.693359375f;
+    y = y - fn * -2.12194440e-4f;
+    F8 p = F8{} + 1.9875691500e-4f;
+    p = p * y + 1.3981999507e-3f;
+    p = p * y + 8.3334519073e-3f;
+    p = p * y + 4.1665795894e-2f;
+    p = p * y + 1.6666665459e-1f;
+    p = p * y + 5.0000001201e-1f;
+    p = p * (y * y) + y + 1.f;
+    const F8 scale = (F8)((n + 127) << 23);  // 2^n, built in the exponent bits
+    return nan ? x : p * scale;
+  }
+  static FPTT_INLINE F8 sigmoid(F8 x) { return 1.f / (1.f + exp(-x)); }
+  static FPTT_INLINE F8 tanh(F8 x) {
+    const F8 ax = x < 0.f ? -x : x;
+    const F8 big = 1.f - 2.f / (exp(2.f * ax) + 1.f);  // |x| >= 0.625
+    const F8 z = x * x;
+    F8 p = F8{} - 5.70498872745e-3f;
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    const F8 small = p * z * x + x;
+    return ax >= 0.625f ? (x < 0.f ? -big : big) : small;  // NaN: small, which is NaN
+  }
+};
+
+FPTT_INLINE F8 load8(const float* p) {
+  F8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+FPTT_INLINE void store8(float* p, F8 v) { memcpy(p, &v, sizeof v); }
+
+// Kernel::run(a) over a row of H elements in whole vectors: a[k] is arrays[k] + j (null
+// stays null), read and written as F8; the last partial vector runs on zero-padded copies
+// of the arrays' tails, written back. Everything here is inlined into the gate row
+// functions, so that it compiles for their clone's instruction set (vectors never cross a
+// call: their calling convention differs between the clones).
+template <int N, class Kernel>
+FPTT_INLINE void for_lanes(float* const (&arrays)[N], int64_t H) {
+  float* at[N];
+  int64_t j = 0;
+  for (; j + kLanes <= H; j += kLanes) {
+    for (int k = 0; k < N; ++k) at[k] = arrays[k] ? arrays[k] + j : nullptr;
+    Kernel::run(at);
+  }
+  if (j == H) return;
+  const int64_t rem = H - j;
+  float tail[N][kLanes] = {};
+  for (int k = 0; k < N; ++k) {
+    at[k] = arrays[k] ? tail[k] : nullptr;
+    if (arrays[k]) memcpy(tail[k], arrays[k] + j, sizeof(float) * rem);
+  }
+  Kernel::run(at);
+  for (int k = 0; k < N; ++k)
+    if (arrays[k]) memcpy(arrays[k] + j, tail[k], sizeof(float) * rem);
+}
+
+// a: the four gate rows, c_prev, c_new, h_new.
+struct ForwardLanes {
+  static FPTT_INLINE void run(float* const* a) {
+    const lstm::CellForwardT<F8> f = lstm::cell_forward<VecMath, F8>(
+        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[3]), load8(a[4]));
+    store8(a[0], f.i);
+    store8(a[1], f.f);
+    store8(a[2], f.g);
+    store8(a[3], f.o);
+    store8(a[5], f.c);
+    store8(a[6], f.h);
+  }
+};
+
+// a: the four gate rows, c_cur, c_prev, dh, dh_head (or null), dc.
+struct BackwardLanes {
+  static FPTT_INLINE void run(float* const* a) {
+    const F8 dh_tot = a[7] ? load8(a[6]) + load8(a[7]) : load8(a[6]);
+    const lstm::CellBackwardT<F8> d = lstm::cell_backward<VecMath, F8>(
+        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[3]), load8(a[4]), load8(a[5]), dh_tot,
+        load8(a[8]));
+    store8(a[0], d.d_ai);
+    store8(a[1], d.d_af);
+    store8(a[2], d.d_ag);
+    store8(a[3], d.d_ao);
+    store8(a[8], d.dc_prev);
+  }
+};
+
+// One row of the step's gates (G = 4H: i, f, g, o pre-activations, activated in place)
+// and its new cell state and output.
+FPTT_CPU_CLONES void gate_row_forward(float* row, const float* c_prev, float* c_new, float* h_new,
+                                      int64_t H) {
+  float* const arrays[7] = {row, row + H, row + 2 * H, row + 3 * H, const_cast<float*>(c_prev),
+                            c_new, h_new};
+  for_lanes<7, ForwardLanes>(arrays, H);
+}
+
+// One row backward: the activated gates become the pre-activation gradients, dc the
+// gradient on the previous cell state. dh_head: the head's gradient on h, or null.
+FPTT_CPU_CLONES void gate_row_backward(float* row, const float* c_cur, const float* c_prev,
+                                       const float* dh, const float* dh_head, float* dc,
+                                       int64_t H) {
+  float* const arrays[9] = {row, row + H, row + 2 * H, row + 3 * H, const_cast<float*>(c_cur),
+                            const_cast<float*>(c_prev), const_cast<float*>(dh),
+                            const_cast<float*>(dh_head), dc};
+  for_lanes<9, BackwardLanes>(arrays, H);
+}
+
 // Below this many elements a loop runs on the calling thread: waking the OpenMP team
 // costs more than the work (and much more on a busy machine).
 constexpr int64_t kParallelMin = 1 << 15;
@@ -42,19 +179,6 @@ inline void for_each(int64_t n, bool parallel, const F& f) {
     for (int64_t k = 0; k < n; ++k) f(k);
   } else {
     for (int64_t k = 0; k < n; ++k) f(k);
-  }
-}
-
-// f(b, j) for b in [0, rows), j in [0, cols): likewise, the team splitting the (b, j) pairs.
-template <class F>
-inline void for_each_2d(int64_t rows, int64_t cols, bool parallel, const F& f) {
-  if (parallel) {
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t b = 0; b < rows; ++b)
-      for (int64_t j = 0; j < cols; ++j) f(b, j);
-  } else {
-    for (int64_t b = 0; b < rows; ++b)
-      for (int64_t j = 0; j < cols; ++j) f(b, j);
   }
 }
 
@@ -89,12 +213,28 @@ inline void call(const Gemm& g, int ta, int tb, int64_t M, int64_t N, int64_t K,
   (g.fn ? g.fn : gemm_builtin)(g.ctx, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
-// out[j] = sum over rows r of A[r, j] (A is [rows, cols]); fixed order, in double.
+// Columns per block of column_sums: its running sums (doubles) stay in L1.
+constexpr int64_t kColumnBlock = 256;
+
+// The sums of one block of columns [j0, j1), row after row (A read in its memory order;
+// the column-at-a-time loop strode A by `cols` floats and was a third of a segment step).
+FPTT_CPU_CLONES void column_block_sums(const float* A, int64_t rows, int64_t cols, int64_t j0,
+                                       int64_t j1, float* out) {
+  double s[kColumnBlock] = {};
+  const int64_t n = j1 - j0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = A + r * cols + j0;
+    for (int64_t j = 0; j < n; ++j) s[j] += row[j];
+  }
+  for (int64_t j = 0; j < n; ++j) out[j0 + j] = float(s[j]);
+}
+
+// out[j] = sum over rows r of A[r, j] (A is [rows, cols]), in double, each column summed
+// in row order: the same result whatever the blocks or threads.
 void column_sums(const float* A, int64_t rows, int64_t cols, float* out) {
-  for_each(cols, rows * cols >= kParallelMin, [&](int64_t j) {
-    double s = 0.0;
-    for (int64_t r = 0; r < rows; ++r) s += A[r * cols + j];
-    out[j] = float(s);
+  const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  for_each(blocks, rows * cols >= kParallelMin, [&](int64_t k) {
+    column_block_sums(A, rows, cols, k * kColumnBlock, std::min(cols, (k + 1) * kColumnBlock), out);
   });
 }
 
@@ -187,18 +327,8 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
     float* h_new = hs + (t + 1) * BH;
     float* c_new = cs + (t + 1) * BH;
     call(gemm, 0, 1, B, G, H, h_prev, H, a.w_hh, H, 1.f, gt, G);
-    for_each_2d(B, H, BH >= kParallelMin / 4, [&](int64_t b, int64_t j) {
-      {
-        float* row = gt + b * G;
-        const lstm::CellForward f =
-            lstm::cell_forward(row[j], row[H + j], row[2 * H + j], row[3 * H + j], c_prev[b * H + j]);
-        row[j] = f.i;
-        row[H + j] = f.f;
-        row[2 * H + j] = f.g;
-        row[3 * H + j] = f.o;
-        c_new[b * H + j] = f.c;
-        h_new[b * H + j] = f.h;
-      }
+    for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
+      gate_row_forward(gt + b * G, c_prev + b * H, c_new + b * H, h_new + b * H, H);
     });
   }
   memcpy(a.h_out, hs + T * BH, sizeof(float) * BH);
@@ -222,19 +352,9 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
     const float* c_prev = cs + t * BH;
     const float* c_cur = cs + (t + 1) * BH;
     const float* dh_head = a.per_step ? dhead + t * BH : (t == T - 1 ? dhead : nullptr);
-    for_each_2d(B, H, BH >= kParallelMin / 4, [&](int64_t b, int64_t j) {
-      {
-        float* row = gt + b * G;
-        const int64_t e = b * H + j;
-        const float dh_tot = dh[e] + (dh_head ? dh_head[e] : 0.f);
-        const lstm::CellBackward d = lstm::cell_backward(
-            row[j], row[H + j], row[2 * H + j], row[3 * H + j], c_cur[e], c_prev[e], dh_tot, dc[e]);
-        row[j] = d.d_ai;
-        row[H + j] = d.d_af;
-        row[2 * H + j] = d.d_ag;
-        row[3 * H + j] = d.d_ao;
-        dc[e] = d.dc_prev;
-      }
+    for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
+      gate_row_backward(gt + b * G, c_cur + b * H, c_prev + b * H, dh + b * H,
+                        dh_head ? dh_head + b * H : nullptr, dc + b * H, H);
     });
     if (t > 0) call(gemm, 0, 0, B, H, G, gt, G, a.w_hh, H, 0.f, dh, H);  // dh_{t-1}
   }

@@ -12,6 +12,10 @@
 
 #if defined(__CUDACC__)
 #define FPTT_LSTM_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always inlined: the CPU step calls them on GCC vectors from its per-ISA clones
+// (csrc/cpu/lstm_segment.cpp), where a call would cross calling conventions
+#define FPTT_LSTM_HD inline __attribute__((always_inline))
 #else
 #define FPTT_LSTM_HD inline
 #endif
@@ -26,34 +30,47 @@ enum LossCode { LOSS_MSE = 0, LOSS_CE = 1 };
 // torch's sigmoid, written with exp (as the Triton interpreter must).
 FPTT_LSTM_HD float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 
-// The activated gates and the new cell state and output of one element.
-struct CellForward {
-  float i, f, g, o, c, h;
+// The activations the cell math below is written over: libm's here (the CUDA kernels);
+// the CPU step passes its vectorisable ones (csrc/cpu/lstm_segment.cpp, VecMath).
+struct LibmMath {
+  static FPTT_LSTM_HD float sigmoid(float x) { return sigmoidf_(x); }
+  static FPTT_LSTM_HD float tanh(float x) { return tanhf(x); }
 };
 
-FPTT_LSTM_HD CellForward cell_forward(float a_i, float a_f, float a_g, float a_o, float c_prev) {
-  CellForward r;
-  r.i = sigmoidf_(a_i);
-  r.f = sigmoidf_(a_f);
-  r.g = tanhf(a_g);
-  r.o = sigmoidf_(a_o);
+// The activated gates and the new cell state and output of one element (T = float), or
+// of a vector of elements (the CPU step's T, a GCC vector of floats, with M's math on it).
+template <class T>
+struct CellForwardT {
+  T i, f, g, o, c, h;
+};
+using CellForward = CellForwardT<float>;
+
+template <class M = LibmMath, class T = float>
+FPTT_LSTM_HD CellForwardT<T> cell_forward(T a_i, T a_f, T a_g, T a_o, T c_prev) {
+  CellForwardT<T> r;
+  r.i = M::sigmoid(a_i);
+  r.f = M::sigmoid(a_f);
+  r.g = M::tanh(a_g);
+  r.o = M::sigmoid(a_o);
   r.c = r.f * c_prev + r.i * r.g;
-  r.h = r.o * tanhf(r.c);
+  r.h = r.o * M::tanh(r.c);
   return r;
 }
 
 // Gradients of one element w.r.t. the four pre-activations and the previous cell state.
-struct CellBackward {
-  float d_ai, d_af, d_ag, d_ao, dc_prev;
+template <class T>
+struct CellBackwardT {
+  T d_ai, d_af, d_ag, d_ao, dc_prev;
 };
+using CellBackward = CellBackwardT<float>;
 
 // i, f, g, o: activated gates of the step; c, c_prev: its new and previous cell state;
 // dh: total gradient on its output h; dc_next: gradient on c from the following step.
-FPTT_LSTM_HD CellBackward cell_backward(float i, float f, float g, float o, float c, float c_prev,
-                                        float dh, float dc_next) {
-  const float tc = tanhf(c);
-  const float dc = dc_next + dh * o * (1.f - tc * tc);
-  CellBackward r;
+template <class M = LibmMath, class T = float>
+FPTT_LSTM_HD CellBackwardT<T> cell_backward(T i, T f, T g, T o, T c, T c_prev, T dh, T dc_next) {
+  const T tc = M::tanh(c);
+  const T dc = dc_next + dh * o * (1.f - tc * tc);
+  CellBackwardT<T> r;
   r.d_ao = dh * tc * o * (1.f - o);
   r.d_ai = dc * g * i * (1.f - i);
   r.d_ag = dc * i * (1.f - g * g);

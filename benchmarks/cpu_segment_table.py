@@ -1,0 +1,98 @@
+"""One FPTT segment step on the CPU, every shape of issue 21's grid, all variants in one
+run (so the ratios are of the same machine state): a markdown table to stdout.
+
+    python benchmarks/cpu_segment_table.py --threads 1 [--budget 0.3] [--quick]
+
+Variants (each: one update of an LSTM(I=2, H) + Linear(H, 1) head over a segment of omega
+steps, B sequences, MSE on the last step, Adam 1e-3, clip 1):
+  fused_cpu   fptt_fast.FPTTLSTM(backend="cpu").train_segment: one C++ call
+  fused_ref   FPTTLSTM(backend="reference"): autograd through the reference math + FPTT
+  authors     the authors' pattern on nn.LSTM (oneDNN): regulariser in the loss, backward,
+              clip_grad_norm_, torch Adam, Python post-update (authors_reference.py)
+  lstm_only   nn.LSTM + head forward and backward alone (no update): a floor
+Each time is the median over rounds of the per-call mean, a round lasting about --budget s.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fptt_fast  # noqa: E402
+from authors_reference import AuthorsFPTT  # noqa: E402
+
+OMEGAS, HIDDENS, BATCHES = (1, 20, 100), (32, 128, 512), (32, 128)
+
+
+def make(variant, H, B, omega):
+    x, y = torch.randn(omega, B, 2), torch.randn(B, 1)
+    if variant.startswith("fused_"):
+        m = fptt_fast.FPTTLSTM(2, H, 1, lr=1e-3, clip=1.0,
+                               backend={"fused_cpu": "cpu", "fused_ref": "reference"}[variant])
+        return lambda: m.train_segment(x, y)
+    lstm, head = nn.LSTM(2, H), nn.Linear(H, 1)
+    params = [*lstm.parameters(), *head.parameters()]
+
+    def loss():
+        out, _ = lstm(x)
+        return F.mse_loss(head(out[-1]), y)
+    if variant == "lstm_only":
+        def step():
+            for p in params:
+                p.grad = None
+            loss().backward()
+        return step
+    authors = AuthorsFPTT(params, lr=1e-3, clip=1.0)
+
+    def step():
+        authors.opt.zero_grad(set_to_none=False)
+        authors.finish(loss())
+    return step
+
+
+def time_call(fn, budget, rounds=5):
+    for _ in range(2):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    inner = max(1, int(budget / max(one, 1e-6)))
+    means = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        means.append((time.perf_counter() - t0) / inner)
+    return statistics.median(means)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--budget", type=float, default=0.3, help="seconds per round")
+    ap.add_argument("--quick", action="store_true", help="omega 20, H 128, B 128 only")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
+    variants = ("fused_cpu", "fused_ref", "authors", "lstm_only")
+    grid = [(20, 128, 128)] if a.quick else [(w, h, b) for w in OMEGAS for h in HIDDENS for b in BATCHES]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{os.cpu_count()} CPUs; ms per segment step")
+    print("| omega | H | B | " + " | ".join(variants) + " | fused_cpu / min(fused_ref, authors) |")
+    print("|---|---|---|" + "---|" * (len(variants) + 1))
+    for omega, H, B in grid:
+        torch.manual_seed(0)
+        t = {v: time_call(make(v, H, B, omega), a.budget) for v in variants}
+        ratio = t["fused_cpu"] / min(t["fused_ref"], t["authors"])
+        print(f"| {omega} | {H} | {B} | " + " | ".join(f"{t[v] * 1e3:.3f}" for v in variants)
+              + f" | {ratio:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
