@@ -15,6 +15,9 @@ import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 QUICK = os.environ.get("FPTT_BENCH_QUICK", "1" if DEVICE == "cpu" else "0") == "1"
+# CPU threads: 1 unless FPTT_BENCH_THREADS says otherwise, as the command line does (README,
+# "Threads"); the report prints the count.
+torch.set_num_threads(int(os.environ.get("FPTT_BENCH_THREADS", "1")))
 
 
 def sync():

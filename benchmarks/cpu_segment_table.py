@@ -1,7 +1,7 @@
 """One FPTT segment step on the CPU, every shape of issue 21's grid, all variants in one
 run (so the ratios are of the same machine state): a markdown table to stdout.
 
-    python benchmarks/cpu_segment_table.py --threads 1 [--budget 0.3] [--quick]
+    python benchmarks/cpu_segment_table.py --threads 1 [--budget 0.3] [--quick | --batches]
 
 Variants (each: one update of an LSTM(I=2, H) + Linear(H, 1) head over a segment of omega
 steps, B sequences, MSE on the last step, Adam 1e-3, clip 1):
@@ -56,6 +56,38 @@ def make(variant, H, B, omega):
     return step
 
 
+def make_batch(variant, H, B, T, K):
+    """One batch of T steps: FPTT over K segments (fused_cpu: train_sequence; authors: their
+    pattern per segment, state carried detached), or one BPTT step (nn.LSTM, Adam, clip)."""
+    x, y = torch.randn(T, B, 2), torch.randn(B, 1)
+    if variant == "fused_cpu":
+        m = fptt_fast.FPTTLSTM(2, H, 1, lr=1e-3, clip=1.0, backend="cpu")
+        return lambda: m.train_sequence(x, y, K)
+    lstm, head = nn.LSTM(2, H), nn.Linear(H, 1)
+    params = [*lstm.parameters(), *head.parameters()]
+    if variant == "bptt":
+        opt = torch.optim.Adam(params, lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            out, _ = lstm(x)
+            F.mse_loss(head(out[-1]), y).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+        return step
+    authors = AuthorsFPTT(params, lr=1e-3, clip=1.0)
+    bounds = fptt_fast.reference.segment_bounds(T, K)
+
+    def step():
+        state = None
+        for p, (a, b) in enumerate(bounds):
+            authors.opt.zero_grad(set_to_none=False)
+            out, state = lstm(x[a:b], state)
+            authors.finish((p + 1) / K * F.mse_loss(head(out[-1]), y))
+            state = (state[0].detach(), state[1].detach())
+    return step
+
+
 def time_call(fn, budget, rounds=5):
     for _ in range(2):
         fn()
@@ -77,9 +109,23 @@ def main():
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--budget", type=float, default=0.3, help="seconds per round")
     ap.add_argument("--quick", action="store_true", help="omega 20, H 128, B 128 only")
+    ap.add_argument("--batches", action="store_true",
+                    help="instead: whole batches, T=1000, H=128, B=128, K in (10, 1000), against one "
+                         "BPTT step")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
+    if a.batches:
+        print(f"torch {torch.__version__}, {a.threads} thread(s); ms per batch of T=1000, H=128, B=128")
+        print("| K | fused_cpu | authors | bptt (one step) | fused_cpu / bptt |")
+        print("|---|---|---|---|---|")
+        for K in (10, 1000):
+            torch.manual_seed(0)
+            t = {v: time_call(make_batch(v, 128, 128, 1000, K), a.budget, rounds=3)
+                 for v in ("fused_cpu", "authors", "bptt")}
+            print(f"| {K} | " + " | ".join(f"{t[v] * 1e3:.1f}" for v in ("fused_cpu", "authors", "bptt"))
+                  + f" | {t['fused_cpu'] / t['bptt']:.2f} |", flush=True)
+        return
     variants = ("fused_cpu", "fused_ref", "authors", "lstm_only")
     grid = [(20, 128, 128)] if a.quick else [(w, h, b) for w in OMEGAS for h in HIDDENS for b in BATCHES]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "

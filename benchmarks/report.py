@@ -41,7 +41,8 @@ def summarise(raw):
 
 
 def markdown(summary):
-    lines = [f"device: {summary['device']}, torch {summary['torch']}, copy bandwidth "
+    lines = [f"device: {summary['device']}, torch {summary['torch']}, {summary['threads']} CPU "
+             f"thread(s), copy bandwidth "
              f"{summary['copy_GBps']} GB/s (read+write), measured {summary['datetime']}"
              + (" (quick mode)" if summary["quick"] else ""), "",
              "| group | variant | us/call | x authors | x reference | GB/s @44B | of copy BW |",

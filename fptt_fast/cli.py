@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter,
                        description="FPTT.step throughput per backend vs the reference.")
     b.add_argument("--device", default="auto", choices=train.DEVICES, help="where to time")
-    b.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
+    b.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1, as train and compare: see README, \"Threads\")")
     b.add_argument("--budget", type=float, default=0.6, help="seconds per measurement")
     return parser
 
