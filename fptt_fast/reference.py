@@ -73,6 +73,10 @@ def validate_hyper(h: dict, optimizer: str) -> None:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if _finite_number("alpha", h["alpha"]) < 0:
         raise ValueError(f"alpha must be >= 0 (0: the regulariser off), got {h['alpha']}")
+    if h["alpha"] > 0 and float(torch.tensor(float(h["alpha"]), dtype=torch.float32)) == 0:
+        # the kernels read float32 and would see the regulariser off; the reference would not
+        raise ValueError(f"alpha={h['alpha']} is 0 in float32 (below ~1.4e-45): give 0 to turn the "
+                         f"regulariser off, or a larger alpha")
     beta = _finite_number("beta", h["beta"])
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")

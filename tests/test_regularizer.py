@@ -169,7 +169,7 @@ def test_state_dict_without_decoupled_loads_as_coupled():
     assert opt.param_groups[0]["decoupled"] is False
 
 
-@pytest.mark.parametrize("bad", [-0.1, float("nan")])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), 1e-46])
 def test_bad_alpha_is_refused(bad):
     with pytest.raises(ValueError, match="alpha"):
         fptt_fast.FPTT([torch.randn(3)], alpha=bad)
