@@ -212,7 +212,7 @@ COMPARE_MANIFEST = "compare.json"
 COMPARE_FILES = ("compare.csv", "compare.png", "summary.csv", COMPARE_MANIFEST)
 COMPARE_FORMAT = "fptt_fast.compare/1"
 # What --resume DIR lets a compare change: how long and how it runs, not what it trains.
-RESUME_MAY_GIVE = ("steps", "jobs", "threads", "no_progress")
+RESUME_MAY_GIVE = ("steps", "jobs", "threads", "no_progress", "data_dir")
 # What a variant may change (--variant LABEL:KEY=VALUE,...): how a run learns, not the task.
 VARIANT_KEYS = ("algo", "protocol", "weights", "lstm", "alpha", "beta", "rho", "decoupled", "lr", "clip", "K",
                 "backend")
@@ -510,19 +510,52 @@ def _set_threads(threads) -> None:
     torch.set_flush_denormal(True)
 
 
+# A compare worker's stop flags (--jobs): the parent's, set once SIGINT stopped the
+# compare, and the worker's own, set when a SIGINT reached one of its runs.
+_STOP = None
+_INTERRUPTED = False
+
+
+def _compare_worker_init(stop) -> None:
+    """A --jobs worker: a SIGINT between runs (or while one is being built) is remembered,
+    not raised, and no run starts after it; during fit the run's own handler takes it
+    (the run saves at its step boundary). `stop`: the parent's flag, likewise."""
+    import signal
+
+    def remember(signum, frame):
+        global _INTERRUPTED
+        _INTERRUPTED = True
+
+    global _STOP
+    signal.signal(signal.SIGINT, remember)
+    _STOP = stop
+
+
+def _stopped() -> bool:
+    return _INTERRUPTED or (_STOP is not None and _STOP.is_set())
+
+
 def _compare_job(cfg_fields: dict, out_dir: str, threads, download: bool, label: str,
                  checkpoint: str | None) -> tuple:
     """One run of a compare in a worker process (--jobs): (history, backend line, final
-    line), or None if SIGINT stopped it (its checkpoint saved at the step boundary)."""
+    line), or None if SIGINT stopped it (its checkpoint saved at the step boundary) or
+    the compare was stopped before it started."""
     from .train import Config, Interrupted, Run, load_checkpoint
 
+    global _INTERRUPTED
+    if _stopped():
+        return None
     _set_threads(threads)
     run = Run(Config(**cfg_fields), load_checkpoint(checkpoint) if checkpoint else None,
               download=download)
+    if _stopped():
+        return None
     try:
         run.fit(out_dir, progress=False)
     except Interrupted:
+        _INTERRUPTED = True  # this worker saw the SIGINT: it starts no other run
         return None
+    _INTERRUPTED = run.interrupted_at_end
     return run.history, _backend_line(run), _final_line(run, label)
 
 
@@ -584,8 +617,9 @@ def _compare_plan(args) -> tuple:
     if extra:
         options = ", ".join("--" + k.replace("_", "-") for k in extra)
         raise UsageError(f"--resume takes the compare's settings from {COMPARE_MANIFEST}: leave out "
-                         f"{options} (only --steps, --jobs, --threads, --no-progress may change)")
-    given = {**m["given"], **({"steps": args.steps} if args.steps is not None else {})}
+                         f"{options} (only --steps, --jobs, --threads, --no-progress, --data-dir may change)")
+    given = {**m["given"], **{k: getattr(args, k) for k in ("steps", "data_dir")
+                              if getattr(args, k) is not None}}
     return m["task"], given, m["paper"], m["variants"], m["seeds"], args.resume
 
 
@@ -665,6 +699,10 @@ def cmd_compare(args) -> int:
                     e.resume = resume_command
                     raise
                 results[key] = (run.history, _final_line(run, label(key)))
+                if run.interrupted_at_end and len(results) < len(folders):
+                    e = Interrupted(None, out)  # SIGINT in the run's last step: stop here
+                    e.resume = resume_command
+                    raise e
         else:
             runs.clear()  # each worker builds its own
             results.update(_compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download,
@@ -690,9 +728,10 @@ def cmd_compare(args) -> int:
 
 def _compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download, label, say,
                         resume_command) -> dict:
-    """The runs `todo` in --jobs worker processes; {key: (history, final line)}. SIGINT:
-    the runs under way save at their step boundary, the ones not started are cancelled,
-    then Interrupted (with the command that finishes the compare)."""
+    """The runs `todo` in --jobs worker processes; {key: (history, final line)}. SIGINT
+    (Ctrl-C reaches the workers too): the runs under way save at their step boundary, the
+    ones not started do not start (cancelled, or stopped by the shared flag), then
+    Interrupted (with the command that finishes the compare)."""
     import concurrent.futures
     import dataclasses
     import multiprocessing
@@ -703,8 +742,10 @@ def _compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download, la
 
     results, stopped = {}, False
     ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
     with _sigint_at_step_boundary() as interrupted, \
-            concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_compare_worker_init,
+                                                   initargs=(stop,)) as pool:
         futures = {pool.submit(_compare_job, dataclasses.asdict(cfgs[key]),
                                os.path.join(out, folders[key]), args.threads, download, label(key),
                                ckpt_paths.get(key)): key for key in todo}
@@ -728,6 +769,7 @@ def _compare_in_workers(args, cfgs, todo, folders, out, ckpt_paths, download, la
                 results[key] = (history, final_line)
             if interrupted() or stopped:
                 stopped = True
+                stop.set()  # the runs queued in the workers return at once
                 for f in pending:
                     f.cancel()
     if stopped:

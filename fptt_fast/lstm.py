@@ -392,9 +392,11 @@ class FPTTLSTM(nn.Module):
             raise ValueError(f"x must be batch-first [B >= 1, omega >= 1, I={I}] (batch_first=True), "
                              f"got shape {tuple(x.shape)}")
         if self.per_step and isinstance(target, torch.Tensor):
-            if tuple(target.shape[:2]) != tuple(x.shape[:2]):
-                raise ValueError(f"per-step target must start with x's [B, omega] = {list(x.shape[:2])} "
-                                 f"(batch_first=True), got shape {tuple(target.shape)}")
+            want = tuple(x.shape[:2]) + ((self.output_size,) if self.loss == "mse" else ())
+            if tuple(target.shape) != want:
+                what = "[B, omega, O]" if self.loss == "mse" else "[B, omega]"
+                raise ValueError(f"per-step {self.loss} target must have shape {what} = {list(want)} "
+                                 f"(batch_first=True), got {tuple(target.shape)}")
             target = target.transpose(0, 1).contiguous()
         return x.transpose(0, 1).contiguous(), target
 
@@ -600,6 +602,8 @@ class FPTTLSTM(nn.Module):
         else:
             self._check_layout(target, x.shape[0], x.shape[1])
         bounds = reference.segment_bounds(x.shape[0], int(K))
+        if self.per_step and weights != "ramp":
+            raise ValueError(f"weights={weights!r} weighs terminal segments; per-step segments weigh 1")
         seg_weights = reference.segment_weights(len(bounds), weights)
         # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one
         # launch); their kernels weight the segments by the ramp

@@ -175,6 +175,16 @@ class FPTT(torch.optim.Optimizer):
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except (TypeError, ValueError):
+            self.param_groups.pop()  # the optimiser stays as it was
+            raise
+        if self.flat_state is not None:  # a group added after construction
+            self._build_state()
+
+    def _check_group(self, group):
+        """A new group's hyper-parameters and parameters, checked against the others."""
         reference.validate_hyper(group, self.base)
         group["betas"] = tuple(group["betas"])
         for p in group["params"]:
@@ -188,8 +198,14 @@ class FPTT(torch.optim.Optimizer):
                                  f"with strides {p.stride()}")
             if p.is_sparse:
                 raise ValueError("FPTT does not support sparse parameters")
-        if self.flat_state is not None:  # a group added after construction
-            self._build_state()
+        others = [q for g in self.param_groups[:-1] for q in g["params"]]
+        mine = group["params"]
+        if others and mine and mine[0].dtype != others[0].dtype:
+            raise TypeError(f"FPTT keeps one flat state per slot: all parameters of one dtype, got "
+                            f"a group of {mine[0].dtype} for parameters of {others[0].dtype}")
+        if others and mine and mine[0].device != others[0].device:
+            raise ValueError(f"FPTT needs all parameters on one device, got a group on "
+                             f"{mine[0].device} for parameters on {others[0].device}")
 
     def _params(self):
         return [p for g in self.param_groups for p in g["params"]]
@@ -584,8 +600,9 @@ class FPTT(torch.optim.Optimizer):
         self._seen_skipped = count
         if new > 0 and self.nonfinite == "raise":
             raise FloatingPointError(
-                f"FPTT step on {self.backend}: {new} step(s) had a gradient holding inf or NaN; "
-                "they updated nothing. Use nonfinite='skip' to skip such steps silently.")
+                f"FPTT step on {self.backend}: in {new} step(s) the gradient or the regulariser's "
+                "state (w_bar, lam) held inf or NaN; they updated nothing. Use nonfinite='skip' to "
+                "skip such steps silently.")
 
     def check_finite(self):
         """Wait for the last step and raise if its gradient was not finite ('raise')."""

@@ -201,8 +201,8 @@ def fptt_update_(params, grads, states, hypers, optimizer: str, clip=None, nonfi
     if not torch.isfinite(norm):
         if nonfinite == "raise":
             raise FloatingPointError(
-                "FPTT step: the gradient holds inf or NaN (global norm is "
-                f"{norm.item()}); nothing was updated")
+                "FPTT step: the gradient or the regulariser's state (w_bar, lam) holds inf or "
+                f"NaN (global norm is {norm.item()}); nothing was updated")
         return norm, True
     for w, g, ri, s, h in zip(params, g_in, r, states, hypers):
         g = g * coef
@@ -400,6 +400,8 @@ def train_sequence_fptt(model, opt, x, target, K, loss="mse", per_step=False, st
     Returns the list of unweighted segment losses (detached)."""
     if state is None:
         state = model.lstm.zero_state(x.shape[1], x.device, x.dtype)
+    if per_step and weights != "ramp":
+        raise ValueError(f"weights={weights!r} weighs terminal segments; per-step segments weigh 1")
     losses = []
     seg_weights = segment_weights(K, weights)
     for p, (a, b) in enumerate(segment_bounds(x.shape[0], K)):

@@ -535,9 +535,14 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                        decoupled=cfg.decoupled, clip=cfg.clip)
         authors = cfg.algo == "fptt" and cfg.protocol == "authors"
         if cfg.algo == "fptt" and backend != "reference" and cfg.lstm == "fused":
+            if cfg.layers > 1 and cfg.backend != "auto":
+                raise UsageError(f"--layers {cfg.layers}: the fused segment steps are single-layer; "
+                                 f"stacked layers run the reference segment math with the fused "
+                                 f"update: leave --backend out (auto), or give --backend reference")
             try:  # (stacked layers: FPTTLSTM picks the segment math and update for "auto")
                 model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
-                                 backend="auto" if cfg.layers > 1 and cfg.backend == "auto" else backend, device=device, num_layers=cfg.layers,
+                                 backend="auto" if cfg.layers > 1 else backend, device=device,
+                                 num_layers=cfg.layers,
                                  process_group=dist.pg if dist is not None else None, **fptt_kw)
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
@@ -952,6 +957,7 @@ class Run:
         self.trainer = make_trainer(cfg, self.task, self.device, dist)
         self.gen = torch.Generator().manual_seed(cfg.seed + DATA_SEED_OFFSET)
         self.step, self.elapsed, self.history = 0, 0.0, []
+        self.interrupted_at_end = False
         if checkpoint is not None:
             self._restore(checkpoint)
         if dist is not None:  # the same command line and checkpoint step on every rank
@@ -1033,6 +1039,9 @@ class Run:
             if self.is_main:
                 plot_curves(os.path.join(out_dir, LOSS_PNG), {cfg.algo: self.history},
                             self.task.metric, cfg.describe())
+            # a SIGINT during the last step or the final save: the run is whole, a caller
+            # with more runs to go (compare) stops after it
+            self.interrupted_at_end = interrupted()
         return self.history
 
     def _loop(self, bar, start, csv_path, save_path, interrupted) -> None:

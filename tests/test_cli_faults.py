@@ -295,7 +295,7 @@ def test_sigint_hint_of_a_bptt_run_works(tmp_path):
 # A compare of two variants, one seed: run "a" then run "b" (one job) or both at once (two).
 COMPARE_RUN = ["compare", "add", "--T", "12", "--K", "3", "--hidden", "8", "--batch", "8", "--eval-every",
                "50", "--steps", str(STEPS), "--no-progress", "--variant", "a:alpha=0",
-               "--variant", "b:algo=bptt"]
+               "--variant", "b:algo=bptt", "--variant", "c:alpha=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -307,9 +307,10 @@ def uninterrupted_compare(tmp_path_factory):
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_sigint_during_compare_resumes_bitwise(tmp_path, uninterrupted_compare, jobs):
-    """Ctrl-C (SIGINT to the process group, workers included) during a compare: exit 130
-    and a hint; the hint's command finishes every run, bitwise the uninterrupted compare,
-    and writes the compare's files."""
+    """Ctrl-C (SIGINT to the process group, workers included) during a compare of three
+    runs: exit 130 and a hint; the runs under way saved, the third (with two jobs: queued
+    in the pool) never started; the hint's command finishes every run, bitwise the
+    uninterrupted compare, and writes the compare's files."""
     proc = subprocess.Popen([sys.executable, "-m", "fptt_fast", *COMPARE_RUN, "--out", "cmp",
                              "--jobs", str(jobs)], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -320,8 +321,10 @@ def test_sigint_during_compare_resumes_bitwise(tmp_path, uninterrupted_compare, 
     assert not (tmp_path / "cmp" / "compare.csv").exists()
     hint = err.strip().split("(continue with: ")[1].rstrip(")")
     assert hint == "fptt-fast compare --resume cmp"
-    ok(run_script(*hint.split()[1:], cwd=tmp_path))
-    for run in ("a", "b"):
+    assert not (tmp_path / "cmp" / "c" / "checkpoint.pt").exists()  # the third never started
+    second = ok(run_script(*hint.split()[1:], cwd=tmp_path))
+    assert "compare a, b, c on seeds 0: 3 runs of 2000 batches (0 complete, " in second.stdout, second.stdout
+    for run in ("a", "b", "c"):
         assert_same_run(tmp_path / "cmp" / run, uninterrupted_compare / run)
     drop = lambda rs: [{k: v for k, v in r.items() if "elapsed" not in k} for r in rs]  # noqa: E731
     assert drop(rows(tmp_path / "cmp" / "compare.csv")) == drop(rows(uninterrupted_compare / "compare.csv"))

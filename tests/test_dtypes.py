@@ -71,3 +71,11 @@ def test_mixed_dtypes_and_float64_on_a_kernel_are_refused():
     with pytest.raises(TypeError, match="backend 'cpu' computes in float32; float64 parameters run "
                                         "on backend='reference'"):
         fptt_fast.FPTT([torch.randn(3, dtype=torch.float64)], backend="cpu")
+    # a later group of another dtype is refused and leaves the optimiser as it was
+    p = torch.randn(3)
+    opt = fptt_fast.FPTT([p], backend="reference")
+    with pytest.raises(TypeError, match="a group of torch.float64 for parameters of torch.float32"):
+        opt.add_param_group({"params": [torch.randn(2, dtype=torch.float64)]})
+    assert len(opt.param_groups) == 1
+    p.grad = torch.randn(3)
+    opt.step()

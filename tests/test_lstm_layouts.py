@@ -88,8 +88,13 @@ def test_layout_errors_speak_the_callers_layout():
     with pytest.raises(ValueError, match="x is read time-major .* batch_first=True"):
         m.train_segment(torch.randn(B + 3, B, I), torch.randn(B + 3, O))  # batch-first x
     bf = fptt_fast.FPTTLSTM(I, H, O, per_step=True, batch_first=True, backend="cpu")
-    with pytest.raises(ValueError, match=r"must start with x's \[B, omega\] = \[5, 4\]"):
+    with pytest.raises(ValueError, match=r"target must have shape \[B, omega, O\] = \[5, 4, 2\] "
+                                         r"\(batch_first=True\), got \(4, 5, 2\)"):
         bf.train_segment(torch.randn(B, 4, I), torch.randn(4, B, O))
+    with pytest.raises(ValueError, match=r"= \[5, 4, 2\] \(batch_first=True\), got \(5, 4, 3\)"):
+        bf.train_segment(torch.randn(B, 4, I), torch.randn(B, 4, O + 1))
+    with pytest.raises(ValueError, match="per-step segments weigh 1"):
+        bf.train_sequence(torch.randn(B, 4, I), torch.randn(B, 4, O), 2, weights="authors")
     with pytest.raises(ValueError, match=r"batch-first \[B >= 1, omega >= 1, I=3\]"):
         bf(torch.randn(B, 4))
     with pytest.raises(ValueError, match="batch_first must be True or False"):
