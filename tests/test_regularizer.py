@@ -138,11 +138,14 @@ def test_fused_update_matches_reference(backend, kw, fresh_seed):
 @pytest.mark.parametrize("mode", ["alpha0", "decoupled"])
 def test_lstm_segment_step_matches_reference(backend, mode, fresh_seed):
     """FPTTLSTM's fused segment step (cpu: one C++ call; triton, cuda: one launch) in
-    both modes, from a random FPTT state, segment after segment."""
+    both modes, from a random FPTT state, segment after segment. SGD with momentum: the
+    two sides' gradients differ by rounding, and Adam turns that into a step of up to lr
+    where a gradient is near zero (seed 555 went 2 % over the tolerance that way); Adam's
+    own step in both modes is test_fused_update_matches_reference's, on equal gradients."""
     dev = backend_device(backend, "lstm")
     opt = dict(alpha=0.0) if mode == "alpha0" else dict(decoupled=True, rho=0.5, alpha=0.4)
-    pair = LSTMPair(backend, 3, 7, 2, loss="mse", device=dev, fptt_state=0.5, lr=1e-2,
-                    clip=1.0, **opt)
+    pair = LSTMPair(backend, 3, 7, 2, loss="mse", device=dev, fptt_state=0.5, lr=0.05,
+                    optimizer="sgd", momentum=0.9, clip=1.0, **opt)
     pair.run(4, [3, 1, 5] if interpreted(backend) else [3, 1, 5, 2, 4, 6, 1, 3, 2, 5],
              state_tol=TOL_MATMUL)
 
