@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fptt_fast
 
-from .utils import FUSED, TOL_UPDATE, backend_device, interpreted, scaled_err
+from .utils import TOL_UPDATE, backend_device, interpreted, scaled_err
 
 I, H, O, B = 3, 9, 2, 5
 
