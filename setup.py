@@ -4,7 +4,8 @@ The C++ CPU kernels (OpenMP) are always built when torch is importable at build
 time (install with --no-build-isolation so the build sees your torch). The CUDA
 kernels are added when torch has CUDA and nvcc is found; FPTT_FAST_CUDA=1 forces
 them, FPTT_FAST_CUDA=0 leaves them out. FPTT_FAST_NO_EXT=1 skips the extension:
-the package then runs on its reference and Triton backends only.
+the package then runs on its reference and Triton backends only. FPTT_FAST_TUNING=1
+adds the persistent CUDA kernel's tuning entry points (benchmarks/persistent_check.py).
 """
 import glob
 import os
@@ -39,8 +40,11 @@ def extension_modules():
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if use_cuda:
         sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda_glue/*.cpp")
+        macros = [("FPTT_WITH_CUDA", None)]
+        if os.environ.get("FPTT_FAST_TUNING") == "1":
+            macros.append(("FPTT_PERSISTENT_TUNING", None))
         ext = cpp_extension.CUDAExtension(
-            "fptt_fast._C", sources, define_macros=[("FPTT_WITH_CUDA", None)],
+            "fptt_fast._C", sources, define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
             **kwargs)
     else:

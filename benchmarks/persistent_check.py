@@ -332,7 +332,14 @@ def main():
             cases = cases[:4]
         rows = correctness(cases)
     print(f"correctness: {time.time() - t0:.1f} s", flush=True)
-    prof = profiles()
+    # the phase stamps and experiment bits exist only in a tuning build (FPTT_FAST_TUNING=1)
+    tuning = hasattr(ext, "_lstm_persistent_profile")
+    if not tuning:
+        print("phase profile and experiments skipped: fptt_fast._C was built without "
+              "FPTT_FAST_TUNING=1", flush=True)
+    if args.experiments and not tuning:
+        raise SystemExit("--experiments needs a build with FPTT_FAST_TUNING=1")
+    prof = profiles() if tuning else {}
     exps = experiments() if args.experiments else {}
     res = [] if args.experiments else timings(args.quick)
     os.makedirs(args.out, exist_ok=True)

@@ -1,7 +1,7 @@
 // Bindings of the LSTM segment step on the CPU: checks, then in one call the forward/loss/
 // backward of csrc/cpu/lstm_segment.cpp and the fused FPTT update fptt::cpu::fused_update on
-// the six gradients. Two forms: lstm_segment_step_cpu (every list passed on every call) and
-// CpuLstmPlan (FPTTLSTM's hot path: the lists held, see below).
+// the six gradients. Two forms: lstm_segment_step_cpu (the whole FpttState passed on every
+// call) and CpuLstmPlan (FPTTLSTM's hot path: the state held, see below).
 //
 // GEMMs: at::mm / addmm on zero-copy views (torch's CPU BLAS, far faster than a
 // hand-written OpenMP GEMM on these shapes); builtin_gemm=True uses the torch-free
@@ -21,6 +21,7 @@
 #include "fptt_fast/lstm_segment.h"
 #include "fptt_fast/registry.h"
 #include "fptt_fast/lstm_checks.h"
+#include "fptt_fast/seam_cast.h"
 #include "fptt_fast/update_slots.h"
 
 namespace fptt {
@@ -62,31 +63,30 @@ struct SegmentOut {
   cpu::UpdateResult r{0.0, false};
 };
 
-// The segment step on checked arguments: forward/loss/backward into grads and, if `slots`
-// is not empty, the fused update on them. The workspace holds at least the floats the
-// segment needs. Shared by the list binding and the plan, so both run the same code.
+// The segment step on checked arguments: forward/loss/backward into state.grads and, if
+// `slots` is not empty, the fused update on them. The workspace holds at least the floats
+// the segment needs. Shared by the list binding and the plan, so both run the same code.
 SegmentOut run_segment(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-                       const at::Tensor& c0, const std::vector<at::Tensor>& params,
-                       const std::vector<at::Tensor>& grads, const at::Tensor& workspace,
-                       const checks::LstmDims& d, int64_t loss, bool per_step, double weight,
-                       const std::vector<cpu::UpdateSlot>& slots, int64_t optimizer,
-                       double clip, bool builtin_gemm, bool release_gil) {
+                       const at::Tensor& c0, const FpttState& s, const at::Tensor& workspace,
+                       const checks::LstmDims& d, const SegmentConfig& cfg,
+                       const std::vector<cpu::UpdateSlot>& slots, bool release_gil) {
   SegmentOut out;
   out.h = at::empty({d.B, d.H}, x.options());
   out.c = at::empty({d.B, d.H}, x.options());
 
-  cpu::LstmSegmentArgs a = checks::segment_args(x, target, h0, c0, params, grads, d, loss,
-                                                 per_step, weight);
+  cpu::LstmSegmentArgs a = checks::segment_args(x, target, h0, c0, s.params, s.grads, d,
+                                                 cfg.loss, cfg.per_step, cfg.weight);
   a.h_out = out.h.data_ptr<float>();
   a.c_out = out.c.data_ptr<float>();
   a.scratch = workspace.data_ptr<float>();
 
   auto run = [&] {
     at::NoGradGuard no_grad;
-    cpu::Gemm gemm{builtin_gemm ? nullptr : &torch_gemm, nullptr};
+    cpu::Gemm gemm{cfg.builtin_gemm ? nullptr : &torch_gemm, nullptr};
     out.loss = cpu::lstm_segment_grads(a, gemm);
     if (!slots.empty())
-      out.r = cpu::fused_update(slots.data(), int(slots.size()), int(optimizer), float(clip));
+      out.r = cpu::fused_update(slots.data(), int(slots.size()), int(s.optimizer),
+                                float(s.clip));
   };
   if (release_gil) {
     pybind11::gil_scoped_release no_gil;
@@ -108,35 +108,28 @@ void grow_workspace(at::Tensor& workspace, int64_t need) {
   }
 }
 
-// The list binding: every argument on every call, in the order of every one-segment
-// binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's train_segment) up to
-// status, then the CPU's own. (The K-segment launches, lstm_train_cuda and
-// kernels/lstm_persistent.train, take n_segs, weight and the ramp flag in place of weight.) Returns (unweighted loss, h, c); with update, the step's norm, whether it
-// was skipped and the skipped-step count are in status, as the GPU bindings write them.
-std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(
-    at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0, double weight, int64_t loss,
-    bool per_step, std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-    std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
-    std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps, at::Tensor hyper,
-    std::vector<int64_t> group_of, int64_t optimizer, double clip, at::Tensor status,
-    at::Tensor workspace, bool update, bool builtin_gemm) {
-  // Every check (lstm_checks.h, shared with the CUDA glue's and bound for tests) before
-  // any data is touched: a refused call changes nothing, not even the workspace's size.
+// The list binding: the whole state on every call. Returns (unweighted loss, h, c); with
+// config.update, the step's norm, whether it was skipped and the skipped-step count are in
+// state.status, as the GPU launches write them. segment.h_out, c_out and losses are not
+// used (new tensors are returned).
+std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(const FpttState& state,
+                                                                 const SegmentIO& segment,
+                                                                 const SegmentConfig& config,
+                                                                 at::Tensor workspace) {
+  // Every check (lstm_checks.h, shared with the CUDA glue's) before any data is touched: a
+  // refused call changes nothing, not even the workspace's size.
   int64_t need = 0;
-  const checks::LstmDims d = checks::check_lstm_segment_cpu_args(
-      x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s, s2s, steps,
-      hyper, group_of, optimizer, clip, status, workspace, update, at::kCPU, &need);
+  const checks::LstmDims d =
+      checks::check_lstm_segment_cpu_args(state, segment, config, workspace, at::kCPU, &need);
   // The only data-reading check, last: the kernel indexes the head's outputs with the classes.
-  if (loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
+  if (config.loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, segment.target, d.O);
   grow_workspace(workspace, need);
 
   std::vector<cpu::UpdateSlot> slots;
-  if (update)
-    slots = update_slots(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                         optimizer == OPT_SGD);
-  SegmentOut o = run_segment(x, target, h0, c0, params, grads, workspace, d, loss, per_step,
-                             weight, slots, optimizer, clip, builtin_gemm, /*release_gil=*/true);
-  if (update) cpu::record_step_status(status.data_ptr<float>(), o.r);
+  if (config.update) slots = update_slots(state);
+  SegmentOut o = run_segment(segment.x, segment.target, segment.h0, segment.c0, state,
+                             workspace, d, config, slots, /*release_gil=*/true);
+  if (config.update) cpu::record_step_status(state.status.data_ptr<float>(), o.r);
   return {o.loss, o.h, o.c};
 }
 
@@ -162,70 +155,59 @@ constexpr int64_t kReleaseGilMinWork = 1 << 16;
 
 class CpuLstmPlan {
  public:
-  // The arguments: lstm_segment_step_cpu's from params to status (FPTT.kernel_args), then
-  // the plan's own.
-  CpuLstmPlan(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-              std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-              std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-              std::vector<at::Tensor> steps, at::Tensor hyper, std::vector<int64_t> group_of,
-              int64_t optimizer, double clip, at::Tensor status, at::Tensor workspace,
-              pybind11::object update_plan, pybind11::object fptt, int64_t loss, bool per_step,
-              bool check_inputs, bool builtin_gemm)
-      : update_plan_(std::move(update_plan)), fptt_(std::move(fptt)), loss_(loss),
-        per_step_(per_step), check_inputs_(check_inputs), builtin_gemm_(builtin_gemm),
-        params_(std::move(params)),
-        grads_(std::move(grads)), workspace_(std::move(workspace)), w_bars_(std::move(w_bars)),
-        lams_(std::move(lams)), s1s_(std::move(s1s)), s2s_(std::move(s2s)),
-        steps_(std::move(steps)), hyper_(std::move(hyper)), status_(std::move(status)),
-        optimizer_(optimizer), clip_(clip),
-        // each parameter's row of hyper (FPTT.kernel_args' group_of); empty: all row 0
-        group_of_(group_of.empty() ? std::vector<int64_t>(params_.size(), 0)
-                                   : std::move(group_of)) {
-    FPTT_CHECK(params_.size() == 6 && grads_.size() == 6, kFn,
+  // state: the six parameters, their gradient buffers and the optimiser's FPTT state
+  // (FPTT.kernel_state; group_of may be empty: all row 0); update_plan: the optimiser's
+  // CpuUpdatePlan; fptt: the optimiser (train() only; None: no fast path); config: the loss,
+  // per_step and builtin_gemm every call runs with.
+  CpuLstmPlan(FpttState state, at::Tensor workspace, pybind11::object update_plan,
+              pybind11::object fptt, SegmentConfig config, bool check_inputs)
+      : update_plan_(std::move(update_plan)), fptt_(std::move(fptt)), cfg_(config),
+        check_inputs_(check_inputs), st_(std::move(state)), workspace_(std::move(workspace)) {
+    if (st_.group_of.empty()) st_.group_of.assign(st_.params.size(), 0);
+    if (st_.sgd() && st_.exp_avg_sq.empty()) st_.exp_avg_sq = st_.exp_avg;  // never read
+    FPTT_CHECK(st_.params.size() == 6 && st_.grads.size() == 6, kFn,
                 ": the plan takes the six parameters and their six gradient buffers");
-    FPTT_CHECK(status_.defined() && status_.device().is_cpu() &&
-                    status_.scalar_type() == at::kFloat && status_.is_contiguous() &&
-                    status_.numel() == 3,
-                kFn, ": status must be a contiguous CPU float32 tensor of 3 elements");
-    FPTT_CHECK(loss_ == cpu::LOSS_MSE || loss_ == cpu::LOSS_CE, kFn,
-                ": loss code must be 0 (mse) or 1 (ce)");
+    FPTT_CHECK(st_.status.defined() && st_.status.device().is_cpu() &&
+                    st_.status.scalar_type() == at::kFloat && st_.status.is_contiguous() &&
+                    st_.status.numel() == 3,
+                kFn, ": state.status must be a contiguous CPU float32 tensor of 3 elements");
+    FPTT_CHECK(cfg_.loss == cpu::LOSS_MSE || cfg_.loss == cpu::LOSS_CE, kFn,
+                ": config.loss must be 0 (mse) or 1 (ce)");
   }
 
   // Returns (loss, h, c, skipped-step count), or (None, None, None, code < 0) with nothing
   // done when the optimiser's plan says its groups, hyper-parameters or tensors changed.
   pybind11::tuple step(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-                       const at::Tensor& c0, double weight, int64_t loss, bool per_step,
-                       bool update, pybind11::handle groups, pybind11::handle clip,
-                       bool builtin_gemm) {
+                       const at::Tensor& c0, double weight, bool update, pybind11::handle groups,
+                       pybind11::handle clip) {
     namespace py = pybind11;
     if (const int64_t code = cpu_update_plan_check(update_plan_, groups, clip))
       return py::make_tuple(py::none(), py::none(), py::none(), code);
-    const checks::LstmDims d = checks::check_lstm_segment_common(
-        kFn, x, target, h0, c0, params_, grads_, loss, per_step, weight, at::kCPU, 0);
+    SegmentConfig cfg = cfg_;
+    cfg.weight = weight;
+    cfg.update = update;
+    const SegmentIO io{x, target, h0, c0, {}, {}, {}};
+    const checks::LstmDims d =
+        checks::check_lstm_segment_common(kFn, io, st_.params, st_.grads, cfg, at::kCPU, 0);
     if (!validated_ || (update && !validated_update_) || workspace_moved() ||
         shares_memory(x) || shares_memory(target) || shares_memory(h0) || shares_memory(c0)) {
-      checks::check_lstm_segment_cpu_args(x, target, h0, c0, weight, loss, per_step, params_,
-                                          grads_, w_bars_, lams_, s1s_, s2s_, steps_, hyper_,
-                                          group_of_, optimizer_, clip_, status_, workspace_,
-                                          update, at::kCPU, nullptr);
+      checks::check_lstm_segment_cpu_args(st_, io, cfg, workspace_, at::kCPU, nullptr);
       if (!validated_ || (update && !validated_update_)) {
         validated_ = true;
         validated_update_ = validated_update_ || update;
-        slots_ = update_slots(params_, grads_, w_bars_, lams_, s1s_, s2s_, steps_, hyper_,
-                              group_of_, optimizer_ == OPT_SGD);
+        slots_ = update_slots(st_);
       }
     }
-    if (loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
+    if (cfg.loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
     grow_workspace(workspace_, cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O,
-                                                                  per_step ? 1 : 0));
+                                                                  cfg.per_step ? 1 : 0));
     note_outputs();
     dims_ = d;
     validated_prints_ = true;
-    for (int k = 0; k < 6; ++k) grad_prints_[k] = grad_print(grads_[k]);
+    for (int k = 0; k < 6; ++k) grad_prints_[k] = grad_print(st_.grads[k]);
     at::Tensor loss_t;
     SegmentOut o;
-    const int64_t count =
-        run(x, target, h0, c0, d, loss, per_step, weight, update, builtin_gemm, &loss_t, &o);
+    const int64_t count = run(x, target, h0, c0, d, cfg, &loss_t, &o);
     return py::make_tuple(loss_t, o.h, o.c, count);
   }
 
@@ -270,13 +252,13 @@ class CpuLstmPlan {
         x.size(1) < 1)
       return py::none();
     const int64_t T = x.size(0), B = x.size(1);
-    if (loss_ == cpu::LOSS_MSE) {
+    if (cfg_.loss == cpu::LOSS_MSE) {
       if (!plain(target, at::kFloat)) return py::none();
-      if (per_step_ ? !has_sizes(target, {T, B, v.O}) : !has_sizes(target, {B, v.O}))
+      if (cfg_.per_step ? !has_sizes(target, {T, B, v.O}) : !has_sizes(target, {B, v.O}))
         return py::none();
     } else {
       if (!plain(target, at::kLong)) return py::none();
-      if (per_step_ ? !has_sizes(target, {T, B}) : !has_sizes(target, {B})) return py::none();
+      if (cfg_.per_step ? !has_sizes(target, {T, B}) : !has_sizes(target, {B})) return py::none();
     }
     const at::Tensor* h0 = nullptr;
     const at::Tensor* c0 = nullptr;
@@ -312,10 +294,10 @@ class CpuLstmPlan {
 
     // what the call writes must be as validated; the inputs must not overlap it
     for (int k = 0; k < 6; ++k)
-      if (grad_print(grads_[k]) != grad_prints_[k]) return py::none();
+      if (grad_print(st_.grads[k]) != grad_prints_[k]) return py::none();
     if (workspace_moved() || outputs_.empty()) return py::none();
     if (workspace_.numel() < cpu::lstm_segment_workspace_floats(T, B, v.I, v.H, v.O,
-                                                                per_step_ ? 1 : 0))
+                                                                cfg_.per_step ? 1 : 0))
       return py::none();
     if (shares_memory(x) || shares_memory(target) || (h0 && shares_memory(*h0)) ||
         (c0 && shares_memory(*c0)))
@@ -323,11 +305,11 @@ class CpuLstmPlan {
 
     // the data checks: Python's (check_inputs) or, without them, the kernel's own need
     if (check_inputs_) {
-      if (!all_finite(x) || (loss_ == cpu::LOSS_MSE && !all_finite(target)) ||
+      if (!all_finite(x) || (cfg_.loss == cpu::LOSS_MSE && !all_finite(target)) ||
           (h0 && (!all_finite(*h0) || !all_finite(*c0))))
         return py::none();
     }
-    if (loss_ == cpu::LOSS_CE) {
+    if (cfg_.loss == cpu::LOSS_CE) {
       const int64_t* cls = target.const_data_ptr<int64_t>();
       for (int64_t i = 0, n = target.numel(); i < n; ++i)
         if (cls[i] < 0 || cls[i] >= v.O) return py::none();
@@ -341,9 +323,11 @@ class CpuLstmPlan {
     const checks::LstmDims d{T, B, v.I, v.H, v.O};
     at::Tensor loss_t;
     SegmentOut o;
-    const int64_t before = int64_t(status_.data_ptr<float>()[2]);
-    const int64_t count = run(x, target, *h0, *c0, d, loss_, per_step_, weight, true,
-                              builtin_gemm_, &loss_t, &o);
+    const int64_t before = int64_t(st_.status.data_ptr<float>()[2]);
+    SegmentConfig cfg = cfg_;
+    cfg.weight = weight;
+    cfg.update = true;
+    const int64_t count = run(x, target, *h0, *c0, d, cfg, &loss_t, &o);
     // a skipped step (the count grew) is reported as FPTT.step reports one: report_skipped
     // raises for nonfinite="raise"
     if (count != before) fptt_.attr("report_skipped")(count);
@@ -367,16 +351,14 @@ class CpuLstmPlan {
 
   // The segment on checked arguments, and the status: the skipped-step count after it.
   int64_t run(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-              const at::Tensor& c0, const checks::LstmDims& d, int64_t loss, bool per_step,
-              double weight, bool update, bool builtin_gemm, at::Tensor* loss_t,
-              SegmentOut* o) {
+              const at::Tensor& c0, const checks::LstmDims& d, const SegmentConfig& cfg,
+              at::Tensor* loss_t, SegmentOut* o) {
     static const std::vector<cpu::UpdateSlot> kNoUpdate;
     const int64_t work = d.T * d.B * (d.I + d.H + d.O) * d.H;
-    *o = run_segment(x, target, h0, c0, params_, grads_, workspace_, d, loss, per_step, weight,
-                     update ? slots_ : kNoUpdate, optimizer_, clip_, builtin_gemm,
-                     work >= kReleaseGilMinWork);
-    float* st = status_.data_ptr<float>();
-    const int64_t count = update ? cpu::record_step_status(st, o->r) : int64_t(st[2]);
+    *o = run_segment(x, target, h0, c0, st_, workspace_, d, cfg,
+                     cfg.update ? slots_ : kNoUpdate, work >= kReleaseGilMinWork);
+    float* st = st_.status.data_ptr<float>();
+    const int64_t count = cfg.update ? cpu::record_step_status(st, o->r) : int64_t(st[2]);
     // the loss as torch.tensor(loss, dtype=torch.float32) makes it (a cast, no range check)
     *loss_t = at::empty({}, x.options());
     *loss_t->data_ptr<float>() = static_cast<float>(o->loss);
@@ -443,12 +425,12 @@ class CpuLstmPlan {
     if (!outputs_.empty() && !workspace_moved()) return;
     outputs_.clear();
     for (int k = 0; k < 6; ++k)
-      for (const at::Tensor* t : {&params_[k], &grads_[k], &w_bars_[k], &lams_[k], &s1s_[k],
-                                  &steps_[k]})
+      for (const at::Tensor* t : {&st_.params[k], &st_.grads[k], &st_.w_bar[k], &st_.lam[k],
+                                  &st_.exp_avg[k], &st_.step[k]})
         outputs_.push_back(range_of(*t));
-    if (optimizer_ != OPT_SGD)
-      for (const at::Tensor& t : s2s_) outputs_.push_back(range_of(t));
-    outputs_.push_back(range_of(status_));  // written with update (the list binding's check)
+    if (!st_.sgd())
+      for (const at::Tensor& t : st_.exp_avg_sq) outputs_.push_back(range_of(t));
+    outputs_.push_back(range_of(st_.status));  // written with update (the list binding's check)
     const c10::Storage& st = workspace_.storage();
     ws_data_ = st.data();
     ws_bytes_ = st.nbytes();
@@ -458,19 +440,14 @@ class CpuLstmPlan {
 
   pybind11::object update_plan_;
   pybind11::object fptt_;  // the FPTT optimiser (train() only; None: no fast path)
-  int64_t loss_;
-  bool per_step_, check_inputs_, builtin_gemm_;
+  SegmentConfig cfg_;      // loss, per_step, builtin_gemm (weight and update per call)
+  bool check_inputs_;
   checks::LstmDims dims_{0, 0, 0, 0, 0};  // I, H, O as validated
   bool validated_prints_ = false;
   GradPrint grad_prints_[6];
   at::Tensor zeros_;  // the zero state of train(state=None), grown on demand, never written
-  std::vector<at::Tensor> params_, grads_;
+  FpttState st_;
   at::Tensor workspace_;
-  std::vector<at::Tensor> w_bars_, lams_, s1s_, s2s_, steps_;
-  at::Tensor hyper_, status_;
-  int64_t optimizer_;
-  double clip_;
-  std::vector<int64_t> group_of_;
   std::vector<cpu::UpdateSlot> slots_;
   std::vector<Range> outputs_;
   const void* ws_data_ = nullptr;
@@ -481,41 +458,22 @@ class CpuLstmPlan {
 }  // namespace
 
 void register_lstm_cpu(pybind11::module_& m) {
-  // The argument list repeats lstm_segment_step_cuda's (cuda_glue/lstm_cuda.cpp) up to
-  // status on purpose: one order for every segment binding; each list is its
-  // binding's documented Python signature.
+  namespace py = pybind11;
   m.def("lstm_segment_step_cpu", &lstm_segment_step_cpu,
         "One FPTT LSTM segment step on CPU tensors: forward over the segment, head and loss, "
-        "backward, gradients (written to grads) and, if update, the fused FPTT update (its "
-        "norm and skip recorded in status). Arguments in the order of lstm_segment_step_cuda "
-        "up to status. Returns (unweighted loss, h, c).",
-        pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
-        pybind11::arg("weight"), pybind11::arg("loss"), pybind11::arg("per_step"),
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("w_bars"),
-        pybind11::arg("lams"), pybind11::arg("s1s"), pybind11::arg("s2s"),
-        pybind11::arg("steps"), pybind11::arg("hyper"), pybind11::arg("group_of"),
-        pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"),
-        pybind11::arg("workspace"), pybind11::arg("update") = true,
-        pybind11::arg("builtin_gemm") = false);
-  namespace py = pybind11;
+        "backward, gradients (written to state.grads) and, if config.update, the fused FPTT "
+        "update (its norm and skip recorded in state.status). Returns (unweighted loss, h, c).",
+        py::arg("state"), py::arg("segment"), py::arg("config"), py::arg("workspace"));
   py::class_<CpuLstmPlan>(m, "CpuLstmPlan",
                           "FPTTLSTM.train_segment's plan on the cpu backend (csrc/bind_lstm.cpp): "
                           "the parameters, gradient buffers, workspace and FPTT state, held; "
                           "step() runs one segment")
-      .def(py::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>, int64_t, double,
-                    at::Tensor, at::Tensor, py::object, py::object, int64_t, bool, bool, bool>(),
-           py::arg("params"), py::arg("grads"), py::arg("w_bars"), py::arg("lams"),
-           py::arg("s1s"), py::arg("s2s"), py::arg("steps"), py::arg("hyper"),
-           py::arg("group_of"), py::arg("optimizer"), py::arg("clip"), py::arg("status"),
-           py::arg("workspace"), py::arg("update_plan"), py::arg("fptt") = py::none(),
-           py::arg("loss") = 0, py::arg("per_step") = false, py::arg("check_inputs") = true,
-           py::arg("builtin_gemm") = false)
+      .def(py::init<FpttState, at::Tensor, py::object, py::object, SegmentConfig, bool>(),
+           py::arg("state"), py::arg("workspace"), py::arg("update_plan"),
+           py::arg("fptt"), py::arg("config"), py::arg("check_inputs") = true)
       .def("step", &CpuLstmPlan::step, py::arg("x"), py::arg("target"), py::arg("h0"),
-           py::arg("c0"), py::arg("weight"), py::arg("loss"), py::arg("per_step"),
-           py::arg("update"), py::arg("param_groups"), py::arg("clip"),
-           py::arg("builtin_gemm") = false,
+           py::arg("c0"), py::arg("weight"), py::arg("update"), py::arg("param_groups"),
+           py::arg("clip"),
            "One segment (and, if update, the FPTT update): (loss, h, c, skipped count), or "
            "(None, None, None, PLAN_*) having done nothing")
       .def("train", &CpuLstmPlan::train, py::arg("x"), py::arg("target"), py::arg("state"),

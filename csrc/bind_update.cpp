@@ -1,6 +1,6 @@
 // Bindings of the fused FPTT update on the CPU, in two forms:
 //
-//   fused_update_cpu(lists...)  every list passed on every call: the checks of
+//   fused_update_cpu(state)     the whole FpttState passed on every call: the checks of
 //       update_checks.h (shared with the CUDA glue), then the OpenMP kernel.
 //   CpuUpdatePlan               FPTT.step()'s hot path on the cpu backend (fptt_fast/optim.py).
 //
@@ -33,6 +33,7 @@
 #include "fptt_fast/cpu_kernels.h"
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
+#include "fptt_fast/seam_cast.h"
 #include "fptt_fast/update_checks.h"
 #include "fptt_fast/update_slots.h"
 
@@ -53,23 +54,16 @@ constexpr const char* kFn = "fused_update_cpu";  // checks' messages, as the lis
 // (5 ms) when another Python thread wants it.
 constexpr int64_t kReleaseGilMin = 1 << 16;
 
-std::tuple<double, bool> fused_update_cpu(
-    std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> w_bars,
-    std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-    std::vector<at::Tensor> steps, at::Tensor hyper, std::vector<int64_t> group_of,
-    int64_t optimizer, double clip) {
+std::tuple<double, bool> fused_update_cpu(const FpttState& state) {
   // Every check (update_checks.h) before any data pointer is taken: a refused call
-  // changes nothing.
-  fptt::checks::check_fused_update_args(kFn, params, grads, w_bars, lams, s1s,
-                                        s2s, steps, hyper, group_of, optimizer, clip,
-                                        /*status=*/nullptr, at::kCPU);
-  const size_t n = params.size();
-  const std::vector<fptt::UpdateSlot> slots = fptt::update_slots(
-      params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer == fptt::OPT_SGD);
-  fptt::cpu::UpdateResult r;
+  // changes nothing. state.status is not used (the result is returned).
+  checks::check_fused_update_args(kFn, state, /*with_status=*/false, at::kCPU);
+  const std::vector<UpdateSlot> slots = update_slots(state);
+  cpu::UpdateResult r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = fptt::cpu::fused_update(slots.data(), int(n), int(optimizer), float(clip));
+    r = cpu::fused_update(slots.data(), int(slots.size()), int(state.optimizer),
+                          float(state.clip));
   }
   return {r.norm, r.skipped};
 }
@@ -196,16 +190,14 @@ bool same_bits(const double* a, const double* b, size_t n) {
 class CpuUpdatePlan {
  public:
   // groups: the optimiser's param_groups (dicts with "params" and the hyper-parameters, already
-  // validated by the caller); the state lists: one entry per parameter, in the groups' order;
-  // hyper: the [groups, H_COUNT] table the caller filled from those groups (kept; the caller
-  // refreshes it in place); status: the optimiser's [norm, last skipped, skipped count].
-  CpuUpdatePlan(py::list groups, std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-                std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-                std::vector<at::Tensor> steps, at::Tensor hyper, int64_t optimizer, double clip,
-                at::Tensor status)
-      : w_bars_(std::move(w_bars)), lams_(std::move(lams)), s1s_(std::move(s1s)),
-        s2s_(std::move(s2s)), steps_(std::move(steps)), hyper_(std::move(hyper)),
-        status_(std::move(status)), optimizer_(optimizer), clip_(clip) {
+  // validated by the caller); state: the FPTT state of every parameter in the groups' order
+  // (its params, grads and group_of lists are not read: the plan takes the parameters and
+  // their groups from `groups`, the gradients from the parameters at each step), the
+  // [groups, H_COUNT] table the caller filled from those groups (kept; the caller refreshes
+  // it in place), optimizer, clip and status.
+  CpuUpdatePlan(py::list groups, FpttState state) : st_(std::move(state)) {
+    st_.params.clear();
+    st_.group_of.clear();
     const Keys& k = keys();
     for (py::handle g : groups) {
       FPTT_CHECK(PyDict_Check(g.ptr()), "CpuUpdatePlan: param_groups must hold dicts");
@@ -216,59 +208,59 @@ class CpuUpdatePlan {
       Group grp;
       grp.dict = py::reinterpret_borrow<py::object>(g);
       grp.params = py::reinterpret_borrow<py::object>(plist);
-      grp.first = params_.size();
+      grp.first = st_.params.size();
       for (Py_ssize_t j = 0; j < PyList_GET_SIZE(plist); ++j) {
         py::handle p(PyList_GET_ITEM(plist, j));
-        params_.push_back(py::cast<at::Tensor>(p));
+        st_.params.push_back(py::cast<at::Tensor>(p));
         param_objs_.push_back(py::reinterpret_borrow<py::object>(p));
-        group_of_.push_back(int64_t(groups_.size()));
+        st_.group_of.push_back(int64_t(groups_.size()));
       }
-      grp.end = params_.size();
+      grp.end = st_.params.size();
       FPTT_CHECK(read_hyper(g.ptr(), grp.hyper),
                   "CpuUpdatePlan: a param group's hyper-parameters are not all numbers");
       groups_.push_back(std::move(grp));
     }
-    const size_t n = params_.size();
-    const bool sgd = optimizer_ == OPT_SGD;
-    if (sgd && s2s_.empty()) s2s_ = s1s_;  // never read for SGD; keeps the lists parallel
+    const size_t n = st_.params.size();
+    const bool sgd = st_.sgd();
+    if (sgd && st_.exp_avg_sq.empty()) st_.exp_avg_sq = st_.exp_avg;  // never read for SGD
     // The plan is built from the optimiser's own tensors, so these only fail on a bug or a
     // state changed behind the optimiser's back; they use the shared checks all the same.
     // The gradients are not known yet (they come and go between steps): the list checks run
     // with the parameters standing in for them, which pass exactly when the parameters do
     // (params[i] is checked first); each step's real gradients are checked in full, with
     // everything else, whenever they change (revalidate).
-    checks::check_update_lists_on(kFn, params_, params_, w_bars_, lams_, s1s_, s2s_, steps_,
-                                  hyper_, group_of_, optimizer_, at::kCPU, nullptr);
-    FPTT_CHECK(hyper_.size(0) == int64_t(groups_.size()), kFn, ": hyper has ", hyper_.size(0),
-                " rows, the optimiser ", groups_.size(), " param groups");
-    checks::check_clip(kFn, clip_);
-    const c10::Device dev = n ? params_[0].device() : hyper_.device();
-    checks::check_tensor(kFn, status_, {"status"}, at::kCPU, &dev);
-    FPTT_CHECK(status_.numel() == 3, kFn, ": status must hold 3 floats, got ", status_.numel());
-    // Outputs overlapping anything: the same ranges as check_fused_update_args without the
+    st_.grads = st_.params;
+    checks::check_update_lists_on(kFn, st_, at::kCPU, nullptr);
+    st_.grads.clear();
+    FPTT_CHECK(st_.hyper.size(0) == int64_t(groups_.size()), kFn, ": state.hyper has ",
+                st_.hyper.size(0), " rows, the optimiser ", groups_.size(), " param groups");
+    checks::check_clip(kFn, st_.clip);
+    const c10::Device dev = n ? st_.params[0].device() : st_.hyper.device();
+    checks::check_status(kFn, st_.status, at::kCPU, dev);
+    // Outputs overlapping anything: the ranges of check_fused_update_args without the
     // gradients (those are checked with the rest whenever they change).
     checks::AliasCheck ac(6 * n + 2);
     for (size_t i = 0; i < n; ++i) {
       const int64_t j = int64_t(i);
-      ac.add(params_[i], {"params", j}, true);
-      ac.add(w_bars_[i], {"w_bars", j}, true);
-      ac.add(lams_[i], {"lams", j}, true);
-      ac.add(s1s_[i], {"s1s", j}, true);
-      if (!sgd) ac.add(s2s_[i], {"s2s", j}, true);
-      ac.add(steps_[i], {"steps", j}, true);
+      ac.add(st_.params[i], {"state.params", j}, true);
+      ac.add(st_.w_bar[i], {"state.w_bar", j}, true);
+      ac.add(st_.lam[i], {"state.lam", j}, true);
+      ac.add(st_.exp_avg[i], {"state.exp_avg", j}, true);
+      if (!sgd) ac.add(st_.exp_avg_sq[i], {"state.exp_avg_sq", j}, true);
+      ac.add(st_.step[i], {"state.step", j}, true);
     }
-    ac.add(hyper_, {"hyper"}, false);
-    ac.add(status_, {"status"}, true);
+    ac.add(st_.hyper, {"state.hyper"}, false);
+    ac.add(st_.status, {"state.status"}, true);
     ac.check(kFn);
     // The facts the step relies on, as they were when these checks passed.
     param_prints_.resize(n);
     state_ptrs_.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      param_prints_[i] = print_of(params_[i]);
+      param_prints_[i] = print_of(st_.params[i]);
       state_ptrs_[i] = state_ptrs(i);
     }
-    hyper_ptr_ = hyper_.const_data_ptr();
-    status_ptr_ = status_.const_data_ptr();
+    hyper_ptr_ = st_.hyper.const_data_ptr();
+    status_ptr_ = st_.status.const_data_ptr();
     grad_prints_.assign(n, Print());
     cur_prints_.assign(n, Print());
     validated_ = false;
@@ -280,11 +272,11 @@ class CpuUpdatePlan {
     if (retired_) return PLAN_STALE;  // its optimiser holds another plan now
     if (!same_structure(groups.ptr())) return PLAN_STALE;
     double c = 0.0;
-    if (!read_clip(clip.ptr(), &c) || !same_bits(&c, &clip_, 1)) return PLAN_STALE;
-    if (hyper_.const_data_ptr() != hyper_ptr_ || status_.const_data_ptr() != status_ptr_)
+    if (!read_clip(clip.ptr(), &c) || !same_bits(&c, &st_.clip, 1)) return PLAN_STALE;
+    if (st_.hyper.const_data_ptr() != hyper_ptr_ || st_.status.const_data_ptr() != status_ptr_)
       return PLAN_STALE;
-    for (size_t i = 0; i < params_.size(); ++i)
-      if (print_of(params_[i]) != param_prints_[i] || state_ptrs(i) != state_ptrs_[i])
+    for (size_t i = 0; i < st_.params.size(); ++i)
+      if (print_of(st_.params[i]) != param_prints_[i] || state_ptrs(i) != state_ptrs_[i])
         return PLAN_STALE;
     return hyper ? check_hyper(groups.ptr()) : 0;
   }
@@ -339,14 +331,14 @@ class CpuUpdatePlan {
   // (status[2]) after the step, or a PlanCode (< 0) with nothing changed.
   int64_t step(py::handle groups, py::handle clip) {
     if (const int64_t code = check_current(groups, clip, false)) return code;
-    const size_t n = params_.size();
+    const size_t n = st_.params.size();
     bool same = validated_;
     size_t active = 0;
     for (size_t i = 0; i < n; ++i) {
       // the TensorImpl's grad: what p.grad reads, without Tensor::grad()'s non-leaf warning
-      const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();
+      const at::Tensor& g = st_.params[i].unsafeGetTensorImpl()->grad();
       if (g.defined()) {
-        const at::Tensor& p = params_[i];
+        const at::Tensor& p = st_.params[i];
         // What the list path raises on (ValueError) or copies (non-contiguous): its job.
         if (g.layout() != at::kStrided || g.is_nested() || g.scalar_type() != p.scalar_type() ||
             g.device() != p.device() || g.sizes() != p.sizes() || !g.is_contiguous())
@@ -356,7 +348,7 @@ class CpuUpdatePlan {
       cur_prints_[i] = print_of(g);
       same = same && cur_prints_[i] == grad_prints_[i];
     }
-    float* status = status_.data_ptr<float>();
+    float* status = st_.status.data_ptr<float>();
     if (active == 0) return int64_t(status[2]);  // as the list path: nothing, not even checks
     if (const int64_t code = check_hyper(groups.ptr())) return code;
     if (!same) revalidate();
@@ -369,20 +361,20 @@ class CpuUpdatePlan {
       std::vector<c10::Storage> keep;
       keep.reserve(2 * slots_.size());
       for (size_t i = 0; i < n; ++i) {
-        const at::Tensor& g = params_[i].unsafeGetTensorImpl()->grad();
+        const at::Tensor& g = st_.params[i].unsafeGetTensorImpl()->grad();
         if (!g.defined()) continue;
         keep.push_back(g.storage());
-        keep.push_back(params_[i].storage());
+        keep.push_back(st_.params[i].storage());
       }
       py::gil_scoped_release no_gil;
-      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(optimizer_), float(clip_));
+      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(st_.optimizer), float(st_.clip));
     } else {
-      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(optimizer_), float(clip_));
+      r = cpu::fused_update(slots_.data(), int(slots_.size()), int(st_.optimizer), float(st_.clip));
     }
     return cpu::record_step_status(status, r);
   }
 
-  int64_t size() const { return int64_t(params_.size()); }
+  int64_t size() const { return int64_t(st_.params.size()); }
 
  private:
   struct Group {
@@ -396,8 +388,9 @@ class CpuUpdatePlan {
   };
 
   StatePtrs state_ptrs(size_t i) const {
-    return {{w_bars_[i].const_data_ptr(), lams_[i].const_data_ptr(), s1s_[i].const_data_ptr(),
-             s2s_[i].const_data_ptr(), steps_[i].const_data_ptr()}};
+    return {{st_.w_bar[i].const_data_ptr(), st_.lam[i].const_data_ptr(),
+             st_.exp_avg[i].const_data_ptr(), st_.exp_avg_sq[i].const_data_ptr(),
+             st_.step[i].const_data_ptr()}};
   }
 
   // The step's gradients differ from those last checked: the full checks of the list
@@ -405,32 +398,23 @@ class CpuUpdatePlan {
   // touched), then the slot table.
   void revalidate() {
     validated_ = false;
-    std::vector<at::Tensor> p, g, wb, lm, a, b, st;
-    std::vector<int64_t> go;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& gi = params_[i].unsafeGetTensorImpl()->grad();
+    std::vector<size_t> keep;
+    std::vector<at::Tensor> grads;
+    for (size_t i = 0; i < st_.params.size(); ++i) {
+      const at::Tensor& gi = st_.params[i].unsafeGetTensorImpl()->grad();
       if (!gi.defined()) continue;
-      p.push_back(params_[i]);
-      g.push_back(gi);
-      wb.push_back(w_bars_[i]);
-      lm.push_back(lams_[i]);
-      a.push_back(s1s_[i]);
-      b.push_back(s2s_[i]);
-      st.push_back(steps_[i]);
-      go.push_back(group_of_[i]);
+      keep.push_back(i);
+      grads.push_back(gi);
     }
-    checks::check_fused_update_args(kFn, p, g, wb, lm, a, b, st, hyper_, go, optimizer_, clip_,
-                                    &status_, at::kCPU);
-    slots_ = update_slots(p, g, wb, lm, a, b, st, hyper_, go, optimizer_ == OPT_SGD);
+    FpttState sub = st_.subset(keep);
+    sub.grads = std::move(grads);
+    checks::check_fused_update_args(kFn, sub, /*with_status=*/true, at::kCPU);
+    slots_ = update_slots(sub);
     grad_prints_ = cur_prints_;
     validated_ = true;
   }
 
-  std::vector<at::Tensor> params_, w_bars_, lams_, s1s_, s2s_, steps_;
-  at::Tensor hyper_, status_;
-  int64_t optimizer_;
-  double clip_;
-  std::vector<int64_t> group_of_;
+  FpttState st_;  // grads empty: each step's are the parameters' .grad
   std::vector<Group> groups_;
   std::vector<py::object> param_objs_;  // held, so that an identity is never reused
   std::vector<Print> param_prints_, grad_prints_, cur_prints_;
@@ -452,7 +436,9 @@ int64_t cpu_update_plan_check(py::handle plan, py::handle groups, py::handle cli
 
 void register_update_cpu(pybind11::module_& m) {
   m.def("fused_update_cpu", &fused_update_cpu,
-        "FPTT steps 2-6 over lists of CPU fp32 tensors; returns (norm, skipped)");
+        "docs/ALGORITHM.md steps 2-6 over an FpttState of CPU fp32 tensors (fptt_fast/seam.py; "
+        "its status is not used); returns (norm, skipped)",
+        py::arg("state"));
   m.attr("PLAN_STALE") = py::int_(int64_t(PLAN_STALE));
   m.attr("PLAN_HYPER") = py::int_(int64_t(PLAN_HYPER));
   m.attr("PLAN_FALLBACK") = py::int_(int64_t(PLAN_FALLBACK));
@@ -460,12 +446,7 @@ void register_update_cpu(pybind11::module_& m) {
                             "FPTT.step()'s plan on the cpu backend (csrc/bind_update.cpp): the "
                             "optimiser's tensors and tables, checked once; step() re-checks what "
                             "can change and runs the fused update")
-      .def(py::init<py::list, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-                    at::Tensor, int64_t, double, at::Tensor>(),
-           py::arg("param_groups"), py::arg("w_bars"), py::arg("lams"), py::arg("s1s"),
-           py::arg("s2s"), py::arg("steps"), py::arg("hyper"), py::arg("optimizer"),
-           py::arg("clip"), py::arg("status"))
+      .def(py::init<py::list, FpttState>(), py::arg("param_groups"), py::arg("state"))
       .def("step", &CpuUpdatePlan::step, py::arg("param_groups"), py::arg("clip"),
            "One fused step of every parameter with a gradient; returns the skipped-step count, "
            "or PLAN_STALE / PLAN_HYPER / PLAN_FALLBACK (< 0) having changed nothing")

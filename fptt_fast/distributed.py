@@ -160,7 +160,7 @@ def segment_gradients(module, x, target, state, weight):
     and FPTT state are left as they are. Returns (the unweighted loss [1], (h, c)), all on
     the device, no host sync. Inputs as FPTTLSTM.train_segment has checked them.
 
-      triton  kernels/lstm_segment.train_segment(..., update=False): the general kernel,
+      triton  kernels/lstm_segment.train_segment with config.update False: the general kernel,
               its phase C (the update) compiled out; also with triton_kernel="persistent"
               (that kernel has no update switch: under a process group it is not used).
       cuda    _C.lstm_train_cuda has no update switch, so the update is made to write
@@ -174,32 +174,31 @@ def segment_gradients(module, x, target, state, weight):
     """
     from .lstm import CUDA_KERNEL_NAMES, CUDA_KERNELS, LOSS_CODE
 
-    opt = module.optimizer
-    params = [p.detach() for p in module.fptt_parameters()]
+    from .seam import SegmentConfig, SegmentIO
+
     if module._grads is None:
-        module._grads = [torch.zeros_like(p) for p in params]
-    ka = opt.kernel_args(module.fptt_parameters(), x.device)
-    h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
-    loss = torch.empty(1, dtype=torch.float32, device=x.device)
-    code = LOSS_CODE[module.loss]
+        module._grads = [torch.zeros_like(p.detach()) for p in module.fptt_parameters()]
+    fstate = module.optimizer.kernel_state(module.fptt_parameters(), module._grads, x.device)
+    io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
+                   torch.empty_like(state[1]), torch.empty(1, dtype=torch.float32, device=x.device))
+    config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[module.loss],
+                           per_step=bool(module.per_step), tf32=bool(module.allow_tf32))
     if module.backend == "triton":
         from .kernels import lstm_segment
-        lstm_segment.train_segment(
-            x, target, state[0], state[1], weight, code, module.per_step, params,
-            module._grads, *ka, h_out, c_out, loss[0], module.allow_tf32, update=False)
+        config.update = False
+        lstm_segment.train_segment(fstate, io, config)
         module.last_kernel = "general"
     elif module.backend == "cuda":
         nan_hyper, sink = _update_off_tables(module, x.device)
-        ka = ka._replace(hyper=nan_hyper, group_of=[0] * len(params), status=sink)
-        ran = _extension().lstm_train_cuda(
-            x, target, state[0], state[1], 1, weight, False, code, module.per_step, params,
-            module._grads, *ka, h_out, c_out, loss, module.allow_tf32,
-            CUDA_KERNELS[module.cuda_kernel])
+        fstate.hyper, fstate.status = nan_hyper, sink
+        fstate.group_of = [0] * len(fstate.params)
+        config.kernel = CUDA_KERNELS[module.cuda_kernel]
+        ran = _extension().lstm_train_cuda(fstate, io, config)
         module.last_kernel = CUDA_KERNEL_NAMES[ran]
     else:
         raise ValueError(f"segment_gradients: backend {module.backend!r} is not a one-launch "
                          f"backend (triton, cuda)")
-    return loss, (h_out, c_out)
+    return io.losses, (io.h_out, io.c_out)
 
 
 def _extension():

@@ -53,6 +53,7 @@ import torch.nn as nn
 from . import backends, reference
 from .layout import LOSS_CODE
 from .optim import FPTT, GraphCache
+from .seam import SegmentConfig, SegmentIO
 
 LOSSES = ("mse", "ce")
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -427,17 +428,15 @@ class FPTTLSTM(nn.Module):
                 if self._grads is None:
                     self._grads = [torch.zeros_like(p) for p in params]
                     self._workspace = torch.empty(0, dtype=torch.float32)
-                ka = opt.kernel_args(self.fptt_parameters(), x.device)
-                # the segment bindings' order: params, grads, the optimiser's KernelArgs,
-                # then the CPU's own
-                plan = ext.CpuLstmPlan(params, self._grads, *ka, self._workspace, uplan, opt,
-                                       LOSS_CODE[self.loss], bool(self.per_step),
-                                       bool(self.check_inputs), bool(self.cpu_builtin_gemm))
+                fstate = opt.kernel_state(self.fptt_parameters(), self._grads, x.device)
+                config = SegmentConfig(loss=LOSS_CODE[self.loss], per_step=bool(self.per_step),
+                                       builtin_gemm=bool(self.cpu_builtin_gemm))
+                plan = ext.CpuLstmPlan(fstate, self._workspace, uplan, opt, config,
+                                       bool(self.check_inputs))
                 cached = (uplan, self._grads, self._workspace, plan, flags)
                 self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
-            loss, h, c, count = cached[3].step(x, target, state[0], state[1], weight,
-                                               LOSS_CODE[self.loss], self.per_step, update,
-                                               opt.param_groups, opt.clip, self.cpu_builtin_gemm)
+            loss, h, c, count = cached[3].step(x, target, state[0], state[1], weight, update,
+                                               opt.param_groups, opt.clip)
             if count >= 0:
                 if self._dist is None:  # train_segment's fast path from the next call on
                     self.__dict__["_cpu_fast"] = cached[3]
@@ -471,33 +470,29 @@ class FPTTLSTM(nn.Module):
     def _launch_only(self, x, target, state, weight, n_segs=1, ramp=False):
         """_launch without the optimiser's status bookkeeping (no event, no host work but
         the launch): what a CUDA graph captures."""
-        params = [p.detach() for p in self.fptt_parameters()]
         if self._grads is None:
-            self._grads = [torch.zeros_like(p) for p in params]
-        h_out, c_out = torch.empty_like(state[0]), torch.empty_like(state[1])
-        losses = torch.empty(n_segs, dtype=torch.float32, device=x.device)
-        lists = (params, self._grads,
-                 *self.optimizer.kernel_args(self.fptt_parameters(), x.device))
+            self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
+        io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
+                       torch.empty_like(state[1]),
+                       torch.empty(n_segs, dtype=torch.float32, device=x.device))
+        fstate = self.optimizer.kernel_state(self.fptt_parameters(), self._grads, x.device)
+        config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[self.loss],
+                               per_step=bool(self.per_step), n_segs=n_segs, ramp=bool(ramp),
+                               tf32=bool(self.allow_tf32))
         if self.backend == "triton" and self._triton_kernel_choice() == "persistent":
             from .kernels import lstm_persistent
-            lstm_persistent.train(x, target, state[0], state[1], n_segs, weight, ramp,
-                                  LOSS_CODE[self.loss], self.per_step, *lists, h_out, c_out,
-                                  losses, self.allow_tf32)
+            lstm_persistent.train(fstate, io, config)
             self.last_kernel = "persistent"
         elif self.backend == "triton":
             from .kernels import lstm_segment
             assert n_segs == 1, "the general Triton kernel runs one segment per launch"
-            lstm_segment.train_segment(x, target, state[0], state[1], weight, LOSS_CODE[self.loss],
-                                       self.per_step, *lists, h_out, c_out, losses[0],
-                                       self.allow_tf32)
+            lstm_segment.train_segment(fstate, io, config)
             self.last_kernel = "general"
         else:
-            ran = backends.extension().lstm_train_cuda(
-                x, target, state[0], state[1], n_segs, weight, ramp, LOSS_CODE[self.loss],
-                self.per_step, *lists, h_out, c_out, losses, self.allow_tf32,
-                CUDA_KERNELS[self.cuda_kernel])
+            config.kernel = CUDA_KERNELS[self.cuda_kernel]
+            ran = backends.extension().lstm_train_cuda(fstate, io, config)
             self.last_kernel = CUDA_KERNEL_NAMES[ran]
-        return losses, (h_out, c_out)
+        return io.losses, (io.h_out, io.c_out)
 
     def loss_and_grads(self, x, target, state=None, weight=1.0):
         """The segment's loss, new state and the task gradients of weight * loss, as
@@ -641,13 +636,13 @@ class FPTTLSTM(nn.Module):
         *values* are not in it: the kernels read them from the table, which FPTT refreshes
         in place (_hyper_table) before each replay."""
         opt = self.optimizer
-        ka = opt.kernel_args(self.fptt_parameters(), x.device)
+        st = opt.kernel_state(self.fptt_parameters(), self._grads, x.device)
         return (tuple(x.shape), tuple(target.shape), target.dtype, n_segs, self.per_step,
-                self.loss, ka.clip, ka.optimizer, self.cuda_kernel, self.allow_tf32,
-                tuple(p.data_ptr() for p in self.fptt_parameters()),
-                tuple(g.data_ptr() for g in self._grads),
-                tuple(t.data_ptr() for t in (*ka.w_bars, *ka.lams, *ka.s1s, *ka.s2s, *ka.steps)),
-                ka.hyper.data_ptr(), ka.status.data_ptr(), x.device, tuple(ka.group_of))
+                self.loss, st.clip, st.optimizer, self.cuda_kernel, self.allow_tf32,
+                tuple(p.data_ptr() for p in st.params), tuple(g.data_ptr() for g in st.grads),
+                tuple(t.data_ptr() for t in (*st.w_bar, *st.lam, *st.exp_avg, *st.exp_avg_sq,
+                                             *st.step)),
+                st.hyper.data_ptr(), st.status.data_ptr(), x.device, tuple(st.group_of))
 
     def _graphed_sequence(self, x, target, state, n_segs):
         """train_sequence's cuda launch through a CUDA graph. The first call per key
@@ -662,7 +657,7 @@ class FPTTLSTM(nn.Module):
         opt.device_step_begin()
         if self._grads is None:  # the eager launch allocates them; the key needs them
             self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
-        # (the key's kernel_args validates and refreshes the hyper table, in place)
+        # (the key's kernel_state validates and refreshes the hyper table, in place)
         graphs = self.__dict__.get("_graphs")
         if graphs is None:  # a plain attribute (not a buffer); copies and pickles empty
             graphs = self.__dict__["_graphs"] = GraphCache()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import NamedTuple
 
 import torch
 
 from . import backends, reference
 from .layout import HYPER_FIELDS, OPT_CODE  # noqa: F401 (re-exported: the binary layout)
 from .reference import NONFINITE, OPTIMIZERS, Hyper
+from .seam import FpttState
 
 MISSING_GRAD = ("skip", "zero")
 # Parameter dtypes FPTT takes. The fused kernels compute in float32; float64 (a control
@@ -66,23 +66,6 @@ def _hyper_row(group):
 # Group keys added after state dicts were first saved, with the value that reproduces what
 # such a state dict meant: loading one without them takes these.
 _ADDED_GROUP_KEYS = {"decoupled": False}
-
-
-class KernelArgs(NamedTuple):
-    """What a fused LSTM kernel needs from the optimiser (FPTT.kernel_args), in the order
-    every segment binding takes them after the parameters and their gradient buffers:
-    the FPTT state, the optimiser moments and step counters, the hyper-parameter table and
-    each tensor's row in it, the optimiser code, the clip and the status tensor."""
-    w_bars: list
-    lams: list
-    s1s: list        # SGD: momentum_buffer; Adam/AdamW: exp_avg
-    s2s: list        # SGD: momentum_buffer again (read by no kernel); Adam/AdamW: exp_avg_sq
-    steps: list      # step counters as 1-element views
-    hyper: torch.Tensor
-    group_of: list
-    optimizer: int
-    clip: float
-    status: torch.Tensor
 
 
 class FPTT(torch.optim.Optimizer):
@@ -292,24 +275,30 @@ class FPTT(torch.optim.Optimizer):
 
     # -- the fused-kernel interface ----------------------------------------------------
     # What a kernel that runs this optimiser's update inside its own launch (FPTTLSTM,
-    # fptt_fast.distributed) uses, and nothing else of FPTT's: kernel_args (the tensors
+    # fptt_fast.distributed) uses, and nothing else of FPTT's: kernel_state (the tensors
     # and codes), device_step_begin / device_step_end around a device launch,
     # report_skipped after a host-run (cpu) step, and on the cpu backend cpu_plan /
     # refresh_cpu_plan (the C++ update plan a CpuLstmPlan is built on).
-    def kernel_args(self, params, device) -> KernelArgs:
+    def kernel_state(self, params, grads, device) -> FpttState:
         """The optimiser's side of a fused LSTM segment launch over `params` (each in one
-        group of this optimiser, which owns their state): the typed interface FPTTLSTM and
-        fptt_fast.distributed use instead of reading FPTT's state dicts themselves. The
-        hyper-parameter table is refreshed (validated) for `device` first."""
+        group of this optimiser, which owns their state) with gradient buffers `grads`: the
+        typed state FPTTLSTM and fptt_fast.distributed hand the kernels instead of reading
+        FPTT's state dicts themselves. The hyper-parameter table is refreshed (validated)
+        for `device` first."""
         sts = [self.state[p] for p in params]
-        sgd = self.base == "sgd"
         group_index = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-        return KernelArgs(
-            w_bars=[s["w_bar"] for s in sts], lams=[s["lam"] for s in sts],
-            s1s=[s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-            s2s=[s["momentum_buffer"] if sgd else s["exp_avg_sq"] for s in sts],
-            steps=[s["step"].view(1) for s in sts], hyper=self._hyper_table(device),
-            group_of=[group_index[id(p)] for p in params], optimizer=OPT_CODE[self.base],
+        return self._state_of([p.detach() for p in params], list(grads), sts,
+                              [group_index[id(p)] for p in params], self._hyper_table(device))
+
+    def _state_of(self, params, grads, sts, group_of, hyper) -> FpttState:
+        """FpttState over these parameters (and their state dicts `sts`)."""
+        first = "momentum_buffer" if self.base == "sgd" else "exp_avg"
+        second = "momentum_buffer" if self.base == "sgd" else "exp_avg_sq"
+        return FpttState(
+            params=params, grads=grads, w_bar=[s["w_bar"] for s in sts],
+            lam=[s["lam"] for s in sts], exp_avg=[s[first] for s in sts],
+            exp_avg_sq=[s[second] for s in sts], step=[s["step"].view(1) for s in sts],
+            hyper=hyper, group_of=group_of, optimizer=OPT_CODE[self.base],
             clip=float(self.clip or 0.0), status=self._status)
 
     def _hyper_table(self, device):
@@ -331,8 +320,9 @@ class FPTT(torch.optim.Optimizer):
         return self._hyper
 
     def _gather(self):
-        """Parallel lists over the parameters that have a gradient."""
-        lists = {k: [] for k in ("objs", "params", "grads", "w_bars", "lams", "s1s", "s2s", "steps", "group_of")}
+        """(parameter objects, their state dicts, FpttState) over the parameters that have
+        a gradient (hyper left None: the caller fills it)."""
+        objs, params, grads, sts, group_of = [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if p.grad is None:
@@ -343,18 +333,12 @@ class FPTT(torch.optim.Optimizer):
                 if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
                     raise ValueError(f"gradient of a parameter of shape {tuple(p.shape)} has shape "
                                      f"{tuple(g.shape)}, dtype {g.dtype}, device {g.device}")
-                st = self.state[p]
-                lists["objs"].append(p)
-                lists["params"].append(p.detach())
-                lists["grads"].append(g if g.is_contiguous() else g.contiguous())
-                lists["w_bars"].append(st["w_bar"])
-                lists["lams"].append(st["lam"])
-                lists["s1s"].append(st["momentum_buffer"] if self.base == "sgd" else st["exp_avg"])
-                if self.base != "sgd":
-                    lists["s2s"].append(st["exp_avg_sq"])
-                lists["steps"].append(st["step"].view(1))
-                lists["group_of"].append(gi)
-        return lists
+                objs.append(p)
+                params.append(p.detach())
+                grads.append(g if g.is_contiguous() else g.contiguous())
+                sts.append(self.state[p])
+                group_of.append(gi)
+        return objs, sts, self._state_of(params, grads, sts, group_of, None)
 
     def step(self, closure=None):
         """docs/ALGORITHM.md steps 2-6 for every parameter with a gradient."""
@@ -404,34 +388,33 @@ class FPTT(torch.optim.Optimizer):
                 if count != self._seen_skipped:
                     self.report_skipped(count)
                 return loss
-        L = self._gather()
-        if not L["params"]:
+        objs, sts, state = self._gather()
+        if not objs:
             return loss
-        hyper = self._hyper_table(L["params"][0].device)  # validates changed hyper-parameters
+        hyper = self._hyper_table(objs[0].device)  # validates changed hyper-parameters
         if self.backend == "reference":
-            self._step_reference(L)
+            self._step_reference(objs, sts, state)
             return loss
-        args = (L["params"], L["grads"], L["w_bars"], L["lams"], L["s1s"], L["s2s"], L["steps"],
-                hyper, L["group_of"], OPT_CODE[self.base], float(self.clip or 0.0))
+        state.hyper = hyper
         if self.backend == "cpu":
-            norm, skipped = backends.extension().fused_update_cpu(*args)
+            norm, skipped = backends.extension().fused_update_cpu(state)
             self._record(norm, skipped)
             return loss
         if self.backend == "triton":
             from .kernels import fptt_update
 
             def launch():
-                fptt_update.fused_update(*args, self._status)
+                fptt_update.fused_update(state)
                 # its cached tables and scratch (a captured graph must hold them: the Triton
                 # plan cache evicts, the CUDA glue's keeps what a graph uses)
-                return fptt_update.get_plan(*args[:10], self._status)
+                return fptt_update.get_plan(state)
         else:  # cuda
-            launch = lambda: backends.extension().fused_update_cuda(*args, self._status)  # noqa: E731
+            launch = lambda: backends.extension().fused_update_cuda(state)  # noqa: E731
         # graph mode replays a captured step; gradients copied by _gather (non-contiguous)
         # have new addresses every step: those steps run eagerly
         if (self.graph and self._graph_captures < self.MAX_GRAPH_CAPTURES
-                and all(p.grad is g for p, g in zip(L["objs"], L["grads"]))):
-            self._graph_step(launch, L, hyper)
+                and all(p.grad is g for p, g in zip(objs, state.grads))):
+            self._graph_step(launch, state)
         else:
             launch()
         self.device_step_end()
@@ -444,26 +427,27 @@ class FPTT(torch.optim.Optimizer):
     MAX_GRAPH_CAPTURES = 16
     MAX_GRAPHS = 4  # kept per optimiser, least recently used dropped
 
-    def _graph_key(self, L, hyper):
+    def _graph_key(self, state):
         """What a captured step bakes in: the address of every tensor it reads or writes
         (parameters, gradients, FPTT state, hyper table, status), which parameters step and
         in which group, and the kernel arguments not read from memory (clip, optimiser).
         Not the hyper-parameter values: the kernels read those from the table, which
         _hyper_table refreshes in place before each step."""
-        return (tuple(t.data_ptr() for t in L["params"]), tuple(g.data_ptr() for g in L["grads"]),
-                tuple(L["group_of"]), float(self.clip or 0.0), self.base, hyper.data_ptr(),
-                self._status.data_ptr(), tuple(t.data_ptr() for t in self.flat_state.values()))
+        return (tuple(t.data_ptr() for t in state.params),
+                tuple(g.data_ptr() for g in state.grads), tuple(state.group_of), state.clip,
+                self.base, state.hyper.data_ptr(), self._status.data_ptr(),
+                tuple(t.data_ptr() for t in self.flat_state.values()))
 
-    def _graph_step(self, launch, L, hyper):
+    def _graph_step(self, launch, state):
         """The step from a CUDA graph: the first step per key runs eagerly (its real work,
         and the warm-up the glue needs: its slot tables are built outside a capture), then
         the same launch is captured on a side stream (capture runs nothing); later steps
         with that key replay it. Bitwise the eager step: same kernels, arguments, memory."""
-        key = self._graph_key(L, hyper)
+        key = self._graph_key(state)
         entry = self._graphs.pop(key, None)
         if entry is None:
             launch()
-            dev = L["params"][0].device
+            dev = state.params[0].device
             side = torch.cuda.Stream(device=dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             g = torch.cuda.CUDAGraph()
@@ -526,18 +510,13 @@ class FPTT(torch.optim.Optimizer):
         self._drop_plan()
         params = self._params()
         hyper = self._hyper_table(params[0].device if params else torch.device("cpu"))
-        sts = [self.state[p] for p in params]
-        sgd = self.base == "sgd"
-        self._plan = backends.extension().CpuUpdatePlan(
-            self.param_groups, [s["w_bar"] for s in sts], [s["lam"] for s in sts],
-            [s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-            [] if sgd else [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
-            hyper, OPT_CODE[self.base], float(self.clip or 0.0), self._status)
+        # the plan takes the parameters and their groups from param_groups
+        state = self._state_of([], [], [self.state[p] for p in params], [], hyper)
+        self._plan = backends.extension().CpuUpdatePlan(self.param_groups, state)
 
-    def _step_reference(self, L):
-        hypers = [Hyper.from_group(self.param_groups[gi]) for gi in L["group_of"]]
-        states = [self.state[p] for p in L["objs"]]
-        norm, skipped = reference.fptt_update_(L["params"], L["grads"], states, hypers, self.base,
+    def _step_reference(self, objs, sts, state):
+        hypers = [Hyper.from_group(self.param_groups[gi]) for gi in state.group_of]
+        norm, skipped = reference.fptt_update_(state.params, state.grads, sts, hypers, self.base,
                                                self.clip, nonfinite="skip")
         self._record(float(norm), bool(skipped))
 

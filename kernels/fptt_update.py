@@ -2,8 +2,7 @@
 
 Called by fptt_fast.FPTT for backend="triton":
 
-    fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                 optimizer, clip, status)
+    fused_update(state)       # state: fptt_fast.seam.FpttState
 
 The math mirrors csrc/include/fptt_fast/fptt_math.h and csrc/cpu/fused_update.cpp line
 by line, in the same order of operations (float32 element math, IEEE divisions and
@@ -427,61 +426,67 @@ def _sm_count(device) -> int:
     return _SM_COUNT[idx]
 
 
-def _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status):
-    if optimizer not in (OPT_SGD, OPT_ADAM, OPT_ADAMW):
-        raise ValueError(f"optimizer must be 0 (sgd), 1 (adam) or 2 (adamw), got {optimizer!r}")
-    n = len(params)
-    lists = {"grads": grads, "w_bars": w_bars, "lams": lams, "s1s": s1s, "steps": steps}
-    if optimizer != OPT_SGD:
-        lists["s2s"] = s2s
+def _check(s):
+    """state (fptt_fast.seam.FpttState) as the kernel reads it; ValueError naming the field."""
+    if s.optimizer not in (OPT_SGD, OPT_ADAM, OPT_ADAMW):
+        raise ValueError(f"state.optimizer must be 0 (sgd), 1 (adam) or 2 (adamw), got "
+                         f"{s.optimizer!r}")
+    n = len(s.params)
+    lists = {"grads": s.grads, "w_bar": s.w_bar, "lam": s.lam, "exp_avg": s.exp_avg,
+             "step": s.step}
+    if s.optimizer != OPT_SGD:
+        lists["exp_avg_sq"] = s.exp_avg_sq
     for name, lst in lists.items():
         if len(lst) != n:
-            raise ValueError(f"{name} has {len(lst)} tensors, params has {n}")
-    if len(group_of) != n:
-        raise ValueError(f"group_of has {len(group_of)} entries, params has {n}")
-    dev = params[0].device
+            raise ValueError(f"state.{name} has {len(lst)} tensors, state.params has {n}")
+    if len(s.group_of) != n:
+        raise ValueError(f"state.group_of has {len(s.group_of)} entries, state.params has {n}")
+    dev = s.params[0].device
     if dev.type == "cuda" and _interpreted():
         raise RuntimeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run the fused "
                            "update on CUDA tensors (its pointer table holds device addresses)")
-    if hyper.dtype != torch.float32 or hyper.dim() != 2 or hyper.shape[1] != len(HYPER_FIELDS) \
-            or not hyper.is_contiguous() or hyper.device != dev:
-        raise ValueError(f"hyper must be a contiguous float32 [groups, {len(HYPER_FIELDS)}] tensor on {dev}, got "
-                         f"{hyper.dtype} {tuple(hyper.shape)} on {hyper.device}")
-    if status.dtype != torch.float32 or status.numel() != 3 or not status.is_contiguous() \
-            or status.device != dev:
-        raise ValueError(f"status must be a contiguous float32 [3] tensor on {dev}")
-    for gi in group_of:
+    hyper, status = s.hyper, s.status
+    if not isinstance(hyper, torch.Tensor) or hyper.dtype != torch.float32 or hyper.dim() != 2 \
+            or hyper.shape[1] != len(HYPER_FIELDS) or not hyper.is_contiguous() \
+            or hyper.device != dev:
+        raise ValueError(f"state.hyper must be a contiguous float32 [groups, {len(HYPER_FIELDS)}] "
+                         f"tensor on {dev}, got {getattr(hyper, 'dtype', hyper)} "
+                         f"{tuple(getattr(hyper, 'shape', ()))} on {getattr(hyper, 'device', None)}")
+    if not isinstance(status, torch.Tensor) or status.dtype != torch.float32 \
+            or status.numel() != 3 or not status.is_contiguous() or status.device != dev:
+        raise ValueError(f"state.status must be a contiguous float32 [3] tensor on {dev}")
+    for gi in s.group_of:
         if not 0 <= int(gi) < hyper.shape[0]:
             raise ValueError(f"group index {gi} out of range for {hyper.shape[0]} groups")
-    for i, p in enumerate(params):
+    for i, p in enumerate(s.params):
         for name, lst in lists.items():
             t = lst[i]
-            want = 1 if name == "steps" else p.numel()
+            want = 1 if name == "step" else p.numel()
             if t.dtype != torch.float32 or t.device != dev or not t.is_contiguous() \
                     or t.numel() != want:
-                raise ValueError(f"{name}[{i}] must be a contiguous float32 tensor of {want} "
-                                 f"elements on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+                raise ValueError(f"state.{name}[{i}] must be a contiguous float32 tensor of "
+                                 f"{want} elements on {dev}, got {t.dtype} {tuple(t.shape)} on "
+                                 f"{t.device}")
         if p.dtype != torch.float32 or p.device != dev or not p.is_contiguous():
-            raise ValueError(f"params[{i}] must be a contiguous float32 tensor on {dev}")
+            raise ValueError(f"state.params[{i}] must be a contiguous float32 tensor on {dev}")
 
 
-def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, clip,
-                 status, *, grid_limit=None) -> None:
-    """docs/ALGORITHM.md steps 2-6 on every tensor, in one kernel launch; see the module docstring.
+def fused_update(state, *, grid_limit=None) -> None:
+    """docs/ALGORITHM.md steps 2-6 on every tensor of `state` (fptt_fast.seam.FpttState), in
+    one kernel launch; see the module docstring.
 
     grid_limit (tests only): cap the number of programs below the co-residency cap, to
     exercise several chunks per program and the barrier with odd grid sizes.
     """
-    if len(params) == 0:
+    if len(state.params) == 0:
         return
-    plan = get_plan(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer,
-                    status, grid_limit=grid_limit)
+    plan = get_plan(state, grid_limit=grid_limit)
     chunk_size, block, pblock, num_warps = plan.config
-    args = (plan.tables, plan.chunks, hyper, plan.partial, plan.chunk_step, plan.barrier, status,
-            plan.n_chunks, float(clip))
-    kw = dict(OPT=int(optimizer), CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock,
+    args = (plan.tables, plan.chunks, state.hyper, plan.partial, plan.chunk_step, plan.barrier,
+            state.status, plan.n_chunks, float(state.clip))
+    kw = dict(OPT=int(state.optimizer), CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock,
               num_warps=num_warps)
-    dev = params[0].device
+    dev = state.params[0].device
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             _fptt_update_kernel[(plan.grid,)](*args, **kw)
@@ -489,25 +494,25 @@ def fused_update(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, 
         _fptt_update_kernel[(plan.grid,)](*args, **kw)
 
 
-def get_plan(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status,
-             *, grid_limit=None, tag=None) -> "_Plan":
-    """The cached tables and scratch of one set of tensors (checked when first built).
+def get_plan(state, *, grid_limit=None, tag=None) -> "_Plan":
+    """The cached tables and scratch of one state's tensors (checked when first built).
     tag: a caller's name, so that another kernel (lstm_segment) gets its own plan."""
+    params = state.params
     n = len(params)
-    sgd = optimizer == OPT_SGD
-    s2 = params if sgd else s2s  # SGD never touches s2 (OPT is a constexpr)
+    sgd = state.optimizer == OPT_SGD
+    s2 = params if sgd else state.exp_avg_sq  # SGD never touches s2 (OPT is a constexpr)
     dev = params[0].device
-    ptr_cols = (params, grads, w_bars, lams, s1s, s2, steps)
-    key = (tag, dev, optimizer, grid_limit, _config(dev), tuple(int(g) for g in group_of),
-           tuple(p.numel() for p in params),
+    ptr_cols = (params, state.grads, state.w_bar, state.lam, state.exp_avg, s2, state.step)
+    key = (tag, dev, state.optimizer, grid_limit, _config(dev),
+           tuple(int(g) for g in state.group_of), tuple(p.numel() for p in params),
            tuple(t.data_ptr() for col in ptr_cols for t in col))
     plan = _PLANS.get(key)
     if plan is None:
-        _check(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer, status)
+        _check(state)
         global plan_builds
         addr_rows = [tuple(col[i].data_ptr() for col in ptr_cols) for i in range(n)]
-        plan = _Plan(dev, addr_rows, [p.numel() for p in params], [int(g) for g in group_of],
-                     grid_limit)
+        plan = _Plan(dev, addr_rows, [p.numel() for p in params],
+                     [int(g) for g in state.group_of], grid_limit)
         plan_builds += 1
         _PLANS[key] = plan
         while len(_PLANS) > _MAX_PLANS:

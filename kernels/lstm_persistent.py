@@ -2,11 +2,9 @@
 
 Called by fptt_fast.FPTTLSTM for backend="triton" with triton_kernel="persistent":
 
-    train(x, target, h0, c0, n_segs, weight, ramp, loss, per_step, params, grads, w_bars,
-          lams, s1s, s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out,
-          losses, tf32=False)
+    train(state, segment, config)   # fptt_fast.seam's FpttState, SegmentIO, SegmentConfig
 
-(the arguments of _C.lstm_train_cuda, less its kernel code; see train's docstring). For
+(the arguments of _C.lstm_train_cuda; config.kernel is not read; see train's docstring). For
 each of the K segments of omega = ceil(T/K) steps (the last may be shorter) the launch
 runs the LSTM forward, the head and the loss, the backward through the segment, the
 parameter gradients, the global-norm clip and the FPTT update, then the next segment
@@ -495,7 +493,7 @@ def limit_error(I, H, O):
     return None
 
 
-def config(device, B, H):
+def launch_config(device, B, H):
     """(BB, HS, NP, num_warps) for a launch on `device`."""
     HP = _p2(H, 16)
     if device.type == "cuda" and not _interpreted():
@@ -535,23 +533,26 @@ def segment_length(T, K):
     return first[1] - first[0]
 
 
-def train(x, target, h0, c0, n_segs, weight, ramp, loss, per_step, params, grads, w_bars, lams,
-          s1s, s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out, losses,
-          tf32=False, *, grid_limit=None) -> None:
-    """n_segs FPTT segments over x in ONE launch (module docstring).
+def train(state, segment, config, *, grid_limit=None) -> None:
+    """config.n_segs FPTT segments over segment.x in ONE launch (module docstring).
 
-    x: float32 [T, B, I], cut into n_segs segments of omega = ceil(T / n_segs) steps
-        (the last may be shorter; n_segs must satisfy ceil(T/omega) == n_segs).
-    target: terminal: MSE float32 [B, O] / CE int64 [B], the same for every segment;
-        per_step: [T, B, O] / [T, B], each segment taking its own steps.
-    weight, ramp: segment p's loss is weighted (p + 1) / n_segs if ramp, else `weight`.
-    losses: float32 [n_segs], written with each segment's unweighted loss.
-    h_out, c_out: [B, H], the state after the last segment (they may be h0, c0).
-    Everything else as kernels/lstm_segment.train_segment (params, grads: written with
-    the LAST segment's task gradients; the FPTT state; status as fptt_update).
+    segment.x: float32 [T, B, I], cut into n_segs segments of omega = ceil(T / n_segs)
+        steps (the last may be shorter; n_segs must satisfy ceil(T/omega) == n_segs).
+    segment.target: terminal: MSE float32 [B, O] / CE int64 [B], the same for every
+        segment; per_step: [T, B, O] / [T, B], each segment taking its own steps.
+    config.weight, config.ramp: segment p's loss is weighted (p + 1) / n_segs if ramp,
+        else weight.
+    segment.losses: float32 [n_segs], written with each segment's unweighted loss.
+    segment.h_out, c_out: [B, H], the state after the last segment (they may be h0, c0).
+    Everything else as kernels/lstm_segment.train_segment (state.params, grads: written
+    with the LAST segment's task gradients; the FPTT state; status as fptt_update).
     grid_limit (tests only): cap the number of programs (whole groups).
     No host sync. ValueError beyond MAX_HIDDEN / MAX_INPUT / MAX_OUTPUT and on bad shapes.
     """
+    x, target, h0, c0 = segment.x, segment.target, segment.h0, segment.c0
+    h_out, c_out, losses = segment.h_out, segment.c_out, segment.losses
+    params, grads = state.params, state.grads
+    loss, per_step, n_segs = config.loss, config.per_step, config.n_segs
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [T, B, I] tensor, got {getattr(x, 'shape', x)!r}")
     T, B, I = x.shape
@@ -589,20 +590,19 @@ def train(x, target, h0, c0, n_segs, weight, ramp, loss, per_step, params, grads
         ls._check_tensor(name, t, (B, H), f32, dev)
     ls._check_tensor("losses", losses, (K,), f32, dev)
 
-    plan = fu.get_plan(list(params), list(grads), w_bars, lams, s1s, s2s, steps, hyper,
-                       group_of, optimizer, status, tag="lstm_persistent")
+    plan = fu.get_plan(state, tag="lstm_persistent")
     chunk_size, block, pblock, _ = plan.config
-    BB, HS, NP, num_warps = config(dev, B, H)
+    BB, HS, NP, num_warps = launch_config(dev, B, H)
     HP, IP, OP = _p2(H, 16), _p2(I, 16), _p2(O, 16)
     n_btiles = triton.cdiv(B, BB)
     ws = _workspace(dev, omega, B, I, H, O, per_step, BB, NP, HP, OP, n_btiles)
     args = [x, target, h0, c0, *params, *grads, h_out, c_out, losses,
             ws["hs"], ws["cs"], ws["gates"], ws["lg"], ws["ex"], ws["part"], ws["lpart"],
-            ws["gbar"], ws["barrier"], plan.tables, plan.chunks, hyper, plan.partial,
-            plan.chunk_step, status, plan.n_chunks, float(clip), T, B, I, H, O, K, omega,
-            float(weight), bool(ramp), n_btiles, 1]
-    kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(optimizer), NP=NP, BB=BB, HS=HS,
-              HP=HP, IP=IP, OP=OP, PREC="tf32" if tf32 else "ieee", RBLOCK=_RBLOCK,
+            ws["gbar"], ws["barrier"], plan.tables, plan.chunks, state.hyper, plan.partial,
+            plan.chunk_step, state.status, plan.n_chunks, float(state.clip), T, B, I, H, O, K,
+            omega, float(config.weight), bool(config.ramp), n_btiles, 1]
+    kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(state.optimizer), NP=NP, BB=BB,
+              HS=HS, HP=HP, IP=IP, OP=OP, PREC="tf32" if config.tf32 else "ieee", RBLOCK=_RBLOCK,
               CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock, num_warps=num_warps)
     if dev.type == "cuda":
         with torch.cuda.device(dev):

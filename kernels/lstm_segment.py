@@ -2,11 +2,10 @@
 
 Called by fptt_fast.FPTTLSTM for backend="triton":
 
-    train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams,
-                  s1s, s2s, steps, hyper, group_of, optimizer, clip, status,
-                  h_out, c_out, loss_out, tf32=False)
+    train_segment(state, segment, config)   # fptt_fast.seam's FpttState, SegmentIO,
+                                            # SegmentConfig
 
-(see its docstring for every argument's shape). The launch computes, in this order:
+(see its docstring for every field's shape). The launch computes, in this order:
 
   A  per batch tile: the LSTM forward over the segment's T steps from (h0, c0)
      (nn.LSTM conventions, gate order i, f, g, o), the head and the loss (terminal:
@@ -24,7 +23,7 @@ Called by fptt_fast.FPTTLSTM for backend="triton":
      kernels/fptt_update.py's phases (the same @triton.jit helpers, update_phase1 and
      update_phase2, over the same cached chunk tables), with its barrier between them
   -- grid barrier 3 (inside C) --
-With update=False (a constexpr) the launch ends after B: the gradients and the loss
+With config.update False (a constexpr) the launch ends after B: the gradients and the loss
 only, for data-parallel training, which all-reduces them before the update
 (fptt_fast.distributed; the update then runs as kernels/fptt_update.fused_update).
 
@@ -501,45 +500,47 @@ def _check_tensor(name, t, shape, dtype, device):
                          f"{'' if t.is_contiguous() else ' (not contiguous)'}")
 
 
-def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s,
-                  s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out,
-                  tf32=False, *, update=True, grid_limit=None) -> None:
+def train_segment(state, segment, config, *, grid_limit=None) -> None:
     """One FPTT segment (forward, loss, truncated backward, FPTT update) in ONE launch.
 
     Shapes (T = segment length, B batch, I input, H hidden, O output size); every tensor
-    float32 contiguous on one device unless said otherwise:
-        x: [T, B, I].
-        target: loss 0 (MSE): float32 [B, O] (terminal) or [T, B, O] (per_step);
-            loss 1 (cross-entropy): int64 class indices [B] or [T, B], in [0, O).
-        h0, c0: [B, H], the (detached) state entering the segment; only read.
-        weight: python float; the gradients are those of weight * loss.
-        loss: 0 MSE (F.mse_loss, mean over all elements), 1 cross-entropy (mean over rows).
-        per_step: bool; False: the head on the last hidden state; True: on every step,
-            the loss being the mean over the steps too.
+    float32 contiguous on one device unless said otherwise.
+    state (fptt_fast.seam.FpttState), as kernels/fptt_update.fused_update takes it:
         params: [weight_ih_l0 [4H, I], weight_hh_l0 [4H, H], bias_ih_l0 [4H],
             bias_hh_l0 [4H], head.weight [O, H], head.bias [O]]; updated in place.
         grads: 6 tensors of the params' shapes, written with the task gradients (of
             weight * loss) before the update reads them (whatever they held before).
-        w_bars, lams, s1s: 6 tensors each of the params' shapes (FPTT's w_bar and lam;
-            SGD's momentum buffer or Adam's exp_avg); s2s: Adam's exp_avg_sq (6 tensors)
-            or ignored for SGD; steps: 6 one-element float32 step counts;
-            hyper: float32 [groups, len(HYPER_FIELDS)] (fptt_fast.optim.HYPER_FIELDS rows);
-            group_of: 6 python ints (row of hyper per parameter);
-            optimizer: 0 sgd, 1 adam, 2 adamw; clip: python float (<= 0: no clipping);
-            status: float32 [3] (norm, last skipped, skipped count) — all exactly as
-            kernels/fptt_update.fused_update takes them.
+        w_bar, lam, exp_avg, exp_avg_sq, step, hyper, group_of, optimizer, clip, status.
+    segment (fptt_fast.seam.SegmentIO):
+        x: [T, B, I].
+        target: loss 0 (MSE): float32 [B, O] (terminal) or [T, B, O] (per_step);
+            loss 1 (cross-entropy): int64 class indices [B] or [T, B], in [0, O).
+        h0, c0: [B, H], the (detached) state entering the segment; only read.
         h_out, c_out: [B, H], written with the state after the segment (they may be
             h0, c0 themselves: each batch row is read before it is written).
-        loss_out: float32, 1 element, written with the unweighted segment loss.
-        tf32: use TF32 tensor-core matmuls on the GPU (default: IEEE fp32).
-        update: False runs phases A and B only (the launch ends with `grads`, loss_out,
-            h_out and c_out written): params, the optimiser's state, steps and status are
+        losses: float32, 1 element, written with the unweighted segment loss.
+    config (fptt_fast.seam.SegmentConfig):
+        weight: the gradients are those of weight * loss.
+        loss: 0 MSE (F.mse_loss, mean over all elements), 1 cross-entropy (mean over rows).
+        per_step: False: the head on the last hidden state; True: on every step, the loss
+            being the mean over the steps too.
+        tf32: TF32 tensor-core matmuls on the GPU (default: IEEE fp32).
+        update: False runs phases A and B only (the launch ends with grads, losses,
+            h_out and c_out written): params, the optimiser's state, step and status are
             read by nobody and left untouched. Data-parallel training runs this, then the
             all-reduce of the gradients, then the FPTT update (fptt_fast.distributed).
-        grid_limit (tests only): cap the number of programs.
+        n_segs must be 1.
+    grid_limit (tests only): cap the number of programs.
 
     No host sync. Raises ValueError on bad shapes and beyond the limits (MAX_HIDDEN...).
     """
+    x, target, h0, c0 = segment.x, segment.target, segment.h0, segment.c0
+    h_out, c_out, loss_out = segment.h_out, segment.c_out, segment.losses
+    params, grads = state.params, state.grads
+    loss, per_step, weight = config.loss, config.per_step, config.weight
+    if config.n_segs != 1:
+        raise ValueError(f"the general Triton kernel runs one segment per launch, got "
+                         f"config.n_segs={config.n_segs}")
     if x.dim() != 3:
         raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
     T, B, I = x.shape
@@ -580,10 +581,9 @@ def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_ba
         _check_tensor(name, t, (B, H), f32, dev)
     if not isinstance(loss_out, torch.Tensor) or loss_out.numel() != 1 \
             or loss_out.dtype != f32 or loss_out.device != dev:
-        raise ValueError(f"loss_out must be a one-element float32 tensor on {dev}")
+        raise ValueError(f"segment.losses must be a one-element float32 tensor on {dev}")
 
-    plan = fu.get_plan(list(params), list(grads), w_bars, lams, s1s, s2s, steps, hyper,
-                       group_of, optimizer, status, tag="lstm_segment")
+    plan = fu.get_plan(state, tag="lstm_segment")
     chunk_size, block, pblock, _ = plan.config
     BB, BH, BK, BR, BC, num_warps = _config(dev, B, H, I)
     OP = _p2(O, 16, MAX_OUTPUT)
@@ -596,11 +596,13 @@ def train_segment(x, target, h0, c0, weight, loss, per_step, params, grads, w_ba
     dscale = float(weight) / n_terms
     args = (x, target, h0, c0, *params, *grads, h_out, c_out, loss_out,
             ws["hs"], ws["cs"], ws["gates"], ws["dg"], ws["dp"], ws["dh"], ws["dc"], ws["lpart"],
-            ws["barrier"], plan.tables, plan.chunks, hyper, plan.partial, plan.chunk_step, status,
-            plan.n_chunks, float(clip), T, B, I, H, O, n_btiles, dscale, lscale)
-    kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(optimizer), BB=BB, BH=BH, BK=BK,
-              BR=BR, BC=BC, OP=OP, PREC="tf32" if tf32 else "ieee", CHUNK=chunk_size,
-              BLOCK=block, PBLOCK=pblock, UPDATE=bool(update), num_warps=num_warps)
+            ws["barrier"], plan.tables, plan.chunks, state.hyper, plan.partial, plan.chunk_step,
+            state.status, plan.n_chunks, float(state.clip), T, B, I, H, O, n_btiles, dscale,
+            lscale)
+    kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(state.optimizer), BB=BB, BH=BH,
+              BK=BK, BR=BR, BC=BC, OP=OP, PREC="tf32" if config.tf32 else "ieee",
+              CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock, UPDATE=bool(config.update),
+              num_warps=num_warps)
     work = max(n_btiles, n_grad_tiles, plan.n_chunks)
     if dev.type == "cuda":
         with torch.cuda.device(dev):

@@ -1,10 +1,10 @@
-"""The argument checks of every binding of fptt_fast._C (issue 11): bad arguments raise a
+"""The argument checks of every compute binding of fptt_fast._C: bad arguments raise a
 Python exception naming the argument, never crash the process, and change nothing.
 
 Targets of the fuzz (TARGETS):
   fused_update_cpu, lstm_segment_step_cpu      the CPU bindings themselves
   fused_update_cuda_checks,                    the CUDA bindings' checks through the test-only
-  lstm_segment_cuda_checks                     bindings _C._check_*(..., device_type="cpu"):
+  lstm_segment_cuda_checks                     bindings (tests/seam_checks.py, device "cpu"):
                                                the same C++ check code the CUDA glue runs,
                                                with CPU tensors standing in for CUDA ones
                                                (the glue is not built on CPU CI)
@@ -14,7 +14,8 @@ Targets of the fuzz (TARGETS):
   fused_update_cuda, lstm_segment_step_cuda    the CUDA bindings themselves (GPU only)
 
 Each case starts from a valid call built the way fptt_fast builds it (FPTT._gather,
-FPTTLSTM's argument lists), then applies 1 to 3 mutations, each of which alone makes the
+FPTT.kernel_state), held as a flat dict of the fields of fptt_fast.seam's FpttState,
+SegmentIO and SegmentConfig, then applies 1 to 3 mutations, each of which alone makes the
 call invalid: wrong device type, dtype, layout, non-contiguous, wrong shape or size, wrong
 list length, None or a wrong Python type, an output sharing memory with another argument
 (a gradient buffer that is the parameter, h_out inside x, ...), out-of-range codes and
@@ -44,22 +45,19 @@ import torch
 
 import fptt_fast
 from fptt_fast import backends
+
+if __package__ in (None, ""):  # run as the fuzz worker: python tests/test_bindings.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.seam_checks import check_ext, twins  # noqa: E402
 from fptt_fast.lstm import LOSS_CODE
 from fptt_fast.optim import HYPER_FIELDS, OPT_CODE
+from fptt_fast.seam import FpttState
 
 SEED = 20261126
 N_CASES = 240  # per target; >= 200 required by issue 11
 HAS_CUDA = torch.cuda.is_available()
 
-UPDATE_KEYS = ("params", "grads", "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of",
-               "optimizer", "clip")
-# every segment binding: these first, in this order (issue 10), then the backend's own
-LSTM_KEYS = ("x", "target", "h0", "c0", "weight", "loss", "per_step", "params", "grads",
-             "w_bars", "lams", "s1s", "s2s", "steps", "hyper", "group_of", "optimizer", "clip",
-             "status")
-LSTM_CPU_KEYS = LSTM_KEYS + ("workspace", "update", "builtin_gemm")
-LSTM_CUDA_KEYS = LSTM_KEYS + ("h_out", "c_out", "loss_out", "tf32")
-STATE_LISTS = ("w_bars", "lams", "s1s", "s2s", "steps")
+STATE_LISTS = ("w_bar", "lam", "exp_avg", "exp_avg_sq", "step")
 
 # name: (family, flavour of the arguments, device of the tensors, device_type given to a
 # test-only check binding or None for the real binding)
@@ -120,7 +118,7 @@ class Case:
         k, i = loc
         if i is None:
             self.args[k] = v
-        else:  # copy: lists may be shared (the CUDA SGD call passes s1s as s2s)
+        else:  # copy: lists may be shared (an SGD call may pass exp_avg as exp_avg_sq)
             lst = list(self.args[k])
             lst[i] = v
             self.args[k] = lst
@@ -150,21 +148,18 @@ def build_update(case):
     opt = fptt_fast.FPTT(groups, **kw)
     for p in holder:
         p.grad = torch.randn_like(p)
-    L = opt._gather()
-    if n == 0:
-        L = {k: [] for k in L}
+    _, _, st = opt._gather()
     sgd = opt_name == "sgd"
     a = case.args
-    a.update(params=L["params"], grads=L["grads"], w_bars=L["w_bars"], lams=L["lams"],
-             s1s=L["s1s"], steps=L["steps"], hyper=opt._hyper_table(torch.device(dev)),
-             group_of=L["group_of"], optimizer=OPT_CODE[opt_name], clip=float(opt.clip or 0.0))
-    # s2s is not read for SGD: the CPU caller passes [], the CUDA caller s1s again
-    a["s2s"] = L["s2s"] if not sgd else ([] if case.flavour == "cpu" or rng.random() < 0.5
-                                         else L["s1s"])
+    a.update({k: (list(getattr(st, k)) if n else []) for k in
+              ("params", "grads", "w_bar", "lam", "exp_avg", "exp_avg_sq", "step", "group_of")})
+    a.update(hyper=opt._hyper_table(torch.device(dev)), optimizer=st.optimizer, clip=st.clip)
+    if sgd and rng.random() < 0.5:  # exp_avg_sq is not read for SGD: [] or exp_avg again
+        a["exp_avg_sq"] = []
     if case.flavour == "cuda":
         a["status"] = opt._status
     for i in range(n):
-        for k in ("params", "grads", "w_bars", "lams", "s1s", "steps") + (() if sgd else ("s2s",)):
+        for k in ("params", "grads", "w_bar", "lam", "exp_avg", "step") + (() if sgd else ("exp_avg_sq",)):
             case.used.append((k, i))
             if k != "grads":
                 case.written.add((k, i))
@@ -172,8 +167,8 @@ def build_update(case):
     if case.flavour == "cuda":
         case.used.append(("status", None))
         case.written.add(("status", None))
-    case.lists = ["params", "grads", "w_bars", "lams", "s1s", "steps", "group_of"] + \
-        ([] if sgd else ["s2s"])
+    case.lists = ["params", "grads", "w_bar", "lam", "exp_avg", "step", "group_of"] + \
+        ([] if sgd else ["exp_avg_sq"])
     case.ints = ["optimizer"] + (["group_of"] if n else [])
     case.floats = ["clip"]
     case.keep = [p.detach() for p in holder] + [p.grad for p in holder] + \
@@ -203,23 +198,23 @@ def build_lstm(case):
              h0=torch.randn(B, H, device=dev), c0=torch.randn(B, H, device=dev),
              params=params, grads=[torch.zeros_like(p) for p in params],
              loss=LOSS_CODE[loss], per_step=per_step, weight=rng.choice([1.0, 0.5, 2.0]),
-             w_bars=[s["w_bar"] for s in sts], lams=[s["lam"] for s in sts],
-             s1s=[s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
-             steps=[s["step"].view(1) for s in sts], hyper=opt._hyper_table(torch.device(dev)),
+             w_bar=[s["w_bar"] for s in sts], lam=[s["lam"] for s in sts],
+             exp_avg=[s["momentum_buffer"] if sgd else s["exp_avg"] for s in sts],
+             step=[s["step"].view(1) for s in sts], hyper=opt._hyper_table(torch.device(dev)),
              group_of=[0] * 6, optimizer=OPT_CODE[opt_name], clip=float(opt.clip or 0.0),
              status=opt._status)
     if case.flavour == "cpu":
         update = rng.random() < 0.75
-        # SGD: no s2s, or s1s again as FPTT.kernel_args gives it (s2s is not read)
-        a.update(update=update, s2s=rng.choice([[], a["s1s"]]) if sgd
+        # SGD: no exp_avg_sq, or exp_avg again as FPTT.kernel_state gives it (not read)
+        a.update(update=update, exp_avg_sq=rng.choice([[], a["exp_avg"]]) if sgd
                  else [s["exp_avg_sq"] for s in sts],
                  workspace=rng.choice([torch.empty(0), torch.zeros(rng.randint(1, 40)),
                                        torch.zeros(5000)]),
                  builtin_gemm=rng.random() < 0.3)
     else:
         update = True
-        a.update(s2s=a["s1s"] if sgd else [s["exp_avg_sq"] for s in sts],
-                 loss_out=torch.zeros((), device=dev), tf32=False,
+        a.update(exp_avg_sq=a["exp_avg"] if sgd else [s["exp_avg_sq"] for s in sts],
+                 losses=torch.zeros((), device=dev), tf32=False,
                  # h_out/c_out may be h0/c0 (documented in cuda_lstm.h): sometimes they are
                  h_out=a["h0"] if rng.random() < 0.2 else torch.zeros(B, H, device=dev),
                  c_out=a["c0"] if rng.random() < 0.2 else torch.zeros(B, H, device=dev))
@@ -231,7 +226,7 @@ def build_lstm(case):
         if update:
             case.written.add(("params", i))
             for k in STATE_LISTS:
-                if k != "s2s" or not sgd:
+                if k != "exp_avg_sq" or not sgd:
                     case.used.append((k, i))
                     case.written.add((k, i))
     case.lists = ["params", "grads"]
@@ -239,7 +234,7 @@ def build_lstm(case):
     case.floats = ["weight"]
     if update:
         case.used.append(("hyper", None))
-        case.lists += ["w_bars", "lams", "s1s", "steps", "group_of"] + ([] if sgd else ["s2s"])
+        case.lists += ["w_bar", "lam", "exp_avg", "step", "group_of"] + ([] if sgd else ["exp_avg_sq"])
         case.ints += ["optimizer", "group_of"]
         case.floats.append("clip")
     if update:
@@ -249,7 +244,7 @@ def build_lstm(case):
         case.used.append(("workspace", None))
         case.written.add(("workspace", None))
     else:
-        for k in ("h_out", "c_out", "loss_out"):
+        for k in ("h_out", "c_out", "losses"):
             case.used.append((k, None))
             case.written.add((k, None))
         for o in ("h_out", "c_out"):
@@ -257,7 +252,7 @@ def build_lstm(case):
                 case.allowed.add(frozenset({(o, None), (s, None)}))
     case.keep = params + list(a["grads"]) + [a[k] for k in ("x", "target", "h0", "c0", "hyper")] + \
         list(opt.flat_state.values()) + [opt._status] + \
-        ([a["workspace"]] if case.flavour == "cpu" else [a["h_out"], a["c_out"], a["loss_out"]])
+        ([a["workspace"]] if case.flavour == "cpu" else [a["h_out"], a["c_out"], a["losses"]])
     case.keep_objects = (m,)
     case.dims = (T, B, I, H, O)
 
@@ -273,23 +268,21 @@ def valid_case(target, index, seed=SEED):
 
 def call(case):
     e, a = ext(), case.args
+    state, segment, config = twins(a)
     if case.family == "update":
-        pos = [a[k] for k in UPDATE_KEYS]
         if case.devtype:
-            return e._check_fused_update_args(*pos, a.get("status") if case.flavour == "cuda"
-                                              else None, case.devtype)
+            return check_ext().fused_update(state, case.flavour == "cuda", case.devtype)
         if case.flavour == "cpu":
-            return e.fused_update_cpu(*pos)
-        return e.fused_update_cuda(*pos, a["status"])
+            return e.fused_update_cpu(state)
+        return e.fused_update_cuda(state)
     if case.flavour == "cpu":
-        pos = [a[k] for k in LSTM_CPU_KEYS]
         if case.devtype:
-            return e._check_lstm_segment_cpu_args(*pos, case.devtype)
-        return e.lstm_segment_step_cpu(*pos)
-    pos = [a[k] for k in LSTM_CUDA_KEYS]
+            return check_ext().lstm_segment_cpu(state, segment, config, a["workspace"],
+                                                case.devtype)
+        return e.lstm_segment_step_cpu(state, segment, config, a["workspace"])
     if case.devtype:
-        return e._check_lstm_segment_cuda_args(*pos, case.devtype)
-    return e.lstm_segment_step_cuda(*pos)
+        return check_ext().lstm_segment_cuda(state, segment, config, case.devtype)
+    return e.lstm_segment_step_cuda(state, segment, config)
 
 
 # ---- mutations: each one alone makes the call invalid -------------------------------------
@@ -380,13 +373,13 @@ def m_shape(case):
     k, i = loc
     tokens = {name_of(loc)}
     mk = lambda shape, dtype=t.dtype: torch.zeros(shape, dtype=dtype, device=t.device)  # noqa: E731
-    if k == "steps":
+    if k == "step":
         new = mk(rng.choice([2, 0]))
     elif k == "hyper":
         G = t.shape[0]
         n = len(HYPER_FIELDS)
         new = mk(rng.choice([(G, n - 1), (G, n + 1), (n,), (G, n, 1)]))
-    elif k in ("status", "loss_out"):
+    elif k in ("status", "losses"):
         new = mk(rng.choice([0, 2, 4]) if k == "status" else rng.choice([0, 2]))
     elif case.family == "update" or k in STATE_LISTS:
         # the update compares element counts with params[i]
@@ -517,7 +510,7 @@ def m_large_hidden(case):
     if not case.live(("params", 1)):
         raise NotApplicable
     # torch.empty: the pages are never touched, so 4 * 4097^2 floats cost nothing
-    Hm = ext()._check_lstm_cuda_max_hidden + 1
+    Hm = check_ext().lstm_cuda_max_hidden + 1
     case.put(("params", 1), torch.empty(4 * Hm, Hm, device=case.dev))
     return f"weight_hh_l0 [4H, H] with H={Hm}", {"kLstmMaxHidden"}
 
@@ -728,18 +721,20 @@ def test_former_segfault_inputs_raise():
     """The inputs of the two tests that segfaulted on an H200, with CPU tensors standing in
     (test_update_cuda.py::test_status_checks, test_lstm_cuda.py::
     test_binding_refuses_tf32_and_large_hidden; they run as such on a GPU)."""
-    e = ext()
+    cx = check_ext()
     p, g = torch.randn(10), torch.randn(10)
     z = lambda: torch.zeros(10)  # noqa: E731
     hyper = torch.zeros(1, len(fptt_fast.optim.HYPER_FIELDS))
-    args = ([p], [g], [z()], [z()], [z()], [z()], [torch.zeros(1)], hyper, [0], 1, 0.0)
-    e._check_fused_update_args(*args, torch.zeros(3), "cpu")  # valid with CPU stand-ins
+    args = dict(params=[p], grads=[g], w_bar=[z()], lam=[z()], exp_avg=[z()],
+                exp_avg_sq=[z()], step=[torch.zeros(1)], hyper=hyper, group_of=[0],
+                optimizer=1, clip=0.0, status=torch.zeros(3))
+    cx.fused_update(twins(args)[0], True, "cpu")  # valid with CPU stand-ins
     with pytest.raises(RuntimeError, match=r"params\[0\] must be a CUDA tensor"):
-        e._check_fused_update_args(*args, torch.zeros(3), "cuda")
+        cx.fused_update(twins(args)[0], True, "cuda")
     for bad, what in ((torch.zeros(4), "3 floats"), (torch.zeros(3, dtype=torch.float64), "float32"),
                       (torch.zeros(3, device="meta"), "CPU tensor")):
         with pytest.raises(RuntimeError, match="status.*" + what):
-            e._check_fused_update_args(*args, bad, "cpu")
+            cx.fused_update(twins(dict(args, status=bad))[0], True, "cpu")
 
     case = valid_case("lstm_segment_cuda_checks", 0)
     a = case.args
@@ -748,7 +743,7 @@ def test_former_segfault_inputs_raise():
     with pytest.raises(RuntimeError, match="tf32"):
         call(case)
     a["tf32"] = False
-    H = e._check_lstm_cuda_max_hidden + 1
+    H = cx.lstm_cuda_max_hidden + 1
     a["params"] = list(a["params"])
     a["params"][1] = torch.empty(4 * H, H)
     with pytest.raises(RuntimeError, match="kLstmMaxHidden"):
@@ -766,24 +761,22 @@ def test_valid_update_calls_pass_and_match_reference(index):
     case = valid_case("fused_update_cpu", index)
     a = case.args
     opt, holder = case.keep_objects
-    assert ext()._check_fused_update_args(*[a[k] for k in UPDATE_KEYS], None, "cpu") is None
-    cuda_s2s = a["s1s"] if a["optimizer"] == OPT_CODE["sgd"] else a["s2s"]
-    assert ext()._check_fused_update_args(*[a[k] if k != "s2s" else cuda_s2s for k in UPDATE_KEYS],
-                                          torch.zeros(3), "cpu") is None
+    assert check_ext().fused_update(twins(a)[0], False, "cpu") is None
+    assert check_ext().fused_update(twins(dict(a, status=torch.zeros(3)))[0], True, "cpu") is None
     # the reference: an identical optimiser on clones, backend="reference"
     groups = [dict(g, params=[p.detach().clone().requires_grad_() for p in g["params"]])
               for g in opt.param_groups]
-    twins = [q for g in groups for q in g["params"]]
+    copies = [q for g in groups for q in g["params"]]
     ref = fptt_fast.FPTT(groups, optimizer=opt.base, clip=opt.clip, backend="reference")
-    for p, q in zip(holder, twins):
+    for p, q in zip(holder, copies):
         q.grad = p.grad.clone()
-    norm, skipped = ext().fused_update_cpu(*[a[k] for k in UPDATE_KEYS])
+    norm, skipped = ext().fused_update_cpu(twins(a)[0])
     if not a["params"]:
         return  # nothing to compare: the call must simply succeed
     ref.step()
     assert not skipped and math.isfinite(norm)
-    scale = max([1.0] + [q.abs().max().item() for q in twins if q.numel()])
-    for p, q in zip(holder, twins):
+    scale = max([1.0] + [q.abs().max().item() for q in copies if q.numel()])
+    for p, q in zip(holder, copies):
         assert _scaled_err(p.detach(), q.detach(), scale) <= 2e-5
         for k, t in ref.state[q].items():
             assert _scaled_err(opt.state[p][k], t, scale) <= 2e-5, k
@@ -800,10 +793,16 @@ def test_read_only_gradients_may_share_memory():
         st = [[torch.zeros(6) for _ in w] for _ in range(4)]
         steps = [torch.zeros(1) for _ in w]
         hyper = torch.tensor([[0.01, 0.5, 0.5, 0.0, 1.0, 0.0, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.0, 0.0]])
-        ext().fused_update_cpu(w, grads, st[0], st[1], st[2], st[3], steps, hyper, [0, 0], 1, 0.0)
+        ext().fused_update_cpu(FpttState(w, grads, st[0], st[1], st[2], st[3], steps, hyper,
+                                         [0, 0], optimizer=1, clip=0.0))
         outs.append(w)
     for u, v in zip(*outs):
         assert torch.equal(u, v)
+
+
+def _check_cpu(a):
+    """lstm_segment_step_cpu's checks on the call `a` (flat fields): (T, B, I, H, O)."""
+    return check_ext().lstm_segment_cpu(*twins(a), a["workspace"], "cpu")
 
 
 def test_small_workspace_is_not_mistaken_for_an_overlap():
@@ -815,15 +814,15 @@ def test_small_workspace_is_not_mistaken_for_an_overlap():
     for n in range(1, 41):
         a["workspace"] = torch.zeros(n)
         a["grads"] = [torch.zeros_like(p) for p in a["params"]]
-        assert ext()._check_lstm_segment_cpu_args(*[a[k] for k in LSTM_CPU_KEYS], "cpu") == case.dims
+        assert _check_cpu(a) == case.dims
     a["grads"] = [a["workspace"][:0]] + a["grads"][1:]  # empty: no memory, no overlap
     with pytest.raises(RuntimeError, match=r"grads\[0\]"):
-        ext()._check_lstm_segment_cpu_args(*[a[k] for k in LSTM_CPU_KEYS], "cpu")  # wrong shape
+        _check_cpu(a)  # wrong shape
     big = torch.zeros(10 ** 4)  # a workspace sharing its storage with a gradient buffer
     a["workspace"], a["grads"] = big[:5], [big[5000:5000 + a["params"][0].numel()].view_as(
         a["params"][0])] + [torch.zeros_like(p) for p in a["params"][1:]]
     with pytest.raises(RuntimeError, match=r"grads\[0\] shares memory with workspace"):
-        ext()._check_lstm_segment_cpu_args(*[a[k] for k in LSTM_CPU_KEYS], "cpu")
+        _check_cpu(a)
 
 
 @pytest.mark.parametrize("index", range(8))
@@ -834,14 +833,14 @@ def test_valid_lstm_calls_pass_and_match_reference(index):
     case = valid_case("lstm_segment_step_cpu", index)
     a = case.args
     (m,) = case.keep_objects
-    assert ext()._check_lstm_segment_cpu_args(*[a[k] for k in LSTM_CPU_KEYS], "cpu") == case.dims
+    assert _check_cpu(a) == case.dims
     cuda_case = valid_case("lstm_segment_cuda_checks", index)
     assert call(cuda_case) == cuda_case.dims
     ref = fptt_fast.FPTTLSTM(*case.dims[2:], loss=m.loss, per_step=m.per_step,
                              optimizer=m.optimizer.base, clip=m.optimizer.clip, backend="reference")
     ref.load_lstm_state_dict(m.lstm_state_dict())
     x, y, h0, c0 = a["x"], a["target"], a["h0"].clone(), a["c0"].clone()
-    loss, h, c = ext().lstm_segment_step_cpu(*[a[k] for k in LSTM_CPU_KEYS])
+    loss, h, c = ext().lstm_segment_step_cpu(*twins(a), a["workspace"])
     assert a["workspace"].numel() >= 1  # grown if it was too small
     if a["update"]:
         l_ref, (h_ref, c_ref) = ref.train_segment(x, y, (h0, c0), weight=a["weight"])
@@ -858,6 +857,51 @@ def test_valid_lstm_calls_pass_and_match_reference(index):
             assert _scaled_err(g, r, max(1.0, r.abs().max().item())) <= 1e-4
     assert abs(loss - l_ref.item()) <= 1e-4 * max(1.0, abs(l_ref.item()))
     assert _scaled_err(h, h_ref, 1.0) <= 1e-4 and _scaled_err(c, c_ref, 1.0) <= 1e-4
+
+
+def _signature_arity(doc: str, name: str) -> list:
+    """The argument counts of each overload of `name` in a pybind11 docstring (arguments
+    separated by commas outside brackets; a method's self counted out)."""
+    counts = []
+    for line in doc.splitlines():
+        m = re.match(r"\s*(?:\d+\.\s*)?" + re.escape(name) + r"\((.*)\)( ->.*)?$", line)
+        if not m:
+            continue
+        depth, n, seen = 0, 0, False
+        for ch in m.group(1):
+            depth += ch in "[(<{"
+            depth -= ch in "])>}"
+            if ch == "," and depth == 0:
+                n += 1
+            seen = seen or not ch.isspace()
+        args = n + 1 if seen else 0
+        counts.append(args - (1 if m.group(1).lstrip().startswith("self") else 0))
+    return counts
+
+
+def test_compute_bindings_take_at_most_eight_arguments():
+    """Every function and method of fptt_fast._C takes at most 8 arguments (the state,
+    segment and config objects instead of parallel lists), and no test-only or tuning entry
+    point is in the shipped module (tuning ones need FPTT_FAST_TUNING=1)."""
+    e = ext()
+    checked = 0
+    for name in dir(e):
+        obj = getattr(e, name)
+        members = [(name, obj)]
+        if isinstance(obj, type):
+            members = [(m, getattr(obj, m)) for m in ("__init__", *vars(obj))
+                       if not m.startswith("_") or m == "__init__"]
+        for mname, fn in members:
+            if type(fn).__name__ not in ("builtin_function_or_method", "instancemethod"):
+                continue
+            arities = _signature_arity(fn.__doc__ or "", mname)
+            assert arities, f"{name}.{mname}: no signature in its docstring"
+            assert max(arities) <= 8, f"{name}.{mname} takes {max(arities)} arguments"
+            checked += 1
+    assert checked >= 10  # able to fail: the walk found the bindings
+    assert "lstm_segment_step_cpu" in dir(e) and "CpuLstmPlan" in dir(e)
+    leftovers = [n for n in dir(e) if n.startswith(("_check_", "_lstm_persistent_"))]
+    assert not leftovers, leftovers
 
 
 if __name__ == "__main__":

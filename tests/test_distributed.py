@@ -39,6 +39,7 @@ from fptt_fast.layout import HYPER_FIELDS
 from fptt_fast.backends import segment_unavailable_reason
 from fptt_fast.lstm import PARAM_NAMES
 
+from .seam_checks import check_ext
 from .utils import device_of
 
 TOL_UPDATE = 2e-5   # tests/utils.py: fp32 element-wise update over 20+ steps
@@ -413,31 +414,25 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
 
 def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkeypatch):
     """Without a GPU, the cuda half of segment_gradients up to the launch: the arguments it
-    gives _C.lstm_train_cuda pass the CUDA glue's own checks (_C._check_lstm_segment_cuda_args
-    on CPU tensors, as the glue runs them before launching), and they are those of one
-    segment with its update made to write nothing: n_segs 1, no weight ramp, a [1, len(HYPER_FIELDS)] table
-    of NaN for every parameter, a status of its own (not the optimiser's), the module's
-    gradient buffers. What the kernel then does with them needs a GPU:
-    test_gradients_launch_has_its_update_off[cuda]."""
-    ext = fptt_fast.backends.extension()
-    if not hasattr(ext, "_check_lstm_segment_cuda_args"):
-        pytest.fail("fptt_fast._C has no _check_lstm_segment_cuda_args (stale build?)")
+    gives _C.lstm_train_cuda pass the CUDA glue's own checks (tests/seam_checks.py, on CPU
+    tensors, as the glue runs them before launching), and they are those of one segment
+    with its update made to write nothing: n_segs 1, no weight ramp, a
+    [1, len(HYPER_FIELDS)] table of NaN for every parameter, a status of its own (not the
+    optimiser's), the module's gradient buffers. What the kernel then does with them needs
+    a GPU: test_gradients_launch_has_its_update_off[cuda]."""
+    cx = check_ext()
     m = fptt_fast.FPTTLSTM(I, H, O, loss="ce", backend="cpu", **HYPER)
     m.backend = "cuda"  # what the module resolves to on a GPU; the launch is faked below
     calls = []
 
     class Glue:
         @staticmethod
-        def lstm_train_cuda(x, target, h0, c0, n_segs, weight, ramp, loss, per_step, params,
-                            grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, optimizer,
-                            clip, status, h_out, c_out, losses_out, tf32, kernel):
-            dims = ext._check_lstm_segment_cuda_args(
-                x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s,
-                s2s, steps, hyper, group_of, optimizer, clip, status, h_out, c_out, losses_out,
-                tf32, "cpu")
-            calls.append(dict(dims=tuple(dims), n_segs=n_segs, weight=weight, ramp=ramp,
-                              hyper=hyper, group_of=list(group_of), status=status, grads=grads,
-                              params=params, kernel=kernel, losses_out=losses_out))
+        def lstm_train_cuda(state, segment, config):
+            dims = cx.lstm_segment_cuda(state, segment, config, "cpu")
+            calls.append(dict(dims=tuple(dims), n_segs=config.n_segs, weight=config.weight,
+                              ramp=config.ramp, hyper=state.hyper, group_of=list(state.group_of),
+                              status=state.status, grads=state.grads, params=state.params,
+                              kernel=config.kernel, losses_out=segment.losses))
             return 1  # "general"
 
     monkeypatch.setattr(distributed, "_extension", lambda: Glue)

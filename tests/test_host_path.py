@@ -22,6 +22,7 @@ import fptt_fast
 from fptt_fast import backends
 from fptt_fast.lstm import LOSS_CODE
 from fptt_fast.optim import FPTT, STATUS_SKIPPED
+from fptt_fast.seam import SegmentConfig, SegmentIO
 
 from .utils import (LSTM_OPT, NONE_GRAD, SHAPES_CPU, SPLIT, TOL_UPDATE, assert_bitwise_equal,
                     assert_norm_close, assert_unchanged, compare, draw_grads, make_pair,
@@ -435,20 +436,20 @@ def test_plan_copies_to_none():
 
 def lstm_list_path(self, x, target, state, weight, update):
     """FPTTLSTM._cpu_call before the plan (issue 12): every list gathered, the list binding
-    _C.lstm_segment_step_cpu, the hyper table re-keyed (kernel_args) and the skips reported
+    _C.lstm_segment_step_cpu, the hyper table re-keyed (kernel_state) and the skips reported
     from Python."""
     ext = backends.extension()
-    params = [p.detach() for p in self.fptt_parameters()]
     if self._grads is None:
-        self._grads = [torch.zeros_like(p) for p in params]
+        self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
         self._workspace = torch.empty(0, dtype=torch.float32)
     opt = self.optimizer
-    ka = opt.kernel_args(self.fptt_parameters(), params[0].device)
-    loss, h, c = ext.lstm_segment_step_cpu(
-        x, target, state[0], state[1], weight, LOSS_CODE[self.loss], self.per_step, params,
-        self._grads, *ka, self._workspace, update, self.cpu_builtin_gemm)
+    fstate = opt.kernel_state(self.fptt_parameters(), self._grads, x.device)
+    config = SegmentConfig(weight=weight, loss=LOSS_CODE[self.loss], per_step=self.per_step,
+                           update=update, builtin_gemm=self.cpu_builtin_gemm)
+    loss, h, c = ext.lstm_segment_step_cpu(fstate, SegmentIO(x, target, state[0], state[1]),
+                                           config, self._workspace)
     if update:  # the binding recorded the step in status
-        opt.report_skipped(int(ka.status[STATUS_SKIPPED].item()))
+        opt.report_skipped(int(fstate.status[STATUS_SKIPPED].item()))
     return torch.tensor(loss, dtype=torch.float32), (h, c)
 
 
@@ -523,7 +524,7 @@ def test_lstm_hot_path_has_no_python_lists(monkeypatch):
     def forbidden(*args, **kw):
         raise AssertionError("a slow-path method ran on the hot path")
 
-    for name in ("_hyper_table", "refresh_cpu_plan", "_record", "cpu_plan", "kernel_args",
+    for name in ("_hyper_table", "refresh_cpu_plan", "_record", "cpu_plan", "kernel_state",
                  "report_skipped"):
         monkeypatch.setattr(a.optimizer, name, forbidden)
     x, y = torch.randn(3, 2, 2, generator=gen), torch.randn(2, 1, generator=gen)
@@ -594,7 +595,7 @@ def test_lstm_bad_hyper_and_aliased_input_are_refused():
     assert_same(grads, a._grads)
     # x inside the optimiser's status (written with the update): refused the same way,
     # through the plan's step as through the list binding
-    status = a.optimizer.kernel_args(a.fptt_parameters(), x.device).status
+    status = a.optimizer._status
     before = status.clone()
     with pytest.raises(RuntimeError, match="status"):
         a.train_segment(status[:2].view(1, 1, 2), y[:1])

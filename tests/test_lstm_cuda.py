@@ -14,6 +14,7 @@ import torch
 import fptt_fast
 from fptt_fast import backends
 from fptt_fast.backends import segment_unavailable_reason
+from fptt_fast.seam import SegmentConfig, SegmentIO
 
 
 def _skip_reason():
@@ -56,16 +57,13 @@ def test_train_segment_is_one_kernel_launch(kernel, name):
 
 
 def _binding_args(m, x, y, state, tf32=False):
-    opt = m.optimizer
-    params = [p.detach() for p in m.fptt_parameters()]
-    grads = [torch.zeros_like(p) for p in params]
-    sts = [opt.state[p] for p in m.fptt_parameters()]
-    return (x, y, state[0], state[1], 1.0, 0, False, params, grads,
-            [s["w_bar"] for s in sts], [s["lam"] for s in sts], [s["exp_avg"] for s in sts],
-            [s["exp_avg_sq"] for s in sts], [s["step"].view(1) for s in sts],
-            opt._hyper_table(x.device), [0] * 6, 1, 1.0, opt._status,
-            torch.empty_like(state[0]), torch.empty_like(state[1]),
-            torch.empty((), device=DEV), tf32)
+    """(state, segment, config) of one segment as FPTTLSTM hands them to the binding, with
+    gradient buffers of their own."""
+    grads = [torch.zeros_like(p.detach()) for p in m.fptt_parameters()]
+    fstate = m.optimizer.kernel_state(m.fptt_parameters(), grads, x.device)
+    io = SegmentIO(x, y, state[0], state[1], torch.empty_like(state[0]),
+                   torch.empty_like(state[1]), torch.empty(1, device=DEV))
+    return fstate, io, SegmentConfig(tf32=tf32)
 
 
 def test_binding_refuses_tf32_and_large_hidden():
@@ -78,27 +76,25 @@ def test_binding_refuses_tf32_and_large_hidden():
     # the hidden size is checked right after x, before any other tensor: only weight_hh
     # needs the large shape
     H = ext.cuda_lstm_max_hidden + 1
-    args = list(_binding_args(m, x, y, state))
-    args[7] = list(args[7])
-    args[7][1] = torch.empty(4 * H, H, device=DEV)
+    fstate, io, config = _binding_args(m, x, y, state)
+    fstate.params = list(fstate.params)
+    fstate.params[1] = torch.empty(4 * H, H, device=DEV)
     with pytest.raises(RuntimeError, match="kLstmMaxHidden"):
-        ext.lstm_segment_step_cuda(*args)
+        ext.lstm_segment_step_cuda(fstate, io, config)
 
 
-@pytest.mark.parametrize("bad", ["float64", "cpu", "shape"])
-def test_binding_names_loss_out(bad):
-    """A bad loss_out is refused naming loss_out, the argument the caller wrote (the
-    K-segment binding underneath calls it losses_out: the H200 fuzz of 2026-11-27 caught
-    that name in this binding's errors), and nothing is written."""
+@pytest.mark.parametrize("bad", ["float64", "cpu", "size"])
+def test_binding_names_losses(bad):
+    """A bad losses tensor is refused naming segment.losses, and nothing is written."""
     ext = backends.extension()
     m = fptt_fast.FPTTLSTM(2, 8, 1, backend="cuda", device=DEV)
     x, y = torch.randn(3, 2, 2, device=DEV), torch.randn(2, 1, device=DEV)
     state = (torch.randn(2, 8, device=DEV), torch.randn(2, 8, device=DEV))
-    args = list(_binding_args(m, x, y, state))
-    args[-2] = {"float64": torch.empty((), dtype=torch.float64, device=DEV),
-                "cpu": torch.empty(()),
-                "shape": torch.empty(1, 1, device=DEV)}[bad]
+    fstate, io, config = _binding_args(m, x, y, state)
+    io.losses = {"float64": torch.empty(1, dtype=torch.float64, device=DEV),
+                 "cpu": torch.empty(1),
+                 "size": torch.empty(2, device=DEV)}[bad]
     before = [p.detach().clone() for p in m.fptt_parameters()]
-    with pytest.raises(RuntimeError, match=r"(?<![A-Za-z_])loss_out\b"):
-        ext.lstm_segment_step_cuda(*args)
+    with pytest.raises(RuntimeError, match=r"segment\.losses"):
+        ext.lstm_segment_step_cuda(fstate, io, config)
     assert all(torch.equal(a, p) for a, p in zip(before, m.fptt_parameters()))

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import fptt_fast
+from fptt_fast.seam import FpttState, SegmentConfig, SegmentIO
 from fptt_fast.kernels import lstm_segment as ls
 
 from .utils import (finish_background_compile, start_background_compile, LSTM_KERNEL_KW, LSTMPair, assert_tf32_close, assert_all_equal, backend_device,
-                    bind_args, lstm_run_bits, segment_grads, sm90_compile_script, triton_compiled,
+                    bind_args, with_fields, lstm_run_bits, segment_grads, sm90_compile_script, triton_compiled,
                     with_grid_limit)
 
 gpu = pytest.mark.skipif(not triton_compiled(),
@@ -67,7 +68,8 @@ def test_state_updated_in_place(fresh_seed, monkeypatch):
 
     def in_place(*a, **k):
         args = bind_args(orig, a, k)
-        return orig(**{**args, "h_out": args["h0"], "c_out": args["c0"]})
+        io = args["segment"]
+        return orig(**with_fields(args, h_out=io.h0, c_out=io.c0))
 
     outs = []
     for aliased in (False, True):
@@ -94,14 +96,14 @@ def test_rejects_bad_inputs(fresh_seed, monkeypatch):
                                                torch.randn(B, H, device=dev)))
 
     def call(**changed):
-        ls.train_segment(**{**args, **changed})
+        ls.train_segment(**with_fields(args, **changed))
 
     with pytest.raises(ValueError, match="target"):
         call(target=y[:, :1])
     with pytest.raises(ValueError, match="target"):
         call(loss=ls.LOSS_CE)  # float targets for ce
     with pytest.raises(ValueError, match="h0"):
-        call(h0=args["h0"][:1])
+        call(h0=args["segment"].h0[:1])
     with pytest.raises(ValueError, match="x"):
         call(x=x.transpose(0, 1))
     monkeypatch.setattr(ls, "MAX_HIDDEN", 3)
@@ -188,9 +190,9 @@ def test_hidden_limit():
     H = ls.MAX_HIDDEN + 1
     params = [torch.empty(s) for s in [(4 * H, 1), (4 * H, H), (4 * H,), (4 * H,), (1, H), (1,)]]
     with pytest.raises(ValueError, match=f"MAX_HIDDEN={ls.MAX_HIDDEN}"):
-        ls.train_segment(torch.zeros(1, 1, 1), torch.zeros(1, 1), None, None, 1.0, 0, False,
-                         params, params, [], [], [], [], [], None, [], 1, 1.0, None,
-                         None, None, torch.zeros(1))
+        ls.train_segment(FpttState(params, params, [], [], [], [], [], None, [], 1),
+                         SegmentIO(torch.zeros(1, 1, 1), torch.zeros(1, 1), None, None,
+                                   losses=torch.zeros(1)), SegmentConfig())
 
 
 def test_co_resident_cap_takes_the_tightest_sm_limit(monkeypatch):

@@ -24,7 +24,7 @@ from fptt_fast.kernels import lstm_persistent as lp
 from fptt_fast.optim import STATUS_LAST_SKIPPED
 
 from .utils import (finish_background_compile, start_background_compile, LSTM_OPT, NAN, TOL_MATMUL, LSTMPair, assert_all_equal,
-                    assert_unchanged, backend_device, bind_args, fptt_weights, interpreted,
+                    assert_unchanged, backend_device, bind_args, with_fields, fptt_weights, interpreted,
                     assert_tf32_close, poisoned_allocations, scaled_err, segment_grads, sm90_compile_script,
                     snapshot, triton_compiled)
 
@@ -308,17 +308,17 @@ def test_train_rejects_bad_arguments(fresh_seed, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(lp, "train", spy)
         m.train_sequence(x, y, 2)
-    assert seen["n_segs"] == 2 and seen["ramp"] is True
+    assert seen["config"].n_segs == 2 and seen["config"].ramp is True
 
     def call(**changed):
-        lp.train(**{**seen, **changed})
+        lp.train(**with_fields(seen, **changed))
 
     with pytest.raises(ValueError, match="target"):
         call(target=y[:, :1])
     with pytest.raises(ValueError, match="h0"):
-        call(h0=seen["h0"][:1])
+        call(h0=seen["segment"].h0[:1])
     with pytest.raises(ValueError, match="losses"):
-        call(losses=seen["losses"][:1])
+        call(losses=seen["segment"].losses[:1])
     with pytest.raises(ValueError, match="K=3 segments"):
         call(x=torch.randn(4, 2, 3, device=dev), n_segs=3)  # ceil(4/2) = 2 segments, not 3
     monkeypatch.setattr(lp, "MAX_HIDDEN", 3)

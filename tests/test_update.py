@@ -8,6 +8,7 @@ What only one backend has (graph capture, launch counts, grid limits, binding er
 is tested in test_update_cuda.py and test_update_triton.py.
 """
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import fptt_fast
 from fptt_fast import backends
+from fptt_fast.seam import FpttState
 
 from .utils import (FUSED, NONE_GRAD, SPLIT, TOL_MATMUL, assert_bitwise_equal,
                     assert_norm_close, assert_unchanged, backend_device, compare, draw_grads,
@@ -346,19 +348,24 @@ def test_cpu_backend_trains_lstm_like_reference(fresh_seed):
 def test_cpu_binding_rejects_bad_input(fresh_seed):
     ext = backends.extension()
     p, g = torch.randn(10), torch.randn(10)
+    p0 = p.clone()
     st = [torch.randn(10) for _ in range(4)]
     step = torch.zeros(1)
     hyper = torch.rand(1, len(fptt_fast.optim.HYPER_FIELDS))
-    args = lambda **o: [o.get("p", [p]), o.get("g", [g]), [st[0]], [st[1]], [st[2]], [st[3]],  # noqa: E731
-                        [step], o.get("hyper", hyper), o.get("group", [0]), 1, 1.0]
-    with pytest.raises(RuntimeError, match="grads.*elements"):
-        ext.fused_update_cpu(*args(g=[torch.randn(11)]))
+    state = lambda **o: FpttState(  # noqa: E731
+        o.get("p", [p]), o.get("g", [g]), [st[0]], [st[1]], [st[2]], [st[3]], [step],
+        o.get("hyper", hyper), o.get("group", [0]), optimizer=1, clip=1.0)
+    with pytest.raises(RuntimeError, match=r"state\.grads\[0\].*elements"):
+        ext.fused_update_cpu(state(g=[torch.randn(11)]))
     with pytest.raises(RuntimeError, match="float32"):
-        ext.fused_update_cpu(*args(g=[g.double()]))
+        ext.fused_update_cpu(state(g=[g.double()]))
     with pytest.raises(RuntimeError, match="contiguous"):
-        ext.fused_update_cpu(*args(p=[torch.randn(20)[::2]]))
+        ext.fused_update_cpu(state(p=[torch.randn(20)[::2]]))
     with pytest.raises(RuntimeError, match="group index"):
-        ext.fused_update_cpu(*args(group=[3]))
-    with pytest.raises(RuntimeError, match="hyper"):
-        ext.fused_update_cpu(*args(hyper=torch.rand(1, 5)))
+        ext.fused_update_cpu(state(group=[3]))
+    with pytest.raises(RuntimeError, match=r"state\.hyper"):
+        ext.fused_update_cpu(state(hyper=torch.rand(1, 5)))
+    with pytest.raises(TypeError, match=r"FpttState\.clip"):
+        ext.fused_update_cpu(dataclasses.replace(state(), clip="1.0"))
+    assert torch.equal(p, p0)  # every refused call changed nothing
 

@@ -8,6 +8,7 @@ Skipped, with the reason, where torch has no CUDA device or fptt_fast._C was bui
 without its CUDA kernels. csrc/cuda/*.cu are still compiled on every machine with nvcc
 by tests/test_cuda_sources.py.
 """
+import dataclasses
 import math
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 import fptt_fast
 from fptt_fast import backends
+from fptt_fast.seam import FpttState
 
 from .utils import (NONE_GRAD, SPLIT, assert_bitwise_equal, assert_norm_close, capture_step,
                     compare, draw_grads, make_pair, set_grads, shapes_for, step_pair, two_groups)
@@ -118,9 +120,10 @@ def test_status_checks():
     z = lambda: torch.zeros(10, device=DEV)  # noqa: E731
     hyper = torch.zeros(1, len(fptt_fast.optim.HYPER_FIELDS), device=DEV)
     step = torch.zeros(1, device=DEV)
-    args = ([p], [g], [z()], [z()], [z()], [z()], [step], hyper, [0], 1, 0.0)
+    state = FpttState([p], [g], [z()], [z()], [z()], [z()], [step], hyper, [0], optimizer=1,
+                      clip=0.0, status=torch.zeros(3, device=DEV))
     for bad in (torch.zeros(3), torch.zeros(4, device=DEV), torch.zeros(3, device=DEV, dtype=torch.float64)):
-        with pytest.raises(RuntimeError, match="status"):
-            _ext().fused_update_cuda(*args, bad)
-    with pytest.raises(RuntimeError):  # a CPU tensor in the lists
-        _ext().fused_update_cuda([p.cpu()], *args[1:], torch.zeros(3, device=DEV))
+        with pytest.raises(RuntimeError, match=r"state\.status"):
+            _ext().fused_update_cuda(dataclasses.replace(state, status=bad))
+    with pytest.raises(RuntimeError, match=r"state\.params\[0\]"):  # a CPU tensor in the lists
+        _ext().fused_update_cuda(dataclasses.replace(state, params=[p.cpu()]))

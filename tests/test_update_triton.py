@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from fptt_fast.kernels import fptt_update as fu
+from fptt_fast.layout import HYPER_FIELDS
+from fptt_fast.seam import FpttState
 
 from .utils import (NONE_GRAD, SPLIT, assert_bitwise_equal, backend_device, capture_step, compare,
                     draw_grads, make_pair, run_steps, set_grads, triton_compiled, two_groups,
@@ -45,18 +47,19 @@ def test_fused_update_checks_arguments():
     dev = backend_device("triton")
     p, g = torch.randn(5, device=dev), torch.randn(5, device=dev)
     st = lambda: [torch.randn(5, device=dev)]  # noqa: E731
-    hyper = torch.randn(1, 12, device=dev)
+    hyper = torch.randn(1, len(HYPER_FIELDS), device=dev)
     status = torch.zeros(3, device=dev)
     step = torch.zeros(1, device=dev)
-    with pytest.raises(ValueError):  # hyper of the wrong width
-        fu.fused_update([p], [g], st(), st(), st(), st(), [step], torch.randn(1, 11, device=dev),
-                        [0], 1, 0.0, status)
-    with pytest.raises(ValueError):  # grad of the wrong size
-        fu.fused_update([p], [torch.randn(4, device=dev)], st(), st(), st(), st(), [step], hyper,
-                        [0], 1, 0.0, status)
-    with pytest.raises(ValueError):  # group row out of range
-        fu.fused_update([p], [g], st(), st(), st(), st(), [step], hyper, [1], 1, 0.0, status)
-    fu.fused_update([], [], [], [], [], [], [], hyper, [], 1, 0.0, status)  # nothing to do
+    state = lambda g=g, hyper=hyper, group=0: FpttState(  # noqa: E731
+        [p], [g], st(), st(), st(), st(), [step], hyper, [group], optimizer=1, status=status)
+    with pytest.raises(ValueError, match=r"state\.hyper"):  # hyper of the wrong width
+        fu.fused_update(state(hyper=torch.randn(1, len(HYPER_FIELDS) - 1, device=dev)))
+    with pytest.raises(ValueError, match=r"state\.grads\[0\]"):  # grad of the wrong size
+        fu.fused_update(state(g=torch.randn(4, device=dev)))
+    with pytest.raises(ValueError, match="group index"):  # group row out of range
+        fu.fused_update(state(group=1))
+    fu.fused_update(FpttState([], [], [], [], [], [], [], hyper, [], optimizer=1,
+                              status=status))  # nothing to do
     assert not status.any()
 
 

@@ -15,6 +15,7 @@ The project's tolerances, as max |difference| / max |w| unless said otherwise:
     TOL_TF32    5e-3  TF32 matmuls against IEEE fp32 (assert_tf32_close), with SGD
 """
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -488,6 +489,20 @@ def assert_all_equal(a, b):
     assert len(a) == len(b)
     for i, (u, v) in enumerate(zip(a, b)):
         assert torch.equal(u, v), f"output {i} differs"
+
+
+def with_fields(bound, **changed):
+    """A launcher's bound (state, segment, config) arguments (bind_args of a seam launcher)
+    with fields changed by name, wherever they live: FpttState, SegmentIO or SegmentConfig
+    (copies; the originals are left as they are)."""
+    out = {}
+    for key in ("state", "segment", "config"):
+        obj = bound[key]
+        names = {f.name for f in dataclasses.fields(obj)}
+        out[key] = dataclasses.replace(obj, **{k: v for k, v in changed.items() if k in names})
+    unknown = set(changed) - {f.name for o in out.values() for f in dataclasses.fields(o)}
+    assert not unknown, f"no such seam field: {sorted(unknown)}"
+    return {**bound, **out}
 
 
 def bind_args(fn, args, kwargs):

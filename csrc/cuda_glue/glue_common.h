@@ -46,17 +46,10 @@ struct SlotTable {
 
 // The update slots (update_slots.h) and the cache key that identifies them: device,
 // optimiser family, every slot's pointers and size.
-inline SlotTable make_slot_table(const std::vector<at::Tensor>& params,
-                                 const std::vector<at::Tensor>& grads,
-                                 const std::vector<at::Tensor>& w_bars,
-                                 const std::vector<at::Tensor>& lams,
-                                 const std::vector<at::Tensor>& s1s,
-                                 const std::vector<at::Tensor>& s2s,
-                                 const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-                                 const std::vector<int64_t>& group_of, bool sgd,
-                                 int device_index) {
+inline SlotTable make_slot_table(const FpttState& state, int device_index) {
   SlotTable t;
-  t.slots = update_slots(params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of, sgd);
+  const bool sgd = state.sgd();
+  t.slots = update_slots(state);
   t.key.reserve(2 + 9 * t.slots.size());
   t.key.push_back(device_index);
   t.key.push_back(sgd);

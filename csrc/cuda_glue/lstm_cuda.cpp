@@ -30,6 +30,7 @@
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
 #include "fptt_fast/lstm_checks.h"
+#include "fptt_fast/seam_cast.h"
 #include "glue_common.h"
 
 namespace fptt {
@@ -65,56 +66,37 @@ cuda::PersistentPlan persistent_plan(int64_t B, int64_t I, int64_t H, int64_t O,
   return cuda::lstm_persistent_plan(B, I, H, O, int(optimizer), device);
 }
 
-// n_segs FPTT segments over x [T, B, I] (segments of ceil(T / n_segs) steps, the state
-// carried): one launch of the persistent kernel when `mode` allows and the shape fits
-// (cuda_lstm.h), else one launch of the general kernel per segment. Returns the kernel
-// that ran (KERNEL_GENERAL or KERNEL_PERSISTENT). Segment p's loss weighs (p + 1) / n_segs
-// when weight_ramp, else `weight`; losses_out [n_segs] gets each segment's unweighted
-// loss; h_out, c_out the final state; status as the fused update's.
-int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
-                        int64_t n_segs, double weight, bool weight_ramp, int64_t loss,
-                        bool per_step, std::vector<at::Tensor> params,
-                        std::vector<at::Tensor> grads, std::vector<at::Tensor> w_bars,
-                        std::vector<at::Tensor> lams, std::vector<at::Tensor> s1s,
-                        std::vector<at::Tensor> s2s, std::vector<at::Tensor> steps,
-                        at::Tensor hyper, std::vector<int64_t> group_of, int64_t optimizer,
-                        double clip, at::Tensor status, at::Tensor h_out, at::Tensor c_out,
-                        at::Tensor losses_out, bool tf32, int64_t mode) {
-  FPTT_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT,
-              "lstm_train_cuda: kernel mode must be 0 (auto), 1 (general) or 2 (persistent), "
-              "got ", mode);
-  FPTT_CHECK(n_segs >= 1, "lstm_train_cuda: n_segs must be >= 1, got ", n_segs);
-  FPTT_CHECK(losses_out.defined() && losses_out.is_cuda() &&
-                  losses_out.scalar_type() == at::kFloat && losses_out.is_contiguous() &&
-                  losses_out.dim() == 1 && losses_out.size(0) == n_segs,
-              "lstm_train_cuda: losses_out must be a contiguous float32 CUDA tensor [n_segs=",
-              n_segs, "]");
-  at::Tensor loss_out = losses_out.narrow(0, 0, 1);  // the segment checks' one-float view
+// config.n_segs FPTT segments over segment.x [T, B, I] (segments of ceil(T / n_segs)
+// steps, the state carried): one launch of the persistent kernel when config.kernel allows
+// and the shape fits (cuda_lstm.h), else one launch of the general kernel per segment.
+// Returns the kernel that ran (KERNEL_GENERAL or KERNEL_PERSISTENT). Segment p's loss
+// weighs (p + 1) / n_segs with config.ramp, else config.weight; segment.losses [n_segs]
+// gets each segment's unweighted loss; h_out, c_out the final state; state.status as the
+// fused update's. Always updates (config.update is not read).
+int64_t lstm_train_cuda(const FpttState& state, const SegmentIO& segment,
+                        const SegmentConfig& config) {
+  const char* fn = "lstm_train_cuda";
+  const int64_t mode = config.kernel;
+  FPTT_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT, fn,
+              ": config.kernel must be 0 (auto), 1 (general) or 2 (persistent), got ", mode);
   // Every check before any data pointer is taken or any list element is indexed
-  // (lstm_checks.h: torch-only code, tested on CPU CI through
-  // _C._check_lstm_segment_cuda_args): tf32 first, then x, weight_hh (H <= kLstmMaxHidden),
-  // head.weight, every other tensor's device, dtype, contiguity and shape, the update's
-  // lists, codes and group indices, and no output overlapping another argument.
-  const checks::LstmDims dims = checks::check_lstm_segment_cuda_args(
-      x, target, h0, c0, weight, loss, per_step, params, grads, w_bars, lams, s1s, s2s, steps,
-      hyper, group_of, optimizer, clip, status, h_out, c_out, loss_out, tf32, at::kCUDA);
+  // (lstm_checks.h: torch-only code, run on CPU CI by tests/csrc/check_bindings.cpp): tf32
+  // first, then x, weight_hh (H <= kLstmMaxHidden), head.weight, every other tensor's
+  // device, dtype, contiguity and shape, the state's lists, codes and group indices,
+  // n_segs, and no output overlapping another argument.
+  const checks::LstmDims dims =
+      checks::check_lstm_segment_cuda_args(fn, state, segment, config, at::kCUDA);
+  const at::Tensor& x = segment.x;
+  const int64_t n_segs = config.n_segs;
+  const int64_t optimizer = state.optimizer;
+  const bool per_step = config.per_step;
   const c10::Device device = x.device();
   const int64_t T = dims.T, B = dims.B, I = dims.I, H = dims.H, O = dims.O;
-  FPTT_CHECK(n_segs <= T, "lstm_train_cuda: n_segs=", n_segs, " segments need T >= n_segs "
-              "steps, got T=", T);
   const int64_t omega = (T + n_segs - 1) / n_segs;
-  FPTT_CHECK((T + omega - 1) / omega == n_segs, "lstm_train_cuda: n_segs=", n_segs,
-              " segments of ceil(T/n_segs)=", omega, " steps cover T=", T, " in ",
-              (T + omega - 1) / omega);
-  FPTT_CHECK(!losses_out.is_same(x) && !losses_out.is_same(status),
-              "lstm_train_cuda: losses_out must not alias an input");
 
   c10::cuda::CUDAGuard guard(device);
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
-  const bool sgd = optimizer == OPT_SGD;
-
-  glue::SlotTable t = glue::make_slot_table(params, grads, w_bars, lams, s1s, s2s, steps, hyper,
-                                            group_of, sgd, device.index());
+  glue::SlotTable t = glue::make_slot_table(state, device.index());
   cuda::PersistentPlan plan = {};
   if (mode != KERNEL_GENERAL) {
     plan = persistent_plan(B, I, H, O, optimizer, device.index());
@@ -160,17 +142,19 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
   }
 
   cuda::LstmSegmentArgs a =
-      checks::segment_args(x, target, h0, c0, params, grads, dims, loss, per_step, weight);
-  a.h_out = fptr(h_out);
-  a.c_out = fptr(c_out);
-  a.loss_out = fptr(losses_out);
+      checks::segment_args(x, segment.target, segment.h0, segment.c0, state.params, state.grads,
+                           dims, config.loss, per_step, config.weight);
+  a.h_out = fptr(segment.h_out);
+  a.c_out = fptr(segment.c_out);
+  a.loss_out = fptr(segment.losses);
   a.scratch = fptr(entry->scratch);
-  float* st = status.data_ptr<float>();
+  float* st = state.status.data_ptr<float>();
+  const float clip = float(state.clip);
   void* strm = static_cast<void*>(stream.stream());
 
   if (persistent) {
-    const int rc = cuda::launch_lstm_persistent(a, n_segs, weight_ramp ? 1 : 0, plan,
-                                                entry->table, int(optimizer), float(clip), st,
+    const int rc = cuda::launch_lstm_persistent(a, n_segs, config.ramp ? 1 : 0, plan,
+                                                entry->table, int(optimizer), clip, st,
                                                 device.index(), strm);
     FPTT_CHECK(rc == 0, "lstm_train_cuda: persistent kernel launch failed: ",
                 cuda::launch_error_string(rc), " (cuda error ", rc, ")");
@@ -187,13 +171,13 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
       if (sa.target_f) sa.target_f += t0 * B * O;
       if (sa.target_i) sa.target_i += t0 * B;
     }
-    sa.weight = weight_ramp ? float(double(p + 1) / double(n_segs)) : float(weight);
+    sa.weight = config.ramp ? float(double(p + 1) / double(n_segs)) : float(config.weight);
     if (p > 0) {
       sa.h0 = a.h_out;
       sa.c0 = a.c_out;
     }
     sa.loss_out = a.loss_out + p;
-    const int rc = cuda::launch_lstm_segment(sa, entry->table, int(optimizer), float(clip), st,
+    const int rc = cuda::launch_lstm_segment(sa, entry->table, int(optimizer), clip, st,
                                              device.index(), strm);
     FPTT_CHECK(rc == 0, "lstm_train_cuda: kernel launch failed: ",
                 cuda::launch_error_string(rc), " (cuda error ", rc, ")");
@@ -201,28 +185,16 @@ int64_t lstm_train_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tens
   return KERNEL_GENERAL;
 }
 
-// One segment on the general kernel (the former one-segment binding; tests use it).
-void lstm_segment_step_cuda(at::Tensor x, at::Tensor target, at::Tensor h0, at::Tensor c0,
-                            double weight, int64_t loss, bool per_step,
-                            std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-                            std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-                            std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-                            std::vector<at::Tensor> steps, at::Tensor hyper,
-                            std::vector<int64_t> group_of, int64_t optimizer, double clip,
-                            at::Tensor status, at::Tensor h_out, at::Tensor c_out,
-                            at::Tensor loss_out, bool tf32) {
-  FPTT_CHECK(loss_out.defined() && loss_out.dim() <= 1 && loss_out.numel() == 1,
-              "lstm_segment_step_cuda: loss_out must hold 1 float");
-  // checked here under this binding's name: lstm_train_cuda checks its view as
-  // "losses_out", a name the caller of this binding never wrote (the H200 fuzz of
-  // 2026-11-27 refused such calls with that unnamed argument)
-  checks::check_tensor("lstm_segment_step_cuda", loss_out, {"loss_out"}, at::kCUDA, nullptr);
-  lstm_train_cuda(x, target, h0, c0, 1, weight, false, loss, per_step, std::move(params),
-                  std::move(grads), std::move(w_bars), std::move(lams), std::move(s1s),
-                  std::move(s2s), std::move(steps), hyper, std::move(group_of), optimizer, clip,
-                  status, h_out, c_out, loss_out.view({1}), tf32, KERNEL_GENERAL);
+// One segment on the general kernel (config.n_segs 1, config.kernel general).
+void lstm_segment_step_cuda(const FpttState& state, const SegmentIO& segment,
+                            SegmentConfig config) {
+  FPTT_CHECK(config.n_segs == 1 && !config.ramp, "lstm_segment_step_cuda: one segment: "
+              "config.n_segs must be 1 and config.ramp False (lstm_train_cuda runs several)");
+  config.kernel = KERNEL_GENERAL;
+  lstm_train_cuda(state, segment, config);
 }
 
+#ifdef FPTT_PERSISTENT_TUNING
 // Tuning only: the persistent kernel's launches write clock64 stamps of their phases into
 // `stamps` (int64 CUDA [lstm_persistent_profile_slots()]); None turns it off.
 at::Tensor g_profile_stamps;
@@ -240,6 +212,7 @@ void lstm_persistent_profile_cuda(c10::optional<at::Tensor> stamps) {
   g_profile_stamps = t;  // kept alive while the kernel may write it
   cuda::lstm_persistent_set_profile(reinterpret_cast<long long*>(t.data_ptr<int64_t>()));
 }
+#endif  // FPTT_PERSISTENT_TUNING
 
 // Which kernel lstm_train_cuda's auto mode runs for these sizes: (persistent?, cluster
 // size, rows per cluster, clusters, reason when not).
@@ -259,42 +232,26 @@ int64_t lstm_grid_size_cuda(int64_t optimizer, int64_t device) {
 }  // namespace
 
 void register_lstm_cuda(pybind11::module_& m) {
-  // Two signatures that share most argument names (duplicates reports their lists as one
-  // shape): lstm_segment_step_cuda is one segment, lstm_train_cuda K of them; kept apart
-  // because each list is the binding's documented Python signature.
+  namespace py = pybind11;
   m.def("lstm_segment_step_cuda", &lstm_segment_step_cuda,
         "One FPTT LSTM segment step on CUDA tensors in one cooperative kernel launch: forward "
-        "over the segment, head and loss, backward, the six gradients (written to grads) and "
-        "the fused FPTT update. Writes h_out, c_out, loss_out (unweighted loss) and status on "
-        "the device; never syncs.",
-        pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
-        pybind11::arg("weight"), pybind11::arg("loss"), pybind11::arg("per_step"),
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("w_bars"),
-        pybind11::arg("lams"), pybind11::arg("s1s"), pybind11::arg("s2s"),
-        pybind11::arg("steps"), pybind11::arg("hyper"), pybind11::arg("group_of"),
-        pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"),
-        pybind11::arg("h_out"), pybind11::arg("c_out"), pybind11::arg("loss_out"),
-        pybind11::arg("tf32") = false);
+        "over the segment, head and loss, backward, the six gradients (written to "
+        "state.grads) and the fused FPTT update. Writes segment.h_out, c_out, losses "
+        "(unweighted loss) and state.status on the device; never syncs.",
+        py::arg("state"), py::arg("segment"), py::arg("config"));
   m.def("lstm_train_cuda", &lstm_train_cuda,
-        "n_segs FPTT segments of an LSTM on CUDA tensors: one launch of the persistent "
-        "weight-stationary kernel (kernel=0 auto or 2) or one general launch per segment "
-        "(kernel=1 or auto for shapes beyond the persistent kernel). Returns the kernel that "
-        "ran (1 general, 2 persistent); never syncs.",
-        pybind11::arg("x"), pybind11::arg("target"), pybind11::arg("h0"), pybind11::arg("c0"),
-        pybind11::arg("n_segs"), pybind11::arg("weight"), pybind11::arg("weight_ramp"),
-        pybind11::arg("loss"), pybind11::arg("per_step"), pybind11::arg("params"),
-        pybind11::arg("grads"), pybind11::arg("w_bars"), pybind11::arg("lams"),
-        pybind11::arg("s1s"), pybind11::arg("s2s"), pybind11::arg("steps"),
-        pybind11::arg("hyper"), pybind11::arg("group_of"), pybind11::arg("optimizer"),
-        pybind11::arg("clip"), pybind11::arg("status"), pybind11::arg("h_out"),
-        pybind11::arg("c_out"), pybind11::arg("losses_out"), pybind11::arg("tf32") = false,
-        pybind11::arg("kernel") = 0);
+        "config.n_segs FPTT segments of an LSTM on CUDA tensors: one launch of the persistent "
+        "weight-stationary kernel (config.kernel 0 auto or 2) or one general launch per "
+        "segment (1, or auto for shapes beyond the persistent kernel). Returns the kernel "
+        "that ran (1 general, 2 persistent); never syncs.",
+        py::arg("state"), py::arg("segment"), py::arg("config"));
   m.def("lstm_persistent_plan_cuda", &lstm_persistent_plan_cuda,
         "(persistent?, cluster size, rows per cluster, clusters, reason) of the persistent LSTM "
         "kernel for (B, I, H, O, optimizer code, device)",
         pybind11::arg("B"), pybind11::arg("I"), pybind11::arg("H"), pybind11::arg("O"),
         pybind11::arg("optimizer"), pybind11::arg("device"));
   m.attr("cuda_persist_max_hidden") = pybind11::int_(cuda::kPersistMaxHidden);
+#ifdef FPTT_PERSISTENT_TUNING
   m.def("_lstm_persistent_profile", &lstm_persistent_profile_cuda,
         "tuning only: record phase stamps of later persistent-kernel launches into an int64 "
         "CUDA tensor (None: off)", pybind11::arg("stamps"));
@@ -302,6 +259,7 @@ void register_lstm_cuda(pybind11::module_& m) {
         "tuning only: experiment bits of the persistent kernel (0: the real kernel; others "
         "compute wrong results)", pybind11::arg("bits"));
   m.attr("_lstm_persistent_profile_slots") = pybind11::int_(cuda::lstm_persistent_profile_slots());
+#endif
   m.def("lstm_segment_cuda_grid_size", &lstm_grid_size_cuda,
         "blocks of the one-launch CUDA LSTM segment kernel (optimizer code, device)",
         pybind11::arg("optimizer"), pybind11::arg("device"));

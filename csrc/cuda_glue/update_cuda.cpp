@@ -40,6 +40,7 @@
 #include "fptt_fast/cuda_kernels.h"
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/registry.h"
+#include "fptt_fast/seam_cast.h"
 #include "fptt_fast/update_checks.h"
 #include "glue_common.h"
 
@@ -60,28 +61,19 @@ std::mutex g_mutex;
 std::list<TableEntry> g_cache;  // glue_common.h: a list, entries never move
 uint64_t g_clock = 0;
 
-void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
-                       std::vector<at::Tensor> w_bars, std::vector<at::Tensor> lams,
-                       std::vector<at::Tensor> s1s, std::vector<at::Tensor> s2s,
-                       std::vector<at::Tensor> steps, at::Tensor hyper,
-                       std::vector<int64_t> group_of, int64_t optimizer, double clip,
-                       at::Tensor status) {
+void fused_update_cuda(const FpttState& state) {
   // Every check before any data pointer is taken (update_checks.h: the same code as
-  // fused_update_cpu's, tested on CPU CI through _C._check_fused_update_args): lengths,
-  // devices (one CUDA device for all, status and hyper included), dtypes, contiguity,
-  // sizes, codes, group indices, and no output overlapping another argument.
+  // fused_update_cpu's, run on CPU CI by tests/csrc/check_bindings.cpp): lengths, devices
+  // (one CUDA device for all, status and hyper included), dtypes, contiguity, sizes, codes,
+  // group indices, and no output overlapping another argument.
   const c10::Device device =
-      checks::check_fused_update_args("fused_update_cuda", params, grads, w_bars, lams, s1s, s2s,
-                                      steps, hyper, group_of, optimizer, clip, &status, at::kCUDA);
-  const size_t n = params.size();
-  if (n == 0) return;
+      checks::check_fused_update_args("fused_update_cuda", state, /*with_status=*/true,
+                                      at::kCUDA);
+  if (state.size() == 0) return;
 
   c10::cuda::CUDAGuard guard(device);
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
-  const bool sgd = optimizer == OPT_SGD;
-
-  glue::SlotTable t = glue::make_slot_table(params, grads, w_bars, lams, s1s, s2s, steps, hyper,
-                                            group_of, sgd, device.index());
+  glue::SlotTable t = glue::make_slot_table(state, device.index());
 
   const bool capturing = glue::stream_is_capturing(stream.stream());
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -99,8 +91,9 @@ void fused_update_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> g
   else  // evicting (freeing) the entry must wait for this stream's work
     glue::record_once(entry->table_ws, entry->table_streams, stream);
 
-  const int rc = cuda::launch_fused_update(entry->table, int(optimizer), float(clip),
-                                           status.data_ptr<float>(), device.index(),
+  const int rc = cuda::launch_fused_update(entry->table, int(state.optimizer),
+                                           float(state.clip), state.status.data_ptr<float>(),
+                                           device.index(),
                                            static_cast<void*>(stream.stream()));
   FPTT_CHECK(rc == 0, "fused_update_cuda: kernel launch failed: ",
               cuda::launch_error_string(rc), " (cuda error ", rc, ")");
@@ -151,12 +144,10 @@ std::tuple<at::Tensor, at::Tensor> mapped_status_cuda(int64_t device_index) {
 
 void register_update_cuda(pybind11::module_& m) {
   m.def("fused_update_cuda", &fused_update_cuda,
-        "FPTT steps 2-6 over lists of CUDA fp32 tensors in one cooperative kernel launch; "
-        "writes status [norm, last skipped, skipped count] on the device, never syncs",
-        pybind11::arg("params"), pybind11::arg("grads"), pybind11::arg("w_bars"),
-        pybind11::arg("lams"), pybind11::arg("s1s"), pybind11::arg("s2s"),
-        pybind11::arg("steps"), pybind11::arg("hyper"), pybind11::arg("group_of"),
-        pybind11::arg("optimizer"), pybind11::arg("clip"), pybind11::arg("status"));
+        "docs/ALGORITHM.md steps 2-6 over an FpttState of CUDA fp32 tensors (fptt_fast/seam.py) "
+        "in one cooperative kernel launch; writes state.status [norm, last skipped, skipped "
+        "count] on the device, never syncs",
+        pybind11::arg("state"));
   m.def("fused_update_cuda_grid_size", &grid_size_cuda,
         "blocks of the fused CUDA update for n_chunks chunks (optimizer code, device)",
         pybind11::arg("n_chunks"), pybind11::arg("optimizer"), pybind11::arg("device"));

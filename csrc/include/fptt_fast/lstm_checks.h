@@ -1,9 +1,7 @@
 // Argument checks of the LSTM segment bindings, lstm_segment_step_cpu (csrc/bind_lstm.cpp)
-// and lstm_segment_step_cuda (csrc/cuda_glue/lstm_cuda.cpp). Same rules as
-// update_checks.h: torch-only code that builds without CUDA, parameterised by the expected
-// device type, metadata only (except check_ce_classes), called before any data is touched,
-// and bound for tests as _C._check_lstm_segment_cpu_args / _C._check_lstm_segment_cuda_args
-// (bindings.cpp) so that CPU CI runs the CUDA binding's checks with CPU tensors.
+// and the CUDA glue's launches (csrc/cuda_glue/lstm_cuda.cpp). Same rules as
+// update_checks.h: torch-only, parameterised by the expected device type, metadata only
+// (except check_ce_classes), called before any data is touched.
 #pragma once
 
 #include <torch/extension.h>
@@ -53,36 +51,38 @@ inline lstm::LstmSegmentArgs segment_args(const at::Tensor& x, const at::Tensor&
   return a;
 }
 
-// "params[1] (weight_hh_l0)", "grads[4] (head.weight)"
-inline ArgName lstm_param_name(int k, const char* list = "params") {
+// "state.params[1] (weight_hh_l0)", "state.grads[4] (head.weight)"
+inline ArgName lstm_param_name(int k, const char* list = "state.params") {
   static const char* const names[6] = {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0",
                                        "bias_hh_l0",   "head.weight",  "head.bias"};
   return {list, k, names[k]};
 }
-inline ArgName lstm_grad_name(int k) { return lstm_param_name(k, "grads"); }
+inline ArgName lstm_grad_name(int k) { return lstm_param_name(k, "state.grads"); }
 
-// What both LSTM bindings take: x, the six parameters and gradient buffers, h0, c0, the
-// target, the loss code and weight. The sizes follow from x ([T, B, I]), weight_hh ([4H, H])
-// and head.weight ([O, H]); those three are checked first, then every other tensor against
-// the shapes they imply. max_hidden > 0 (the CUDA step's limit) is checked right after
-// weight_hh, before any tensor whose expected shape depends on H.
-inline LstmDims check_lstm_segment_common(
-    const char* fn, const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-    const at::Tensor& c0, const std::vector<at::Tensor>& params,
-    const std::vector<at::Tensor>& grads, int64_t loss, bool per_step, double weight,
-    c10::DeviceType dev, int64_t max_hidden) {
+// What every LSTM binding takes: the segment's x, h0, c0 and target, the six parameters
+// and gradient buffers (state.params, state.grads), the loss code and weight. The sizes
+// follow from x ([T, B, I]), weight_hh ([4H, H]) and head.weight ([O, H]); those three are
+// checked first, then every other tensor against the shapes they imply. max_hidden > 0
+// (the CUDA step's limit) is checked right after weight_hh, before any tensor whose
+// expected shape depends on H.
+inline LstmDims check_lstm_segment_common(const char* fn, const SegmentIO& io,
+                                          const std::vector<at::Tensor>& params,
+                                          const std::vector<at::Tensor>& grads,
+                                          const SegmentConfig& cfg, c10::DeviceType dev,
+                                          int64_t max_hidden) {
   FPTT_CHECK(params.size() == 6, fn,
-              ": params must hold 6 tensors (weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, "
-              "head.weight, head.bias), got ", params.size());
-  check_list_length(fn, "grads", grads.size(), "params", 6);
-  FPTT_CHECK(loss == cpu::LOSS_MSE || loss == cpu::LOSS_CE, fn,
-              ": loss code must be 0 (mse) or 1 (ce), got ", loss);
-  FPTT_CHECK(std::isfinite(weight), fn, ": weight must be finite, got ", weight);
+              ": state.params must hold 6 tensors (weight_ih_l0, weight_hh_l0, bias_ih_l0, "
+              "bias_hh_l0, head.weight, head.bias), got ", params.size());
+  check_list_length(fn, "state.grads", grads.size(), "state.params", 6);
+  FPTT_CHECK(cfg.loss == cpu::LOSS_MSE || cfg.loss == cpu::LOSS_CE, fn,
+              ": config.loss must be 0 (mse) or 1 (ce), got ", cfg.loss);
+  FPTT_CHECK(std::isfinite(cfg.weight), fn, ": config.weight must be finite, got ", cfg.weight);
 
-  check_tensor(fn, x, {"x"}, dev, nullptr);
+  const at::Tensor& x = io.x;
+  check_tensor(fn, x, {"segment.x"}, dev, nullptr);
   const c10::Device device = x.device();
   FPTT_CHECK(x.dim() == 3 && x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) >= 1, fn,
-              ": x must be [omega >= 1, B >= 1, I >= 1], got shape ", x.sizes());
+              ": segment.x must be [omega >= 1, B >= 1, I >= 1], got shape ", x.sizes());
   const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
 
   const at::Tensor& whh = params[1];
@@ -110,84 +110,67 @@ inline LstmDims check_lstm_segment_common(
     check_tensor(fn, grads[k], lstm_grad_name(k), dev, &device);
     check_shape(fn, grads[k], lstm_grad_name(k), shapes[k]);
   }
-  check_tensor(fn, h0, {"h0"}, dev, &device);
-  check_shape(fn, h0, {"h0"}, {B, H});
-  check_tensor(fn, c0, {"c0"}, dev, &device);
-  check_shape(fn, c0, {"c0"}, {B, H});
+  check_tensor(fn, io.h0, {"segment.h0"}, dev, &device);
+  check_shape(fn, io.h0, {"segment.h0"}, {B, H});
+  check_tensor(fn, io.c0, {"segment.c0"}, dev, &device);
+  check_shape(fn, io.c0, {"segment.c0"}, {B, H});
 
-  std::vector<int64_t> lead = per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
-  if (loss == cpu::LOSS_MSE) {
-    check_tensor(fn, target, {"target (mse)"}, dev, &device);
-    std::vector<int64_t> s = lead;
-    s.push_back(O);
-    check_shape(fn, target, {"target (mse)"}, s);
+  std::vector<int64_t> lead =
+      cfg.per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
+  if (cfg.loss == cpu::LOSS_MSE) {
+    const ArgName a{"segment.target", -1, "mse"};
+    check_tensor(fn, io.target, a, dev, &device);
+    std::vector<int64_t> sh = lead;
+    sh.push_back(O);
+    check_shape(fn, io.target, a, sh);
   } else {
-    check_tensor(fn, target, {"target (ce class indices)"}, dev, &device, at::kLong);
-    check_shape(fn, target, {"target (ce class indices)"}, lead);
+    const ArgName a{"segment.target", -1, "ce class indices"};
+    check_tensor(fn, io.target, a, dev, &device, at::kLong);
+    check_shape(fn, io.target, a, lead);
   }
   return {T, B, I, H, O};
 }
 
-// The LSTM's own tensors in an alias check. The parameters, gradients and state go in
-// with add_update_ranges.
-inline void add_lstm_inputs(AliasCheck& ac, const at::Tensor& x, const at::Tensor& target,
-                            bool with_state, const at::Tensor& h0, const at::Tensor& c0) {
-  ac.add(x, {"x"}, false);
-  ac.add(target, {"target"}, false);
+// The segment's inputs in an alias check (the state's tensors: add_update_ranges).
+inline void add_lstm_inputs(AliasCheck& ac, const SegmentIO& io, bool with_state) {
+  ac.add(io.x, {"segment.x"}, false);
+  ac.add(io.target, {"segment.target"}, false);
   if (with_state) {
-    ac.add(h0, {"h0"}, false);
-    ac.add(c0, {"c0"}, false);
+    ac.add(io.h0, {"segment.h0"}, false);
+    ac.add(io.c0, {"segment.c0"}, false);
   }
 }
 
-// The optimiser's status [norm, last skipped, skipped count] a segment step writes.
-inline void check_status(const char* fn, const at::Tensor& status, c10::DeviceType dev,
-                         const c10::Device& device) {
-  check_tensor(fn, status, {"status"}, dev, &device);
-  FPTT_CHECK(status.numel() == 3, fn,
-              ": status must hold 3 floats [norm, skipped, count], got ", status.numel());
-}
-
-// Everything lstm_segment_step_cpu accepts, on device type `dev`: the arguments in the
-// order of every one-segment binding (lstm_segment_step_cuda's, kernels/lstm_segment.py's),
-// then the CPU's own. The state lists (w_bars ... group_of), optimizer, clip and status are
-// read, and checked, only if `update`. The workspace
+// Everything lstm_segment_step_cpu accepts, on device type `dev`. The state's FPTT lists,
+// optimizer, clip and status are read, and checked, only with config.update. The workspace
 // may be too small (the binding grows it, with resize_, after these checks): then its
 // storage must be resizable. *workspace_need: the floats the segment needs.
-inline LstmDims check_lstm_segment_cpu_args(
-    const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0, const at::Tensor& c0,
-    double weight, int64_t loss, bool per_step, const std::vector<at::Tensor>& params,
-    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_bars,
-    const std::vector<at::Tensor>& lams, const std::vector<at::Tensor>& s1s,
-    const std::vector<at::Tensor>& s2s, const std::vector<at::Tensor>& steps,
-    const at::Tensor& hyper, const std::vector<int64_t>& group_of, int64_t optimizer,
-    double clip, const at::Tensor& status, const at::Tensor& workspace, bool update,
-    c10::DeviceType dev, int64_t* workspace_need) {
+inline LstmDims check_lstm_segment_cpu_args(const FpttState& s, const SegmentIO& io,
+                                            const SegmentConfig& cfg,
+                                            const at::Tensor& workspace, c10::DeviceType dev,
+                                            int64_t* workspace_need) {
   const char* fn = "lstm_segment_step_cpu";
-  const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
-                                               per_step, weight, dev, /*max_hidden=*/0);
-  const c10::Device device = x.device();
+  const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev, 0);
+  const c10::Device device = io.x.device();
   check_tensor(fn, workspace, {"workspace"}, dev, &device);
   const int64_t need =
-      cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O, per_step ? 1 : 0);
+      cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O, cfg.per_step ? 1 : 0);
   if (workspace.numel() < need) {
     FPTT_CHECK(workspace.storage().resizable() && !workspace.requires_grad(), fn,
                 ": workspace holds ", workspace.numel(), " floats, this segment needs ", need,
                 ", and it cannot be grown (its storage is not resizable or it requires grad); "
                 "pass torch.empty(0) and let the binding grow it");
   }
-  if (update) {
-    check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                          optimizer, dev, &device);
-    check_clip(fn, clip);
-    check_status(fn, status, dev, device);
+  if (cfg.update) {
+    check_update_lists_on(fn, s, dev, &device);
+    check_clip(fn, s.clip);
+    check_status(fn, s.status, dev, device);
   }
 
   AliasCheck ac(56);
-  add_lstm_inputs(ac, x, target, true, h0, c0);
-  add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer, update,
-                    /*grads_written=*/true);
-  if (update) ac.add(status, {"status"}, true);
+  add_lstm_inputs(ac, io, true);
+  add_update_ranges(ac, s, cfg.update, /*grads_written=*/true);
+  if (cfg.update) ac.add(s.status, {"state.status"}, true);
   // The workspace as its whole storage: it is resized in place (a storage too small for
   // the segment is reallocated, and every tensor sharing it moves along) and then written
   // from its data pointer on, so any argument sharing its storage, wherever in it, could be
@@ -201,50 +184,48 @@ inline LstmDims check_lstm_segment_cpu_args(
   return d;
 }
 
-// Everything lstm_segment_step_cuda accepts, on device type `dev` (the glue passes
-// c10::kCUDA). Refused first: tf32 (not implemented), then, right after weight_hh, hidden
-// sizes above kLstmMaxHidden. h_out/c_out may alias h0/c0 (the kernel copies h0, c0 into
-// its scratch before a grid sync and writes h_out, c_out last: cuda_lstm.h), nothing else.
-// s2s is not read for SGD (callers pass s1s again).
-inline LstmDims check_lstm_segment_cuda_args(
-    const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0, const at::Tensor& c0,
-    double weight, int64_t loss, bool per_step, const std::vector<at::Tensor>& params,
-    const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& w_bars,
-    const std::vector<at::Tensor>& lams, const std::vector<at::Tensor>& s1s,
-    const std::vector<at::Tensor>& s2s, const std::vector<at::Tensor>& steps,
-    const at::Tensor& hyper, const std::vector<int64_t>& group_of, int64_t optimizer,
-    double clip, const at::Tensor& status, const at::Tensor& h_out, const at::Tensor& c_out,
-    const at::Tensor& loss_out, bool tf32, c10::DeviceType dev) {
-  const char* fn = "lstm_segment_step_cuda";
-  FPTT_CHECK(!tf32, fn,
+// Everything the CUDA launches accept, on device type `dev` (the glue passes c10::kCUDA):
+// n_segs segments over segment.x, losses of n_segs floats. Refused first: tf32 (not
+// implemented), then, right after weight_hh, hidden sizes above kLstmMaxHidden. h_out/c_out
+// may alias h0/c0 (the kernel copies h0, c0 into its scratch before a grid sync and writes
+// h_out, c_out last: cuda_lstm.h), nothing else.
+inline LstmDims check_lstm_segment_cuda_args(const char* fn, const FpttState& s,
+                                             const SegmentIO& io, const SegmentConfig& cfg,
+                                             c10::DeviceType dev) {
+  FPTT_CHECK(!cfg.tf32, fn,
               ": tf32=True is not implemented by the CUDA one-launch LSTM step (it computes in "
               "IEEE fp32); use allow_tf32=False");
-  const LstmDims d = check_lstm_segment_common(fn, x, target, h0, c0, params, grads, loss,
-                                               per_step, weight, dev, cuda::kLstmMaxHidden);
-  const c10::Device device = x.device();
-  check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s, steps, hyper, group_of,
-                        optimizer, dev, &device);
-  check_clip(fn, clip);
-  check_status(fn, status, dev, device);
-  check_tensor(fn, h_out, {"h_out"}, dev, &device);
-  check_shape(fn, h_out, {"h_out"}, {d.B, d.H});
-  check_tensor(fn, c_out, {"c_out"}, dev, &device);
-  check_shape(fn, c_out, {"c_out"}, {d.B, d.H});
-  check_tensor(fn, loss_out, {"loss_out"}, dev, &device);
-  FPTT_CHECK(loss_out.numel() == 1, fn, ": loss_out must hold 1 float, got ", loss_out.numel());
+  const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev,
+                                               cuda::kLstmMaxHidden);
+  const c10::Device device = io.x.device();
+  check_update_lists_on(fn, s, dev, &device);
+  check_clip(fn, s.clip);
+  check_status(fn, s.status, dev, device);
+  check_tensor(fn, io.h_out, {"segment.h_out"}, dev, &device);
+  check_shape(fn, io.h_out, {"segment.h_out"}, {d.B, d.H});
+  check_tensor(fn, io.c_out, {"segment.c_out"}, dev, &device);
+  check_shape(fn, io.c_out, {"segment.c_out"}, {d.B, d.H});
+  check_tensor(fn, io.losses, {"segment.losses"}, dev, &device);
+  FPTT_CHECK(io.losses.numel() == cfg.n_segs, fn, ": segment.losses must hold config.n_segs=",
+              cfg.n_segs, " floats, got ", io.losses.numel());
+  FPTT_CHECK(cfg.n_segs >= 1 && cfg.n_segs <= d.T, fn, ": config.n_segs=", cfg.n_segs,
+              " segments need 1 <= n_segs <= T=", d.T, " steps");
+  const int64_t omega = (d.T + cfg.n_segs - 1) / cfg.n_segs;
+  FPTT_CHECK((d.T + omega - 1) / omega == cfg.n_segs, fn, ": config.n_segs=", cfg.n_segs,
+              " segments of ceil(T/n_segs)=", omega, " steps cover T=", d.T, " in ",
+              (d.T + omega - 1) / omega);
 
   // Two passes, so that h_out/c_out may overlap h0/c0 and nothing else: everything but
   // h_out/c_out, then everything but h0/c0.
   for (int pass = 0; pass < 2; ++pass) {
     AliasCheck ac(56);
-    add_lstm_inputs(ac, x, target, /*with_state=*/pass == 0, h0, c0);
-    add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer,
-                      /*update=*/true, /*grads_written=*/true);
-    ac.add(status, {"status"}, true);
-    ac.add(loss_out, {"loss_out"}, true);
+    add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
+    add_update_ranges(ac, s, /*update=*/true, /*grads_written=*/true);
+    ac.add(s.status, {"state.status"}, true);
+    ac.add(io.losses, {"segment.losses"}, true);
     if (pass == 1) {
-      ac.add(h_out, {"h_out"}, true);
-      ac.add(c_out, {"c_out"}, true);
+      ac.add(io.h_out, {"segment.h_out"}, true);
+      ac.add(io.c_out, {"segment.c_out"}, true);
     }
     ac.check(fn);
   }

@@ -1,14 +1,8 @@
-// Argument checks of every binding of fptt_fast._C: fused_update_cpu, fused_update_cuda,
-// lstm_segment_step_cpu and lstm_segment_step_cuda (the LSTM ones: lstm_checks.h).
-//
-// Why they live here, in torch-only code that builds without CUDA: the CUDA glue
-// (csrc/cuda_glue) is compiled only where torch has CUDA, so checks written there never
-// ran on CPU CI, and on a GPU two bindings crashed the process on bad input.
-// Every check takes the expected device type as a parameter: the CPU bindings call them
-// with c10::kCPU, the CUDA glue with c10::kCUDA, and bindings.cpp exposes the same
-// functions as test-only bindings (_C._check_fused_update_args, ...) so that
-// tests/test_bindings.py runs the CUDA bindings' checks on CPU tensors standing in for
-// CUDA ones (device_type="cpu").
+// Argument checks of every compute binding of fptt_fast._C (the LSTM's: lstm_checks.h).
+// Torch-only code that builds without CUDA, and every check takes the expected device
+// type as a parameter: the CPU bindings pass c10::kCPU, the CUDA glue c10::kCUDA, so the
+// CUDA bindings' checks run on CPU CI too (tests/csrc/check_bindings.cpp binds them for
+// tests, outside the shipped module).
 //
 // Contract: these functions read tensor metadata only (definedness, layout, device, dtype,
 // strides, sizes, storage addresses), never tensor data (the one exception,
@@ -30,11 +24,12 @@
 
 #include "fptt_fast/error_message.h"
 #include "fptt_fast/fptt_math.h"
+#include "fptt_fast/seam.h"
 
 namespace fptt {
 namespace checks {
 
-// An argument's name in messages: "params[3]", "hyper", "s1s[0] (exp_avg)".
+// An argument's name in messages: "state.params[3]", "state.hyper", "segment.x".
 struct ArgName {
   const char* name;
   int64_t index = -1;
@@ -157,114 +152,103 @@ inline void check_list_length(const char* fn, const char* name, size_t got, cons
               " (the lists are parallel: one entry per parameter)");
 }
 
-// The update's lists: optimizer code, list lengths, every tensor, hyper, group indices.
+// The state's lists: optimizer code, list lengths, every tensor, hyper, group indices.
 // `device`: the device all tensors must be on if already known (the LSTM's x), else
-// nullptr (then the first parameter's, or hyper's if there is none). s2s is read only for
-// Adam/AdamW: SGD callers may pass [] or any list (the CUDA callers pass s1s again).
-// Returns the device of the call.
-inline c10::Device check_update_lists_on(
-    const char* fn, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
-    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
-    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-    const std::vector<int64_t>& group_of, int64_t optimizer, c10::DeviceType dev,
-    const c10::Device* device) {
-  FPTT_CHECK(optimizer >= OPT_SGD && optimizer <= OPT_ADAMW, fn, ": unknown optimizer code ",
-              optimizer, " (0 sgd, 1 adam, 2 adamw)");
-  const bool sgd = optimizer == OPT_SGD;
-  const size_t n = params.size();
-  check_list_length(fn, "grads", grads.size(), "params", n);
-  check_list_length(fn, "w_bars", w_bars.size(), "params", n);
-  check_list_length(fn, "lams", lams.size(), "params", n);
-  check_list_length(fn, "s1s", s1s.size(), "params", n);
-  if (!sgd) check_list_length(fn, "s2s", s2s.size(), "params", n);
-  check_list_length(fn, "steps", steps.size(), "params", n);
-  check_list_length(fn, "group_of", group_of.size(), "params", n);
+// nullptr (then the first parameter's, or hyper's if there is none). exp_avg_sq is read
+// only for Adam/AdamW. Returns the device of the call.
+inline c10::Device check_update_lists_on(const char* fn, const FpttState& s, c10::DeviceType dev,
+                                         const c10::Device* device) {
+  FPTT_CHECK(s.optimizer >= OPT_SGD && s.optimizer <= OPT_ADAMW, fn,
+              ": unknown optimizer code state.optimizer=", s.optimizer,
+              " (0 sgd, 1 adam, 2 adamw)");
+  const bool sgd = s.sgd();
+  const size_t n = s.params.size();
+  const char* ref = "state.params";
+  check_list_length(fn, "state.grads", s.grads.size(), ref, n);
+  check_list_length(fn, "state.w_bar", s.w_bar.size(), ref, n);
+  check_list_length(fn, "state.lam", s.lam.size(), ref, n);
+  check_list_length(fn, "state.exp_avg", s.exp_avg.size(), ref, n);
+  if (!sgd) check_list_length(fn, "state.exp_avg_sq", s.exp_avg_sq.size(), ref, n);
+  check_list_length(fn, "state.step", s.step.size(), ref, n);
+  check_list_length(fn, "state.group_of", s.group_of.size(), ref, n);
   FPTT_CHECK(n < size_t(INT32_MAX), fn, ": too many tensors (", n, ")");
 
   c10::Device dv = device ? *device : c10::Device(dev);
   if (device == nullptr) {
-    const at::Tensor& first = n ? params[0] : hyper;
-    check_tensor(fn, first, n ? ArgName{"params", 0} : ArgName{"hyper"}, dev, nullptr);
+    const at::Tensor& first = n ? s.params[0] : s.hyper;
+    check_tensor(fn, first, n ? ArgName{"state.params", 0} : ArgName{"state.hyper"}, dev,
+                 nullptr);
     dv = first.device();
   }
-  check_tensor(fn, hyper, {"hyper"}, dev, &dv);
-  FPTT_CHECK(hyper.dim() == 2 && hyper.size(1) == H_COUNT, fn,
-              ": hyper must be a contiguous float32 [groups, ", int(H_COUNT),
-              "] table, got shape ", hyper.sizes());
-  const int64_t groups = hyper.size(0);
+  check_tensor(fn, s.hyper, {"state.hyper"}, dev, &dv);
+  FPTT_CHECK(s.hyper.dim() == 2 && s.hyper.size(1) == H_COUNT, fn,
+              ": state.hyper must be a contiguous float32 [groups, ", int(H_COUNT),
+              "] table, got shape ", s.hyper.sizes());
+  const int64_t groups = s.hyper.size(0);
   for (size_t i = 0; i < n; ++i) {
     const int64_t k = int64_t(i);
-    check_tensor(fn, params[i], {"params", k}, dev, &dv);
-    const int64_t numel = params[i].numel();
+    check_tensor(fn, s.params[i], {"state.params", k}, dev, &dv);
+    const int64_t numel = s.params[i].numel();
     auto slot = [&](const at::Tensor& t, const ArgName& a, int64_t want) {
       check_tensor(fn, t, a, dev, &dv);
       FPTT_CHECK(t.numel() == want, fn, ": ", a, " has ", t.numel(), " elements, expected ",
-                  want, want == 1 ? "" : ", those of params[i]");
+                  want, want == 1 ? "" : ", those of state.params[i]");
     };
-    slot(grads[i], {"grads", k}, numel);
-    slot(w_bars[i], {"w_bars", k}, numel);
-    slot(lams[i], {"lams", k}, numel);
-    slot(s1s[i], {"s1s", k, sgd ? "momentum_buffer" : "exp_avg"}, numel);
-    if (!sgd) slot(s2s[i], {"s2s", k, "exp_avg_sq"}, numel);
-    slot(steps[i], {"steps", k}, 1);
-    FPTT_CHECK(group_of[i] >= 0 && group_of[i] < groups, fn, ": group index ", group_of[i],
-                " of params[", i, "] is out of range [0, ", groups, ")");
+    slot(s.grads[i], {"state.grads", k}, numel);
+    slot(s.w_bar[i], {"state.w_bar", k}, numel);
+    slot(s.lam[i], {"state.lam", k}, numel);
+    slot(s.exp_avg[i], {"state.exp_avg", k, sgd ? "momentum_buffer" : nullptr}, numel);
+    if (!sgd) slot(s.exp_avg_sq[i], {"state.exp_avg_sq", k}, numel);
+    slot(s.step[i], {"state.step", k}, 1);
+    FPTT_CHECK(s.group_of[i] >= 0 && s.group_of[i] < groups, fn, ": group index ",
+                s.group_of[i], " of state.params[", i, "] is out of range [0, ", groups, ")");
   }
   return dv;
 }
 
-// The update's tensors in an alias check: the parameters and their state are written (if
+// The state's tensors in an alias check: the parameters and their state are written (if
 // `update`; without it the parameters are read and the state is not used), the gradients
 // are written only where the binding computes them (the LSTM), hyper is read.
-inline void add_update_ranges(AliasCheck& ac, const std::vector<at::Tensor>& params,
-                              const std::vector<at::Tensor>& grads,
-                              const std::vector<at::Tensor>& w_bars,
-                              const std::vector<at::Tensor>& lams,
-                              const std::vector<at::Tensor>& s1s,
-                              const std::vector<at::Tensor>& s2s,
-                              const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-                              int64_t optimizer, bool update, bool grads_written) {
-  for (size_t i = 0; i < params.size(); ++i) {
+inline void add_update_ranges(AliasCheck& ac, const FpttState& s, bool update,
+                              bool grads_written) {
+  for (size_t i = 0; i < s.params.size(); ++i) {
     const int64_t k = int64_t(i);
-    ac.add(params[i], {"params", k}, update);
-    ac.add(grads[i], {"grads", k}, grads_written);
+    ac.add(s.params[i], {"state.params", k}, update);
+    ac.add(s.grads[i], {"state.grads", k}, grads_written);
     if (!update) continue;
-    ac.add(w_bars[i], {"w_bars", k}, true);
-    ac.add(lams[i], {"lams", k}, true);
-    ac.add(s1s[i], {"s1s", k}, true);
-    if (optimizer != OPT_SGD) ac.add(s2s[i], {"s2s", k}, true);
-    ac.add(steps[i], {"steps", k}, true);
+    ac.add(s.w_bar[i], {"state.w_bar", k}, true);
+    ac.add(s.lam[i], {"state.lam", k}, true);
+    ac.add(s.exp_avg[i], {"state.exp_avg", k}, true);
+    if (!s.sgd()) ac.add(s.exp_avg_sq[i], {"state.exp_avg_sq", k}, true);
+    ac.add(s.step[i], {"state.step", k}, true);
   }
-  if (update) ac.add(hyper, {"hyper"}, false);  // not checked (nor read) without an update
+  if (update) ac.add(s.hyper, {"state.hyper"}, false);  // not checked (nor read) without one
 }
 
 inline void check_clip(const char* fn, double clip) {
   FPTT_CHECK(std::isfinite(clip) && clip >= 0.0, fn,
-              ": clip must be a finite number >= 0 (0: no clipping), got ", clip);
+              ": state.clip must be a finite number >= 0 (0: no clipping), got ", clip);
 }
 
-// Everything fused_update_cpu (status == nullptr) and fused_update_cuda (status given)
-// accept, on device type `dev`. Returns the device of the call.
-inline c10::Device check_fused_update_args(
-    const char* fn, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-    const std::vector<at::Tensor>& w_bars, const std::vector<at::Tensor>& lams,
-    const std::vector<at::Tensor>& s1s, const std::vector<at::Tensor>& s2s,
-    const std::vector<at::Tensor>& steps, const at::Tensor& hyper,
-    const std::vector<int64_t>& group_of, int64_t optimizer, double clip,
-    const at::Tensor* status, c10::DeviceType dev) {
-  const c10::Device device = check_update_lists_on(fn, params, grads, w_bars, lams, s1s, s2s,
-                                                   steps, hyper, group_of, optimizer, dev, nullptr);
-  check_clip(fn, clip);
-  if (status) {
-    check_tensor(fn, *status, {"status"}, dev, &device);
-    FPTT_CHECK(status->numel() == 3, fn, ": status must hold 3 floats [norm, skipped, count], got ",
-                status->numel());
-  }
-  AliasCheck ac(7 * params.size() + 2);
-  add_update_ranges(ac, params, grads, w_bars, lams, s1s, s2s, steps, hyper, optimizer,
-                    /*update=*/true, /*grads_written=*/false);
-  if (status) ac.add(*status, {"status"}, true);
+// state.status, which the GPU launches (and the CPU plans) write: [norm, last skipped,
+// skipped count] on the call's device.
+inline void check_status(const char* fn, const at::Tensor& status, c10::DeviceType dev,
+                         const c10::Device& device) {
+  check_tensor(fn, status, {"state.status"}, dev, &device);
+  FPTT_CHECK(status.numel() == 3, fn,
+              ": state.status must hold 3 floats [norm, skipped, count], got ", status.numel());
+}
+
+// Everything fused_update_cpu (with_status false: state.status is not used) and
+// fused_update_cuda (with_status) accept, on device type `dev`. Returns the call's device.
+inline c10::Device check_fused_update_args(const char* fn, const FpttState& s, bool with_status,
+                                           c10::DeviceType dev) {
+  const c10::Device device = check_update_lists_on(fn, s, dev, nullptr);
+  check_clip(fn, s.clip);
+  if (with_status) check_status(fn, s.status, dev, device);
+  AliasCheck ac(7 * s.params.size() + 2);
+  add_update_ranges(ac, s, /*update=*/true, /*grads_written=*/false);
+  if (with_status) ac.add(s.status, {"state.status"}, true);
   ac.check(fn);
   return device;
 }
