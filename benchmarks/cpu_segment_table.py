@@ -1,5 +1,5 @@
-"""One FPTT segment step on the CPU, every shape of issue 21's grid, all variants in one
-run (so the ratios are of the same machine state): a markdown table to stdout.
+"""One FPTT segment step on the CPU, every shape of the omega x H x B grid, all variants
+in one run (so the ratios are of the same machine state): a markdown table to stdout.
 
     python benchmarks/cpu_segment_table.py --threads 1 [--budget 0.3] [--quick | --batches]
 
@@ -10,6 +10,8 @@ steps, B sequences, MSE on the last step, Adam 1e-3, clip 1):
   authors     the authors' pattern on nn.LSTM (oneDNN): regulariser in the loss, backward,
               clip_grad_norm_, torch Adam, Python post-update (authors_reference.py)
   lstm_only   nn.LSTM + head forward and backward alone (no update): a floor
+  bptt        BPTT on nn.LSTM over the segment: forward, backward, clip, torch Adam
+              (no regulariser; pytest-benchmark grid only, bench_cpu_grid.py)
 Each time is the median over rounds of the per-call mean, a round lasting about --budget s.
 """
 import argparse
@@ -47,6 +49,15 @@ def make(variant, H, B, omega):
             for p in params:
                 p.grad = None
             loss().backward()
+        return step
+    if variant == "bptt":
+        opt = torch.optim.Adam(params, lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            loss().backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         return step
     authors = AuthorsFPTT(params, lr=1e-3, clip=1.0)
 
