@@ -1,4 +1,4 @@
-"""Host overhead on its own (issue 12): a tiny model on the CPU, where the Python and
+"""Host overhead on its own: a tiny model on the CPU, where the Python and
 binding work around the kernels is all there is to time.
 
 The model: FPTTLSTM's six parameters at I=2, H=2, O=1 (8x2, 8x2, 8, 8, 1x2, 1: six tensors

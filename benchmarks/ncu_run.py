@@ -1,5 +1,5 @@
 """One Add-task segment (H=128, I=2, B=128, omega=100) on the persistent CUDA LSTM kernel,
-for Nsight Compute (issue 13 asks what bounds the kernel):
+for Nsight Compute (what bounds the kernel):
 
     ncu --clock-control none -k regex:lstm_persistent --launch-skip 1 --launch-count 1 \
         --section SpeedOfLight ... python benchmarks/ncu_run.py [--omega 100]

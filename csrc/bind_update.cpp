@@ -2,29 +2,11 @@
 //
 //   fused_update_cpu(state)     the whole FpttState passed on every call: the checks of
 //       update_checks.h (shared with the CUDA glue), then the OpenMP kernel.
-//   CpuUpdatePlan               FPTT.step()'s hot path on the cpu backend (fptt_fast/optim.py).
-//
-// Why a plan: for a small model the Python around the kernel cost more than the kernel
-// (lists rebuilt, hyper-parameter rows re-keyed, every tensor converted and re-validated on
-// every step). A CpuUpdatePlan is built once from the optimiser's param_groups and
-// FPTT state and holds the tensors (at::Tensor references), the hyper-parameter table and
-// the slot table. One step() call then re-checks only what can have changed since the
-// checks last passed, cheaply, and runs the kernel:
-//   - the groups: the same group dicts, the same "params" lists holding the same parameter
-//     objects (pointer comparisons), and the same hyper-parameter values (read from the
-//     dicts and compared bitwise with the values last validated) and clip;
-//   - every parameter's and state tensor's data pointer and metadata (a `p.data = ...`
-//     or an in-place resize shows here);
-//   - every gradient: which parameters have one, and its data pointer and metadata.
-// What it cannot vouch for it hands back to Python as a code (PlanCode) before touching any
-// data: the structure, clip or a tensor changed (PLAN_STALE: rebuild), a hyper-parameter
-// changed (PLAN_HYPER: Python validates, refreshes the table in place, accept_hyper), or a
-// gradient the list path handles (PLAN_FALLBACK: sparse, of another shape, dtype or device,
-// or non-contiguous; the list path raises ValueError or copies it as it always did).
-// The argument checks of update_checks.h run when the plan is built and again, in full
-// (check_fused_update_args, the same code as fused_update_cpu's), whenever a step's
-// gradients or tensors differ from those they last passed on; a step that finds every
-// pointer and flag as validated runs no other check.
+//   CpuUpdatePlan               FPTT.step()'s hot path (cpu backend, fptt_fast/optim.py),
+//       built once, each step re-checks only what can have changed (pointers, metadata,
+//       hyper-parameters), and hands back a PlanCode instead of touching any data when it
+//       cannot vouch for the step (PLAN_STALE, PLAN_HYPER, PLAN_FALLBACK).
+// Design: docs/KERNELS.md#csrcbind_updatecpp
 #include <torch/extension.h>
 
 #include <cstring>

@@ -1,22 +1,12 @@
-"""The `fptt-fast` command (also `python -m fptt_fast`).
+"""The `fptt-fast` command (also `python -m fptt_fast`): train, compare and bench.
 
-    fptt-fast train add [--T 500 --steps 2000 ...]   FPTT (or --algo bptt) on the Add task
-    fptt-fast train digits [--permute]               sequential 8x8 digits
-    fptt-fast train smnist --data-dir DIR            sequential MNIST, one pixel per step (T=784)
-    fptt-fast train psmnist --data-dir DIR           permuted sequential MNIST
+    fptt-fast train add|digits|smnist|psmnist ...    FPTT (or --algo bptt) on a task
     fptt-fast compare add --T 500                     FPTT and BPTT, same seeds and data
     fptt-fast bench                                   FPTT.step per backend vs reference
 
-Bad input gives one line on stderr and exit code 2, before any file is written:
-every path is checked before training starts. A run never writes over another run's
-files: a fresh run's default folder is numbered past those that hold a run, and a
-resumed run continues in its checkpoint's own folder and file unless --out says
-otherwise. Ctrl-C saves a checkpoint after the step under way and exits with 130.
-
-Under torchrun (`torchrun --nproc-per-node N -m fptt_fast train add ...`) train and
-compare run data-parallel: the process group comes from torchrun's environment (gloo on
-the CPU, NCCL on GPUs), each process trains on its rows of every batch, and rank 0
-alone prints and writes files (README, "Scaling out").
+Bad input: one line on stderr, exit code 2, before any file is written. A run never writes
+over another run's files; Ctrl-C saves a checkpoint and exits with 130. Under torchrun,
+train and compare run data-parallel. Design: docs/KERNELS.md#fptt_fastclipy
 """
 from __future__ import annotations
 

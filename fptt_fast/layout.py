@@ -1,14 +1,11 @@
 """The binary layout shared by Python, the Triton kernels and fptt_fast._C, in one place.
 
-- HYPER_FIELDS: the order of a parameter group's hyper-parameter row (a float32 row of the
-  table every backend's update kernel reads; C++: fptt_math.h's HyperIndex / kHyperNames).
+- HYPER_FIELDS: the order of a parameter group's hyper-parameter row (C++: fptt_math.h's
+  HyperIndex / kHyperNames).
 - OPT_CODE: the optimiser family's code (C++: fptt::Optimizer).
 - LOSS_CODE: the LSTM loss's code (C++: fptt::lstm::LossCode, lstm_math.h).
-
-fptt_fast._C reports its own copy as `_C.layout` (built from the C++ enums, csrc/bindings.cpp);
-`check_extension` compares the two when the extension is loaded (fptt_fast.backends), so a
-stale build (C++ compiled from older sources than this Python) is refused with a clear
-error instead of reading the wrong hyper-parameter or loss.
+fptt_fast.backends' check_extension compares them with _C.layout when the extension loads,
+refusing a stale build. Design: docs/KERNELS.md#fptt_fastlayoutpy
 """
 
 HYPER_FIELDS = ("lr", "alpha", "beta", "rho", "c", "weight_decay", "beta1", "beta2", "eps",

@@ -1,17 +1,10 @@
 """MNIST for the sequential pixel tasks (smnist, psmnist): the four IDX files, read here.
 
-The files are the standard ones (Y. LeCun's, mirrored by torchvision), raw or gzipped:
-
-    train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte
-
-found in a folder DIR or in DIR/MNIST/raw (where torchvision.datasets.MNIST(root=DIR,
-download=True) puts them). `--download` fetches them through torchvision when it is
-installed and there is a network; nothing else here needs either.
-
-IDX format (big-endian): two zero bytes, a type byte (0x08: unsigned byte), a byte with
-the number of dimensions, one uint32 per dimension, then the data. Images: 0x00000803,
-dimensions (N, 28, 28); labels: 0x00000801, dimension (N,). Every check that fails
-raises MNISTError with a one-line message naming the file.
+Called by fptt_fast.train (and cli's --download). The standard files (raw or gzipped) are
+found in a folder DIR or in DIR/MNIST/raw (torchvision's layout); `--download` fetches them
+through torchvision when it is installed. Every check that fails raises MNISTError with a
+one-line message naming the file.
+Design: docs/KERNELS.md#fptt_fastmnistpy
 """
 from __future__ import annotations
 

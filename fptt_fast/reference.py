@@ -1,19 +1,12 @@
-"""FPTT in plain PyTorch: the specification in code.
+"""FPTT in plain PyTorch: the specification in code (Kag & Saligrama, ICML 2021).
 
-Every fused backend of fptt_fast is tested element by element against the
-functions here, and these are tested against torch.optim, autograd and nn.LSTM.
-The algorithm is the one of Kag & Saligrama (ICML 2021) as written out in the
-project's docs/ALGORITHM.md; the numbered steps below refer to it.
-
-One FPTT update of parameters w with task gradient g (segment p):
-  2. g += (rho - 1) * lam + c * alpha * (w - w_bar)          regulariser gradient
-  3. g *= min(1, clip / (||g||_2 + 1e-6))  over all parameters  global-norm clip
-  4. w  = base optimiser step (torch SGD / Adam / AdamW semantics)
-  5. lam   = lam - alpha * (w_new - w_bar_old)                 dual update
+Every fused backend of fptt_fast is tested element by element against these functions,
+and they are tested against torch.optim, autograd and nn.LSTM. One update (segment p):
+  2. g += (rho - 1) * lam + c * alpha * (w - w_bar)   3. g *= min(1, clip / (||g||_2 + 1e-6))
+  4. w = base optimiser step (torch SGD/Adam/AdamW)    5. lam -= alpha * (w_new - w_bar_old)
   6. w_bar = (1 - beta) * w_bar + beta * w_new - (beta / alpha) * lam_new
-alpha = 0 turns the regulariser off: steps 3-4 on the task gradient, lam and w_bar kept.
-decoupled=True: steps 3-4 on the task gradient, then w -= lr * (step 2's term at the old
-w), then 5-6 (docs/ALGORITHM.md, "The decoupled regulariser").
+alpha = 0: steps 3-4 only. decoupled=True: 3-4, then w -= lr * (step 2's term at the old w),
+then 5-6. Design: docs/ALGORITHM.md (the numbered steps, "The regulariser's three modes")
 """
 from __future__ import annotations
 

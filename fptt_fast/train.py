@@ -1,18 +1,11 @@
-"""Training runs for the command line: tasks, the model+optimiser pair, the loop,
-evaluation, CSV log, loss plot and checkpoints.
+"""Training runs for the command line (fptt_fast.cli): tasks, the model+optimiser pair,
+the loop, evaluation, CSV log, loss plot and checkpoints.
 
-Everything random comes from seeds: the model from `seed`, the training batches from
-a torch.Generator seeded with `seed` (its state is checkpointed), the evaluation data
-from fixed seeds of their own. So a run resumed from a checkpoint draws exactly the
-batches the uninterrupted run would have drawn, and continues bitwise identically.
-
-Bad input (unknown names, impossible shapes, unreadable or mismatching checkpoints,
-unusable paths) raises UsageError before training starts and before any file is
-written; the CLI turns it into one line on stderr and exit code 2.
-
-Faults lose at most the steps since the last checkpoint: every file is written
-atomically (a SIGKILL leaves the previous checkpoint whole), and a SIGINT (Ctrl-C)
-stops at the next step boundary, saves a checkpoint there and raises Interrupted.
+Contracts: everything random comes from seeds, so a resumed run continues bitwise as the
+uninterrupted run would; bad input raises UsageError before training starts and before any
+file is written; files are written atomically and a SIGINT stops at the next step boundary
+with a checkpoint (Interrupted).
+Design: docs/KERNELS.md#fptt_fasttrainpy
 """
 from __future__ import annotations
 

@@ -1,89 +1,12 @@
 """The fused FPTT update (docs/ALGORITHM.md, steps 2-6) as ONE Triton kernel launch.
 
-Called by fptt_fast.FPTT for backend="triton":
-
-    fused_update(state)       # state: fptt_fast.seam.FpttState
-
-The math mirrors csrc/include/fptt_fast/fptt_math.h and csrc/cpu/fused_update.cpp line
-by line, in the same order of operations (float32 element math, IEEE divisions and
-square roots via tl.div_rn / tl.sqrt_rn, the norm's sum of squares and the Adam bias
-corrections in float64).
-
-Layout of the work
-------------------
-All tensors are cut into chunks of CHUNK elements (a tensor's last chunk may be
-shorter). A chunk table maps chunk k -> (tensor index, first element), a tensor table
-holds per tensor the raw addresses of w, g, w_bar, lam, s1, s2, step, its numel and its
-parameter-group row. Program p of a grid of G programs owns the chunks p, p+G, p+2G, ...
-in both phases:
-
-  phase 1  for each owned chunk: sum of squares of the regularised gradient (float64)
-           -> partial[k]; and a copy of the tensor's step count -> chunk_step[k].
-  barrier  grid-wide (below).
-  phase 2  every program sums partial[0..n_chunks) in the same fixed order (same
-           compiled reduction, same data), so every program, and every run, gets the
-           bitwise same norm; coef = min(1, clip / (norm + 1e-6)); if the norm is
-           finite, update the owned chunks, and the owner of a tensor's first chunk
-           writes step + 1.  Program 0 writes status.
-
-The per-chunk partials make the norm independent of the grid size too (the
-interpreter's single program and a GPU grid sum the same partials the same way).
-
-The phases are @triton.jit helpers, update_phase1 and update_phase2 (with grid_barrier
-between them), and get_plan gives the cached tables and scratch: kernels/lstm_segment.py
-runs the very same update at the end of its one-launch FPTT segment.
-
-The step-count race
--------------------
-Every chunk of tensor i needs steps[i] *before* the update (SGD's first-step test,
-Adam's bias corrections), and steps[i] must be incremented once. If programs read
-steps[i] in phase 2 while the owner of chunk 0 increments it in phase 2, a late reader
-could see the new value. Here no program reads steps[] after the barrier: each program
-copies steps[i] into chunk_step[k] for its own chunks during phase 1 (before the
-barrier), and in phase 2 it reads back only its own copies. The single increment
-happens after the barrier, so every read of steps[i] precedes it (the barrier is a
-release/acquire point). One barrier suffices; no second barrier is needed.
-
-The grid barrier
-----------------
-A sense-reversing central barrier on two int32 words [count, generation], owned by the
-plan (its scratch), never reset from the host:
-  - CTA barrier (tl.debug_barrier) so that the writes of all the program's threads
-    precede the arrival;
-  - gen = generation (read atomically *before* arriving: it cannot move before this
-    program arrives, since it changes only when all G programs have arrived);
-  - arrived = atomic_add(count, 1) (acq_rel);
-  - the last arriver (arrived == G - 1) resets count to 0 and then bumps generation;
-    the others spin on an atomic read of generation until it differs from gen;
-  - CTA barrier again, so that no thread reads before the acquire.
-count is back to 0 after every barrier, and generation only ever moves forward
-(wrapping is harmless: only equality is tested), so the words carry over correctly to
-the next launch whatever its grid size, with no host-side reset: launches and CUDA-graph
-replays just reuse the buffer. Launches that share a plan must be stream-ordered (they
-share the partials too); two optimisers over the same tensors on concurrent streams are
-not supported.
-
-Co-residency guard: a spinning barrier deadlocks unless all G programs are resident at
-once. On a GPU the grid is min(n_chunks, 2 * SM count) with num_warps = 4: a block of
-128 threads uses at most 128 * 255 -> 32768 registers (the hardware per-thread maximum,
-allocation rounded per warp), so two such blocks always fit in the 65536-register file
-of every SM from sm_70 to sm_90, the kernel's shared memory (reduction scratch, a few
-KiB) is far below any SM's, and 256 threads are far below the 2048-thread limit. Other
-kernels running concurrently can delay our blocks but they do not wait on us, so they
-finish and free the SMs. (A partitioned GPU, e.g. MPS with a thread-percentage limit,
-may expose fewer SMs than multi_processor_count: not supported.)
-
-In the Triton interpreter (TRITON_INTERPRET=1, used for CPU tensors) programs run one
-after another and a spinning barrier would deadlock: there the grid is a single program,
-the same kernel code, and the barrier is skipped because num_programs == 1.
-
-Tables and scratch
-------------------
-Built on the host once per distinct (device, optimizer, tensor addresses, numels,
-groups) and cached (small LRU), together with the scratch buffers (float64 partials,
-float32 chunk_step, int32 barrier words). A steady-state step (zero_grad with
-set_to_none=False keeps the gradients' addresses) does no allocation and no
-host->device copy; fused_update never syncs.
+Called by fptt_fast.FPTT for backend="triton" as fused_update(state) (a
+fptt_fast.seam.FpttState); kernels/lstm_segment.py and lstm_persistent.py run the same
+update_phase1 / grid_barrier / update_phase2 helpers on plans from get_plan. Contracts:
+the math and its order of operations are fptt_math.h's; the norm is a fixed-order sum of
+per-chunk partials, bitwise the same for any grid; launches sharing a plan must be
+stream-ordered; no host sync.
+Design: docs/KERNELS.md#kernelsfptt_updatepy
 """
 from __future__ import annotations
 

@@ -1,103 +1,12 @@
 """The weight-stationary persistent Triton LSTM kernel: K FPTT segments in ONE launch.
 
-Called by fptt_fast.FPTTLSTM for backend="triton" with triton_kernel="persistent":
-
-    train(state, segment, config)   # fptt_fast.seam's FpttState, SegmentIO, SegmentConfig
-
-(the arguments of _C.lstm_train_cuda; config.kernel is not read; see train's docstring). For
-each of the K segments of omega = ceil(T/K) steps (the last may be shorter) the launch
-runs the LSTM forward, the head and the loss, the backward through the segment, the
-parameter gradients, the global-norm clip and the FPTT update, then the next segment
-from the updated weights and the carried (h, c). train_sequence(x, y, K) is one launch,
-per-time-step FPTT (K = T) included; train_segment is the case K = 1.
-
-Design (kernels/lstm_segment.py, the general kernel, streams every weight tile from
-L2 at every step and synchronises the whole grid; this one does not)
------------------------------------------------------------------------------------
-* Groups. The grid is G groups of NP programs. A group owns the batch tiles g, g+G, ...
-  (BB rows each) and advances through its steps independently of the other groups:
-  there is no grid-wide synchronisation inside a segment.
-* Weight-stationary. Program q of a group owns the hidden units [q*HS, q*HS + HS) and
-  loads, ONCE per segment (before its time loop; again only after the FPTT update), its
-  slice of the weights into register tiles: W_hh^T [HP, HS] and W_ih^T [IP, HS] for each
-  of the 4 gates, the 4 summed biases [HS], the head's columns W_out[:, slice] [OP, HS]
-  and b_out [OP]. Nothing else is re-read from memory at each step except h_{t-1}, x_t
-  and the program's own cell data.
-* Forward step t: gates[BB, HS] = x_t W_ih^T + h_{t-1} W_hh^T + b (tl.dot on the
-  register tiles, h_{t-1} [BB, HP] read back from the group's h history), the cell on the
-  program's units (c in registers), h_t's slice written to the history, and, where the
-  head applies, the program's partial logits h_t[:, slice] W_out[:, slice]^T [BB, OP].
-  Then one group sync.
-* Backward step t: logits = the group's partial logits summed in rank order (+ b_out),
-  loss and dP (every program computes the same bits; rank 0 keeps the loss), dh of the
-  program's units (carried + dP W_out[:, slice]), the cell backward, dG_t [BB, HS] per
-  gate, the gradient tiles accumulated IN REGISTERS (dW_hh^T += h_{t-1}^T dG, dW_ih^T +=
-  x_t^T dG, db += sum_b dG, dW_out[:, slice] += dP^T h_t[:, slice], db_out += sum_b dP),
-  and the program's partial of dh_{t-1} = dG_t W_hh[rows of its units, :] [BB, HP],
-  written to an exchange buffer (double-buffered by step parity). One group sync, then
-  each program sums the NP partials of its own units in rank order.
-* Once per batch tile and segment the register gradients are written to the tile's row
-  of a partial buffer; after a grid barrier all programs sum the rows over the tiles in
-  tile order into `grads` (and program 0 sums the tiles' losses). The sums do not depend
-  on G or on the number of programs: bitwise the same results for any grid.
-* Then the clip and the FPTT update: kernels/fptt_update.py's update_phase1 /
-  update_phase2 (the very same @triton.jit code as the optimiser and the general kernel,
-  over a plan of its own, tag "lstm_persistent") with their grid barrier, a grid
-  barrier, and every program reloads its weight slices (.cg loads: other programs wrote
-  them) for the next segment.
-* Syncs. Group sync: fptt_update's sense-reversing grid_barrier on the group's own two
-  int32 words (it is a barrier among whichever n programs use the words), so groups never
-  wait for each other; a group of one program needs only a CTA barrier. Grid barriers:
-  4 per segment (partials written; gradients summed; update phase 1; phase 2). Data
-  another program wrote in this launch is read with cache_modifier=".cg" (L2).
-* Determinism: no float atomics; every sum has a fixed order independent of the grid
-  (steps then rows inside a tile's registers; ranks in rank order; tiles in tile order;
-  the update's fixed-order per-chunk norm): bitwise reproducible run to run.
-
-The interpreter (TRITON_INTERPRET=1, CPU tensors)
--------------------------------------------------
-The interpreter runs a grid's programs one after another, so a program that waits for
-another (a group sync between two programs, a grid barrier) would wait forever. There
-the grid is ONE program, a group of NP = 1 owning every hidden unit (HS = HP) and every
-batch tile: the group sync is then the CTA barrier and the grid barriers are skipped
-(num_programs == 1). It is the same kernel code; what the interpreter cannot exercise is
-the rank slicing with NP > 1 and the spinning syncs, which only a GPU runs (the sm_90
-ahead-of-time compile in tests/test_lstm_triton_persistent.py builds that path).
-
-Shape limits (what fits in registers)
--------------------------------------
-On a GPU a program holds HS = 16 hidden units (NP = HP / 16 programs per group, HP =
-H rounded up to a power of two >= 16; likewise IP, OP >= 16), num_warps = 8 (256
-threads). Its stationary tiles are the weights and the gradient accumulators of its
-slice: 2 * HS * (4*HP + 4*IP + OP) + 8*HS + 2*OP floats. At the limits below, H = 128,
-I = 32, O = 32: 21.8 K floats = 85 registers per thread, which leaves room under the
-255-register cap for h_{t-1} [16, 128] (8 per thread), the gates and the cell. One more
-power of two in H doubles the W_hh and dW_hh tiles (148 registers per thread at H = 256,
-I = O = 2, before any working tile): it does not fit, so
-
-    MAX_HIDDEN = 128, MAX_INPUT = 32, MAX_OUTPUT = 32   (ValueError beyond them)
-
-(the same limits as the CUDA persistent kernel, csrc/include/fptt_fast/cuda_lstm.h).
-Larger shapes take the general kernel (kernels/lstm_segment.py). Compiled ahead of time
-for sm_90a (triton 3.9, no GPU; cuobjdump -res-usage / ptxas -v), per-step CE, Adam,
-num_warps = 8: H = 64, I = O = 32: 255 registers, no spill; H = 128, I = 2, O = 1: 255
-registers, 80 B stack; H = 128, I = O = 32: 255 registers, 160 B stack (320 B of spill
-stores); 48-52 KiB shared memory (tl.dot operand staging), so one block per SM.
-num_warps = 16 is worse (ptxas caps it at 32 registers, 6.6 KB of stack). The co-residency of
-the grid (every program of the launch must be resident: the syncs spin) is read from
-the compiled kernel's registers and shared memory (_co_resident_cap) and bounds G;
-batch tiles beyond G*BB rows are taken by the groups in turn. NOT YET MEASURED ON A
-GPU: the register count, spills and the times are to be read there first
-(benchmarks/NOTES.md, "Triton persistent kernel").
-
-Workspace
----------
-Cached per (device, omega, B, I, H, O, per_step, config): h and c histories [omega+1,
-B, H], activated gates [omega, B, 4H], partial logits [omega or 1, NP, B, OP], the dh
-exchange [2, NP, B, HP], the gradient partials [batch tiles, numel of the 6 gradients],
-the tile losses, and the barrier words (2 per group, 2 for the grid; int32, never reset
-from the host: the barriers leave them ready for the next launch). Launches that share
-a workspace must be stream-ordered. No host sync.
+Called by fptt_fast.FPTTLSTM for backend="triton", triton_kernel="persistent", as
+train(state, segment, config) (fptt_fast.seam's FpttState, SegmentIO, SegmentConfig, as
+_C.lstm_train_cuda; config.kernel is not read); train_sequence(x, y, K) is one launch for
+all K segments (K = T included), train_segment the case K = 1. Contracts: weight slices
+stay in registers for a segment, so H <= 128, I <= 32, O <= 32 (ValueError beyond);
+bitwise reproducible for any grid; not yet measured on a GPU.
+Design: docs/KERNELS.md#kernelslstm_persistentpy
 """
 from __future__ import annotations
 

@@ -1,81 +1,12 @@
 """One FPTT segment of an LSTM + linear head as ONE Triton kernel launch.
 
-Called by fptt_fast.FPTTLSTM for backend="triton":
-
-    train_segment(state, segment, config)   # fptt_fast.seam's FpttState, SegmentIO,
-                                            # SegmentConfig
-
-(see its docstring for every field's shape). The launch computes, in this order:
-
-  A  per batch tile: the LSTM forward over the segment's T steps from (h0, c0)
-     (nn.LSTM conventions, gate order i, f, g, o), the head and the loss (terminal:
-     on the last hidden state; per step: on every step), then the backward through the
-     segment, truncated at its start (BPTT within the segment). It writes h_out, c_out,
-     the tile's loss sum, the head's output gradients dP and the pre-activation
-     gradients dG of every step to the workspace.
-  -- grid barrier 1 --
-  B  the six parameter gradients (of weight * loss) as tiles of a fixed-order sum over
-     (step, batch tile): dW_ih = sum_t dG_t^T x_t, dW_hh = sum_t dG_t^T h_{t-1},
-     db_ih = db_hh = sum_t,b dG_t, dW_out = sum_t dP_t^T h_t, db_out = sum_t,b dP_t,
-     written to `grads`; program 0 writes loss_out (tile sums added in tile order).
-  -- grid barrier 2 --
-  C  the FPTT update (docs/ALGORITHM.md, steps 2-6) of the six parameters, exactly
-     kernels/fptt_update.py's phases (the same @triton.jit helpers, update_phase1 and
-     update_phase2, over the same cached chunk tables), with its barrier between them
-  -- grid barrier 3 (inside C) --
-With config.update False (a constexpr) the launch ends after B: the gradients and the loss
-only, for data-parallel training, which all-reduces them before the update
-(fptt_fast.distributed; the update then runs as kernels/fptt_update.fused_update).
-
-Determinism: no float atomics anywhere. Every gradient element is one program's sum in
-a fixed order (steps, then batch tiles, then the tile's rows inside tl.dot / tl.sum),
-which does not depend on the grid size; the norm of the update is fptt_update's
-per-chunk fixed-order reduction. So results are bitwise reproducible run to run, and
-the interpreter's one program computes exactly what a GPU grid computes up to the
-floating-point behaviour of the two tl.dot implementations.
-
-Grid and barriers
------------------
-Program p owns batch tiles p, p+G, ... in phase A, gradient tiles p, p+G, ... in B
-and update chunks p, p+G, ... in C. On a GPU (num_warps=4, tiles BB=16, BH=BK=BR=BC=32)
-G = min(cap, max(batch tiles, gradient tiles, update chunks)) with cap = SM count x
-blocks per SM that are surely co-resident: kernels/fptt_update.py's 2, lowered if the
-compiled kernel's register count, shared memory or thread count say fewer fit (read
-from the compiled kernel once per shape, _co_resident_cap). The barrier is
-fptt_update's sense-reversing grid_barrier on two int32 words of the workspace, never
-reset from the host. Data written by other programs before a barrier is read with
-cache_modifier=".cg" (L2, not the SM's non-coherent L1). Inside a program the
-steps communicate through global memory (h_t, dG_t, dh carried backwards), ordered by
-tl.debug_barrier (a CTA barrier, which orders global memory within the block).
-
-In the Triton interpreter (TRITON_INTERPRET=1; CPU tensors) the grid is one program,
-the same kernel code, and the grid barriers are skipped (num_programs == 1).
-
-Hidden-size limit
------------------
-The register and shared-memory use does not grow with H: the recurrent matmuls are
-tiled (BB x BH accumulators per gate, BK-wide slices of h and of the weights streamed
-from global memory / L2 every step), so any H fits the register budget. The bound
-MAX_HIDDEN = 2048 (ValueError beyond it) keeps the kernel's int32 element offsets in
-range (the largest tensor, weight_hh [4H, H], has 16.8M elements at H = 2048, and one
-step of the workspace 4 * B * H) and the per-step work of one program bounded; the
-design targets H in 1..512. Also checked: T * B * 4H and T * B * I < 2^31 (workspace
-offsets), I <= MAX_INPUT, and O <= MAX_OUTPUT = 512: the head's logits row [BB, O] is
-one register tile and its tl.dot operands are staged in shared memory, which does grow
-with O. Compiled ahead of time for sm_90 with num_warps=4 (triton 3.9, no GPU needed):
-255 registers per thread (two blocks per SM still fit the 64K-register file) and 12 KiB
-shared memory for O <= 16, 36 KiB at O = 128, 68 KiB at 256, 132 KiB at 512 (one block
-per SM on sm_90; _co_resident_cap lowers the grid), 260 KiB at 1024 (does not fit).
-
-Workspace
----------
-Allocated once per (device, T, B, I, H, O, per_step) and cached (small LRU):
-hs [T+1, B, H] and cs [T+1, B, H] (h_{t-1}, c_{t-1} of every step; row 0 = h0, c0),
-gates [T, B, 4H] (activated i, f, g, o), dG [T, B, 4H], dP [T or 1, B, O],
-dh [B, H] (the gradient carried to h_{t-1}), dc [2, B, H] (the one carried to c_{t-1},
-double-buffered), loss partials [batch tiles], barrier words [2] int32. Launches that
-share a workspace must be stream-ordered (as fptt_update's plans). No host sync, no
-.item(); the host does shape checks and cache look-ups only.
+Called by fptt_fast.FPTTLSTM for backend="triton" as train_segment(state, segment, config)
+(fptt_fast.seam's FpttState, SegmentIO, SegmentConfig; its docstring gives every shape).
+Phases: forward, loss and backward per batch tile | the six gradients | the update of
+kernels/fptt_update.py (not with config.update False: data-parallel training all-reduces
+the gradients first). Contracts: no float atomics, bitwise reproducible for any grid;
+H <= MAX_HIDDEN, O <= MAX_OUTPUT; launches sharing a workspace must be stream-ordered.
+Design: docs/KERNELS.md#kernelslstm_segmentpy
 """
 from __future__ import annotations
 

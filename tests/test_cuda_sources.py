@@ -102,7 +102,7 @@ def test_there_are_host_sources():
 def test_no_iostream_formatting_in_host_code(path):
     """Error messages go through FPTT_CHECK (csrc/include/fptt_fast/error_message.h), never
     through TORCH_CHECK's c10::str or any stream: on the GPU image, formatting a number
-    through an ostream instantiated in fptt_fast._C crashed the process (issue 11)."""
+    through an ostream instantiated in fptt_fast._C crashed the process."""
     if os.path.basename(path) == "error_message.h":
         return  # the one place that wraps TORCH_CHECK
     with open(path) as f:

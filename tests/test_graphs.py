@@ -1,4 +1,4 @@
-"""CUDA graphs as a mode (issue 12): FPTTLSTM.train_sequence(graph=None/True) on the cuda
+"""CUDA graphs as a mode: FPTTLSTM.train_sequence(graph=None/True) on the cuda
 backend and FPTT(graph=True) on the cuda and triton backends, against eager runs of the
 same seeds: bitwise-identical parameters, FPTT state and losses over several calls, a
 shape change captures anew, hyper-parameter changes are honoured. GPU only (they skip
@@ -156,7 +156,7 @@ def test_fptt_graph_step_is_bitwise_eager(backend):
     og.check_finite()
 
 
-# -- FPTT_FAST_STATUS=mapped (issue 12): the status in mapped pinned host memory ----------
+# -- FPTT_FAST_STATUS=mapped: the status in mapped pinned host memory ----------------------
 # Not the default until these have run on a GPU (benchmarks/NOTES.md).
 
 def mapped_env(monkeypatch, on):

@@ -1,5 +1,5 @@
 """The binary layout (fptt_fast/layout.py) is the one the extension was built with, and a
-stale extension is refused with a clear error (issue 10)."""
+stale extension is refused with a clear error."""
 import types
 
 import pytest

@@ -412,7 +412,7 @@ class LSTMPair:
         # nearly cancel (a head bias under CE with few rows; at H = 1, MSE, B = 3, seed 26:
         # head weight 8.3e-5 with an error of 6e-8, head bias an error of 1.2e-7) is small
         # while its rounding error scales with the contributions. Against its own max alone it failed ~1 seed in
-        # 25 in the interpreter (issue 14); two GPU cases (cuda, random shapes) failed on
+        # 25 in the interpreter; two GPU cases (cuda, random shapes) failed on
         # 2026-11-27 with the reason cut from the log.
         g_scale = max(b.abs().max().item() for b in g_r)
         for name, a, b in zip(PARAM_NAMES, g_f, g_r):

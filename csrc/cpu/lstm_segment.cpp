@@ -1,17 +1,8 @@
 // LSTM segment step on the CPU: forward, head, loss, backward through the segment and
-// the parameter gradients (docs/ALGORITHM.md, step 1). No torch headers: the GEMMs go through a
-// callback (the binding passes at::mm; gemm_builtin is the torch-free fallback), the
-// pointwise math is lstm_math.h, shared with the CUDA kernels.
-//
-// Workspace layout (floats), G = 4H, P = rows of the head (B, or T*B if per_step):
-//   gates [T, B, G]   pre-activations, then activated gates, then (backward) their gradients
-//   hs    [T+1, B, H] h_{-1} = h0, h_0 .. h_{T-1}
-//   cs    [T+1, B, H] likewise for c
-//   pred  [P, O]      head outputs, then d(weight * loss)/d pred
-//   dhead [P, H]      gradient on the hidden states from the head
-//   dh    [B, H]      recurrent gradient on h_{t-1}
-//   dc    [B, H]      gradient on c_{t-1}
-//   bsum  [G]         b_ih + b_hh
+// the parameter gradients (docs/ALGORITHM.md, step 1), called by csrc/bind_lstm.cpp.
+// No torch headers: the GEMMs go through a callback (the binding passes at::mm;
+// gemm_builtin is the torch-free fallback), the pointwise math is lstm_math.h, shared
+// with the CUDA kernels. Workspace layout: docs/KERNELS.md#csrccpulstm_segmentcpp
 #include <math.h>
 #include <string.h>
 

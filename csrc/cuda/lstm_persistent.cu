@@ -1,45 +1,12 @@
 // The weight-stationary persistent FPTT LSTM kernel: a whole batch of K FPTT segments
-// (forward, head and loss, backward through the segment, gradients, clip and the FPTT
-// update, then the next segment from the updated weights) in ONE launch.
+// (forward, head and loss, backward, gradients, clip and the FPTT update, then the next
+// segment from the updated weights) in ONE launch, called by csrc/cuda_glue/lstm_cuda.cpp.
 // No torch headers: this file builds with plain
 //   nvcc -c -arch=sm_90 -I csrc/include csrc/cuda/lstm_persistent.cu
-// API: csrc/include/fptt_fast/cuda_lstm.h (lstm_persistent_*). The general kernel
-// (lstm_segment.cu) stays the path for shapes this one cannot hold.
-//
-// Design (why it is fast where lstm_segment.cu is not)
-//
-// * Thread-block clusters (Hopper). A cluster of CL CTAs (CL = 1, 2, 4, 8) holds one
-//   copy of W_hh, sliced by hidden unit: CTA `rank` owns hidden units
-//   [16 rank, 16 rank + 16) and their 4 gate rows each. The cluster covers HP = 16 CL >= H
-//   units (units >= H are padding: zero weights, h = c = 0). Batch rows are dealt to the
-//   clusters (bpc rows each, bpc <= MAXB); clusters advance independently: there is NO
-//   grid-wide barrier per time step.
-// * Weights stay in registers for a whole segment. A CTA has 256 threads = 16 units x 16
-//   k-slices; thread (u, s) keeps W_hh[g*H + j][k] for its unit j, the 4 gates g and its
-//   slice of k (KH = CL values), and W_ih likewise (up to 2 inputs per slice). A forward
-//   step is, per thread, MAXB x 4 x (KH + 2) FMAs against h_{t-1} read from shared memory
-//   (one float4 feeds 16 FMAs), then a fixed-order shuffle tree over the 16 slices
-//   (recursive halving) that leaves lane s holding the 4 gate sums of batch row b(s): the
-//   cell runs right there, c stays in a register.
-// * One cluster barrier per step. h_t is written into every CTA's shared memory of the
-//   cluster (distributed shared memory), double-buffered by step parity, then
-//   cluster.sync(). The backward is symmetric: thread (u, s) keeps W_hh[r][j] for its unit
-//   j and a slice of the 4H rows r; dG_t is broadcast the same way, and the recurrent
-//   gradient dh_{t-1} = dG_t W_hh comes out of the same shuffle tree.
-// * Gradients on chip. dW_hh, dW_ih and the bias gradients accumulate in registers over
-//   the segment's steps and the cluster's batch rows (thread (u, s) owns the same W_hh
-//   entries as in the forward), the head's in registers too. Each cluster writes its
-//   partial sums once per segment; they are summed over the clusters in a fixed order.
-// * Grid-wide barriers only between segments (cooperative launch): partials -> gradient
-//   buffers and loss, the fused FPTT update (fused_update_device.cuh, 2 phases), and the
-//   reload of the updated weights: 4 per segment.
-// * Determinism: every sum has a fixed order (per-thread register accumulation in time and
-//   batch order, a fixed shuffle tree, clusters summed in index order, fixed-order double
-//   sums for the loss): the same inputs give the same bits run to run on one device (the
-//   number of clusters, hence the partial sums, depends on the device's size).
-// * Coherence: data another CTA wrote in this launch (h rows, partials, parameters after
-//   an update, row losses) is read with __ldcg (L2), never through the read-only path.
-// * fp32 IEEE FMA throughout.
+// API: csrc/include/fptt_fast/cuda_lstm.h (lstm_persistent_*); shapes it cannot hold take
+// the general kernel (lstm_segment.cu). Contracts: thread-block clusters, weights in
+// registers, no grid-wide barrier per step; bitwise reproducible run to run on one device.
+// Design: docs/KERNELS.md#csrccudalstm_persistentcu
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <math.h>

@@ -1,57 +1,11 @@
 // The FPTT LSTM segment step on CUDA: forward, head and loss, backward through the segment,
-// parameter gradients and the fused FPTT update, in ONE cooperative kernel launch.
-// No torch headers: this file builds with plain
+// parameter gradients and the fused FPTT update, in ONE cooperative kernel launch, called
+// by csrc/cuda_glue/lstm_cuda.cpp. No torch headers: this file builds with plain
 //   nvcc -c -arch=sm_90 -I csrc/include csrc/cuda/lstm_segment.cu
 // API and argument shapes: csrc/include/fptt_fast/cuda_lstm.h. Pointwise LSTM math:
 // lstm_math.h (shared with the CPU step); the update: fused_update_device.cuh (shared
-// with fused_update.cu).
-//
-// Design
-//
-// * One grid of co-resident blocks (kThreads threads each), phases separated by
-//   grid.sync():
-//     P0   h0, c0 -> hs[0], cs[0]; W_hh^T -> whhT; gx = x W_ih^T + (b_ih + b_hh)   | sync
-//     F_t  for t = 0..T-1: gates of step t, the cell, h_t and c_t                   | sync each
-//     H1   pred = h_head W_o^T + b_o                                                | sync
-//     H2   per head row: loss term and d(weight * loss)/d pred, in place           | sync
-//     H3   dhead = dpred W_o; grad W_o = dpred^T h_head; grad b_o; the loss value   | sync
-//     B_t  for t = T-1..0: dh_t (head + recurrent), the cell backward -> dgates_t   | sync each
-//     G    grad W_hh = dG^T h_{t-1}; grad W_ih = dG^T x; grad b_ih = grad b_hh     | sync
-//     U    the fused FPTT update (norm phase | sync | update phase)
-//   2T + 6 grid barriers in all.
-//
-// * The serial dependency (h_{t-1} W_hh^T) is distributed over the whole grid: one
-//   thread per (b, j) element of the state computes the four gate pre-activations of
-//   column j (dot products of length H against W_hh^T, read coalesced from the
-//   transposed copy whhT made in P0: neighbouring threads read neighbouring columns),
-//   then the cell, so that a step is one pass and one grid barrier. Threads are dealt
-//   state tiles of 8 batch rows x 32 columns (a warp per row), so the 8 warps of a block
-//   read the same W_hh^T lines (L1 reuse; the h row is a warp broadcast). Backward likewise:
-//   thread (b, j) computes the recurrent dh[b, j] = sum_r dG_{t+1}[b, r] W_hh[r, j] (W_hh
-//   read coalesced along j), adds the head's gradient, and runs the cell backward.
-//   h and c of every step stay in the global workspace (L2-resident for typical sizes),
-//   so there is no shared-memory or register dependence on H or B: this was chosen over
-//   keeping a batch tile and W_hh in shared memory per block (which caps H at ~100-200 in
-//   228 KB of shared memory for fp32 W_hh) so that H up to 512 and beyond runs on the
-//   same one-launch path. The price is that W_hh is re-read from L2 by every thread at
-//   every step; not tuned on hardware yet.
-//
-// * The batched products (input projection, head, its gradients, the weight gradients)
-//   are 32x32-tiled GEMMs through shared memory, tiles spread over the blocks; each
-//   output element is accumulated by one thread over K in a fixed order.
-//
-// * Determinism: every value is computed by one thread in a fixed order (no atomics, no
-//   float reductions whose order depends on the grid); bias gradients and the loss are
-//   column/row sums in double, in order. The results do not depend on the grid size.
-//
-// * Memory coherence: data written by one block and read by another after grid.sync()
-//   (h, c, gates, head outputs, gradients) is read with plain loads, never through
-//   const __restrict__ pointers, which would allow the non-coherent read-only path
-//   (ld.global.nc: it may return lines cached before another block's write). The update
-//   phase reads the gradient buffers through the shared code's const __restrict__
-//   pointers: safe, since no block reads those lines before they are final.
-//
-// * fp32 IEEE FMA throughout (no tensor cores: tf32 is refused by the glue).
+// with fused_update.cu). Contracts: no atomics, results independent of the grid size;
+// fp32 IEEE FMA throughout. Design: docs/KERNELS.md#csrccudalstm_segmentcu
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <math.h>

@@ -1,15 +1,9 @@
 // Host-side pieces shared by the two CUDA glue files (update_cuda.cpp: the fused optimiser;
-// lstm_cuda.cpp: the LSTM kernels, whose FPTT update runs on the same slot table):
-//   - the fused update's slot table for a list of checked tensors, and the cache key that
-//     identifies it (device, optimiser family, every pointer and size);
-//   - its upload to one device buffer [slots | scalars | partials] (cuda_kernels.h's
-//     WorkspaceLayout) and the kernel's view of it (cuda::UpdateTable);
-//   - the small LRU caches of uploaded tables: lookup, eviction of entries no captured CUDA
-//     graph holds, and record_stream bookkeeping for tensors used on other streams.
-// Each glue file keeps its own cache (its entries hold different buffers) but builds it
-// from these pieces.
-//
-// Torch headers: glue only (never included by .cu files).
+// lstm_cuda.cpp: the LSTM kernels, whose FPTT update runs on the same slot table): the
+// slot table and its cache key, its upload to one device buffer (cuda_kernels.h's
+// WorkspaceLayout), and the small LRU caches of uploaded tables. Each glue file keeps its
+// own cache. Torch headers: glue only (never included by .cu files).
+// Design: docs/KERNELS.md#csrccuda_glueglue_commonh
 #pragma once
 
 #include <torch/extension.h>

@@ -1,17 +1,10 @@
-// Torch glue of the LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu): checks, the
-// cached device workspace (update slot table + scratch), and the one cooperative launch
-// on torch's current stream. Built only with FPTT_WITH_CUDA; registry.h calls
-// register_lstm_cuda(m).
-//
-// Workspace: one device uint8 tensor per key = (device, optimizer kind, every slot's
-// parameter/gradient/state/step/hyper-row pointers and sizes), i.e. per model and its
-// FPTT state, holding [slot table | slot scalars | norm partials] (cuda_kernels.h) and,
-// separately, the segment's float scratch, grown when a larger segment shape arrives and
-// reused otherwise. A steady-state step compares the key and launches: no allocation, no
-// host-to-device copy, no host sync. As in update_cuda.cpp, a cache miss or a scratch
-// growth while capturing a CUDA graph raises (run one step eagerly first), and entries
-// used by a captured graph are never evicted. One model's steps must not run concurrently
-// on two streams (they share the scratch).
+// Torch glue of the LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu and
+// lstm_persistent.cu): checks, the cached device workspace (update slot table + scratch),
+// and the one cooperative launch on torch's current stream. Built only with FPTT_WITH_CUDA;
+// registry.h calls register_lstm_cuda(m). Contracts: a steady-state step allocates,
+// copies and syncs nothing; a cache miss while capturing a CUDA graph raises; one model's
+// steps must not run concurrently on two streams.
+// Design: docs/KERNELS.md#csrccuda_gluelstm_cudacpp
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAException.h>

@@ -1,23 +1,10 @@
 // Torch glue of the fused FPTT update on CUDA: checks (update_checks.h), the device-side
 // slot table (cached), and the launch of csrc/cuda/fused_update.cu on torch's current stream.
 // Built only with FPTT_WITH_CUDA (setup.py's CUDAExtension); registry.h calls
-// register_update_cuda(m).
-//
-// The slot table (pointers, sizes, chunk offsets; cuda_kernels.h) lives in device
-// memory next to the kernel's scratch (per-chunk partial sums, per-slot scalars), in one
-// workspace tensor. Workspaces are cached keyed by the full pointer tuple of the step
-// (device, every slot's w/g/w_bar/lam/s1/s2/step/hyper-row pointers and sizes), so a
-// steady-state step does no host-to-device copy at all: the glue only compares the key
-// and launches. When the key changes (new parameters, grads re-allocated, a new hyper
-// table...), the table is written into a pinned staging tensor and copied with a
-// non-blocking copy on the current stream (torch's copy_ records the staging buffer's
-// use on that stream, so freeing it right after is safe).
-//
-// CUDA graphs: a step captured in a graph uses the cached workspace of its key; the
-// entry is then marked "kept" and never evicted (the graph holds its raw pointers).
-// A cache miss while capturing raises: the table copy would have to be captured too.
-// Run a step eagerly first (torch's recipe warms up before capture anyway).
-// One optimiser's steps must not run concurrently on two streams (they share scratch).
+// register_update_cuda(m). Contracts: a steady-state step only compares the cache key and
+// launches (no host-to-device copy); a cache miss while capturing a CUDA graph raises (run
+// a step eagerly first); one optimiser's steps must not run concurrently on two streams.
+// Design: docs/KERNELS.md#csrccuda_glueupdate_cudacpp
 #include <torch/extension.h>
 
 // c10/cuda headers only (at::cuda::getCurrentCUDAStream is c10::cuda's, reached through

@@ -2,16 +2,11 @@
 // torch glue (csrc/cuda_glue/*.cpp) and the .cu files agree on one description of
 // the work. Streams are passed as void* (a cudaStream_t).
 //
-// The fused update is one cooperative kernel launch per optimiser step covering
-// every tensor (multi-tensor apply over a device-side table of UpdateSlot):
-//   phase 1  per chunk of kChunk elements, in a fixed assignment: the sum of squares
-//            (double) of the regularised gradient (docs/ALGORITHM.md, step 2) -> partials[chunk];
-//            the block owning a slot's first chunk saves that slot's step scalars;
-//   grid.sync()
-//   phase 2  every block reduces all partials in the same fixed order (so every block
-//            holds the bitwise-same norm), takes the clip coefficient (step 3) and, if
-//            the norm is finite, updates its chunks (steps 4-6) and the step counts.
-// A non-finite norm writes the status and leaves every other array untouched.
+// The fused update is one cooperative kernel launch per optimiser step covering every
+// tensor (a table of UpdateSlot): phase 1 per-chunk sums of squares, grid.sync(), phase 2
+// the same fixed-order norm in every block, the clip and the update (docs/ALGORITHM.md,
+// steps 2-6). A non-finite norm writes the status and leaves every other array untouched.
+// Design: docs/KERNELS.md#csrcincludefptt_fastcuda_kernelsh
 #pragma once
 
 #include <stddef.h>

@@ -1,16 +1,12 @@
-// The LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu): a plain C++ API, no torch
-// and no CUDA headers; streams are passed as void* (a cudaStream_t).
-//
-// One FPTT training step of a single-layer LSTM (nn.LSTM conventions, gate order i, f, g,
-// o) with a linear head, on one segment of omega steps, in ONE cooperative kernel launch:
-//   forward over the segment from (h0, c0), head and loss (times `weight`), backward
-//   through the segment (truncated at its start), the six parameter gradients (fixed-order
-//   sums: bitwise deterministic, independent of the grid size), then the fused FPTT update
-//   (docs/ALGORITHM.md, steps 2-6) of the six parameters, with the device code of cuda_kernels.h's
-//   launch_fused_update (csrc/cuda/fused_update_device.cuh).
-//
+// The LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu, lstm_persistent.cu): a plain
+// C++ API, no torch and no CUDA headers; streams are passed as void* (a cudaStream_t).
+// Callers: csrc/cuda_glue/lstm_cuda.cpp. One FPTT training step of a single-layer LSTM
+// (nn.LSTM gate order i, f, g, o) with a linear head on one segment, in ONE cooperative
+// launch: forward, loss, backward, the six gradients (fixed-order sums, bitwise
+// deterministic) and the fused FPTT update (docs/ALGORITHM.md, steps 2-6).
 // Notation: T = omega (steps), B batch, I input size, H hidden size, O head outputs,
 // G = 4H, P = rows of the head: B (terminal loss) or T*B (per-step loss).
+// Design: docs/KERNELS.md#csrcincludefptt_fastcuda_lstmh
 #pragma once
 
 #include <stddef.h>

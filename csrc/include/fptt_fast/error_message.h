@@ -1,20 +1,10 @@
-// Error messages of fptt_fast._C, built without iostreams: FPTT_CHECK(cond, parts...).
-//
-// Why not TORCH_CHECK(cond, "n=", n) as torch's own code does: TORCH_CHECK formats its parts
-// with c10::str, i.e. a std::ostringstream instantiated in *this* library, and on the GPU
-// image (torch 2.11+cu130 wheels, Ubuntu 24.04's g++/libstdc++ 13) writing a number through
-// such a stream crashes the process (SIGSEGV in std::ostream::_M_insert<long>, the call
-// landing in std::codecvt<char16_t>::do_unshift: a locale facet looked up under another
-// facet's id, the symptom of two copies of libstdc++'s locale machinery in one process, cf.
-// pytorch/pytorch#109923). Measured there on 2026-11-27: a minimal torch extension built with
-// load_inline crashes on TORCH_CHECK(false, "got ", 1) and survives throw
-// std::runtime_error; every binding test expecting a RuntimeError crashed its worker.
-// So the message is assembled here with std::to_string / snprintf (no locale facets), and
-// TORCH_CHECK receives ONE std::string, which c10::str passes through untouched. The
-// message is still built only when the check fails.
-//
-// tests/test_cuda_sources.py checks that csrc/ has no other TORCH_CHECK with a message and
-// no operator<< on streams, so the crash cannot come back through a new check.
+// Error messages of fptt_fast._C, built without iostreams: FPTT_CHECK(cond, parts...),
+// used by every binding's checks (update_checks.h, lstm_checks.h) and the glue.
+// Contract: the message is assembled with std::to_string / snprintf (no locale facets) and
+// TORCH_CHECK receives ONE std::string, built only when the check fails: TORCH_CHECK's own
+// stream formatting crashes the process on the GPU image. tests/test_cuda_sources.py keeps
+// other TORCH_CHECK messages and stream operator<< out of csrc/.
+// Design: docs/KERNELS.md#csrcincludefptt_fasterror_messageh
 #pragma once
 
 #include <c10/core/Device.h>

@@ -1,17 +1,11 @@
 // Argument checks of every compute binding of fptt_fast._C (the LSTM's: lstm_checks.h).
-// Torch-only code that builds without CUDA, and every check takes the expected device
-// type as a parameter: the CPU bindings pass c10::kCPU, the CUDA glue c10::kCUDA, so the
-// CUDA bindings' checks run on CPU CI too (tests/csrc/check_bindings.cpp binds them for
-// tests, outside the shipped module).
-//
-// Contract: these functions read tensor metadata only (definedness, layout, device, dtype,
-// strides, sizes, storage addresses), never tensor data (the one exception,
-// check_ce_classes in lstm_checks.h, is documented there), and raise c10::Error (a Python
-// RuntimeError) naming the binding and the argument, through FPTT_CHECK (error_message.h
-// says why not TORCH_CHECK). A binding calls them before it touches any data, so a refused
-// call changes nothing.
-//
+// Torch-only code that builds without CUDA; every check takes the expected device type
+// (c10::kCPU from the CPU bindings, c10::kCUDA from the CUDA glue), so the CUDA bindings'
+// checks run on CPU CI too (tests/csrc/check_bindings.cpp). Contract: metadata only, never
+// tensor data (exception: check_ce_classes, lstm_checks.h); raise c10::Error naming the
+// binding and the argument through FPTT_CHECK, before the binding touches any data.
 // Torch headers allowed here: only bindings and glue (.cpp) include this file.
+// Design: docs/KERNELS.md#csrcincludefptt_fastupdate_checksh
 #pragma once
 
 #include <torch/extension.h>
