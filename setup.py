@@ -61,7 +61,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fptt_fast", "fptt_fast.kernels"],
+    packages=["fptt_fast", "fptt_fast.backends", "fptt_fast.kernels"],
     package_dir={"fptt_fast": "fptt_fast", "fptt_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

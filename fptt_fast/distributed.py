@@ -158,65 +158,12 @@ def segment_gradients(module, x, target, state, weight):
     cuda): this rank's segment kernel, forward, loss, backward and the six gradients of
     weight * loss, written to module._grads, with its FPTT update switched off: parameters
     and FPTT state are left as they are. Returns (the unweighted loss [1], (h, c)), all on
-    the device, no host sync. Inputs as FPTTLSTM.train_segment has checked them.
-
-      triton  kernels/lstm_segment.train_segment with config.update False: the general kernel,
-              its phase C (the update) compiled out; also with triton_kernel="persistent"
-              (that kernel has no update switch: under a process group it is not used).
-      cuda    _C.lstm_train_cuda has no update switch, so the update is made to write
-              nothing: its launch gets a hyper-parameter table of NaN (every parameter in
-              its one row) and a status tensor of its own. The update's norm is then NaN,
-              and with a non-finite norm the fused update writes nothing but that status
-              (csrc/cuda/fused_update_device.cuh, fused_update_phases: the non-finite-gradient
-              guard), in the general and the persistent kernel alike. Its gradients, loss and
-              state are those of the one-launch step. The cost: the update's first phase
-              (reading w, g, w_bar, lam once) and one grid barrier.
-    """
-    from .lstm import CUDA_KERNEL_NAMES, CUDA_KERNELS, LOSS_CODE
-
-    from .seam import SegmentConfig, SegmentIO
-
-    if module._grads is None:
-        module._grads = [torch.zeros_like(p.detach()) for p in module.fptt_parameters()]
-    fstate = module.optimizer.kernel_state(module.fptt_parameters(), module._grads, x.device)
-    io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
-                   torch.empty_like(state[1]), torch.empty(1, dtype=torch.float32, device=x.device))
-    config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[module.loss],
-                           per_step=bool(module.per_step), tf32=bool(module.allow_tf32))
-    if module.backend == "triton":
-        from .kernels import lstm_segment
-        config.update = False
-        lstm_segment.train_segment(fstate, io, config)
-        module.last_kernel = "general"
-    elif module.backend == "cuda":
-        nan_hyper, sink = _update_off_tables(module, x.device)
-        fstate.hyper, fstate.status = nan_hyper, sink
-        fstate.group_of = [0] * len(fstate.params)
-        config.kernel = CUDA_KERNELS[module.cuda_kernel]
-        ran = _extension().lstm_train_cuda(fstate, io, config)
-        module.last_kernel = CUDA_KERNEL_NAMES[ran]
-    else:
+    the device, no host sync. Inputs as FPTTLSTM.train_segment has checked them. How each
+    backend switches its update off: backends/triton.py, backends/cuda.py (gradients)."""
+    if not module._engine.device_launch:
         raise ValueError(f"segment_gradients: backend {module.backend!r} is not a one-launch "
                          f"backend (triton, cuda)")
-    return io.losses, (io.h_out, io.c_out)
-
-
-def _extension():
-    from . import backends
-    return backends.extension()
-
-
-def _update_off_tables(module, device):
-    """(hyper [1, len(HYPER_FIELDS)] of NaN, status [3]) for the cuda gradients launch, allocated once per
-    module and device (the glue caches its launch tables by these addresses). The status
-    counts the launches whose update wrote nothing: every one of them."""
-    cached = module.__dict__.get("_dp_update_off")
-    if cached is None or cached[0].device != device:
-        from .optim import HYPER_FIELDS
-        cached = (torch.full((1, len(HYPER_FIELDS)), float("nan"), device=device),
-                  torch.zeros(3, device=device))
-        module.__dict__["_dp_update_off"] = cached  # a plain attribute, not a buffer
-    return cached
+    return module._engine.gradients(module, x, target, state, weight)
 
 
 def attach_fpttlstm(module, pg) -> FlatAllReduce:

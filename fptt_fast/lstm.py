@@ -51,9 +51,9 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
-from .layout import LOSS_CODE
+from .layout import LOSS_CODE  # noqa: F401 (re-exported: the loss codes)
 from .optim import FPTT, GraphCache
-from .seam import SegmentConfig, SegmentIO
+from .backends import cuda as cuda_backend
 
 LOSSES = ("mse", "ce")
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -62,9 +62,8 @@ PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
 SEGMENT_BACKENDS = backends.BACKENDS  # resolution: backends.resolve_segment
 # The CUDA backend's kernels (csrc/cuda/lstm_persistent.cu, csrc/cuda/lstm_segment.cu):
 # "auto" runs the persistent weight-stationary kernel where the shape fits it, else the
-# general one. Codes of _C.lstm_train_cuda's `kernel` argument and return value.
-CUDA_KERNELS = {"auto": 0, "general": 1, "persistent": 2}
-CUDA_KERNEL_NAMES = {1: "general", 2: "persistent"}
+# general one (fptt_fast/backends/cuda.py).
+CUDA_KERNELS = cuda_backend.KERNELS
 # The Triton backend's kernels (kernels/lstm_segment.py: general; kernels/lstm_persistent.py:
 # weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32). "auto" runs the
 # general one for now: the persistent one has not been measured on a GPU yet.
@@ -169,8 +168,7 @@ class FPTTLSTM(nn.Module):
         else:
             self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
                                                                  self.allow_tf32)
-        if self.backend == "triton":
-            self._triton_kernel_choice()  # ValueError now if "persistent" cannot take the sizes
+        self._engine.check_module(self)  # self._engine: set with self.backend (__setattr__)  # e.g. triton's persistent kernel and the sizes
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
         self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,
@@ -187,7 +185,7 @@ class FPTTLSTM(nn.Module):
         # per train_segment at I=2, H=2, O=1 on 2 cores); both are deterministic.
         self.cpu_builtin_gemm = 4 * H * max(I, H, O) <= 256
         # cpu backend: the plan whose train() is train_segment's fast path (see there); set
-        # by _cpu_call, dropped whenever an attribute it depends on is assigned (__setattr__)
+        # by the cpu backend's segment (backends/cpu.py), dropped whenever an attribute it depends on is assigned (__setattr__)
         self._cpu_fast = None
         # data parallel (fptt_fast.distributed): ranks checked, parameters from rank 0
         self.process_group, self._dist = None, None
@@ -200,11 +198,13 @@ class FPTTLSTM(nn.Module):
     # their values (the optimiser, the buffers, the loss and the flags it bakes in).
     _FAST_PATH_DEPENDS_ON = frozenset({
         "optimizer", "_grads", "_workspace", "loss", "per_step", "check_inputs",
-        "cpu_builtin_gemm", "backend", "_dist", "process_group", "input_size", "hidden_size",
-        "output_size"})
+        "cpu_builtin_gemm", "backend", "_engine", "_dist", "process_group", "input_size",
+        "hidden_size", "output_size"})
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
+        if name == "backend":  # the backend object follows the name
+            super().__setattr__("_engine", backends.engine(value))
         if name in FPTTLSTM._FAST_PATH_DEPENDS_ON:
             self.__dict__["_cpu_fast"] = None
 
@@ -407,108 +407,28 @@ class FPTTLSTM(nn.Module):
         pred = self.head(outs) if self.per_step else self.head(outs[-1])
         return reference.task_loss(pred, target, self.loss), new_state
 
-    def _cpu_call(self, x, target, state, weight, update):
-        """The cpu backend's segment step: ONE C++ call, _C.CpuLstmPlan.step
-        (csrc/bind_lstm.cpp). The plan holds the parameters, gradient buffers, workspace and
-        the optimiser's FPTT state; it is cached with the optimiser's own plan
-        (_C.CpuUpdatePlan) and the buffers it was built on, and rebuilt when any of them is
-        replaced. A changed hyper-parameter, clip or parameter tensor makes the call return
-        a PLAN_* code having done nothing: the optimiser refreshes itself and the call is
-        made again."""
-        opt = self.optimizer
-        flags = (opt, self.loss, self.per_step, self.check_inputs, self.cpu_builtin_gemm)
-        for _ in range(3):
-            uplan = opt.cpu_plan()
-            # (optimiser plan, grads, workspace, plan, what the plan's train() bakes in)
-            cached = self.__dict__.get("_cpu_plan")
-            if (cached is None or cached[0] is not uplan or cached[1] is not self._grads
-                    or cached[2] is not self._workspace or cached[4] != flags):
-                ext = backends.extension()
-                params = [p.detach() for p in self.fptt_parameters()]
-                if self._grads is None:
-                    self._grads = [torch.zeros_like(p) for p in params]
-                    self._workspace = torch.empty(0, dtype=torch.float32)
-                fstate = opt.kernel_state(self.fptt_parameters(), self._grads, x.device)
-                config = SegmentConfig(loss=LOSS_CODE[self.loss], per_step=bool(self.per_step),
-                                       builtin_gemm=bool(self.cpu_builtin_gemm))
-                plan = ext.CpuLstmPlan(fstate, self._workspace, uplan, opt, config,
-                                       bool(self.check_inputs))
-                cached = (uplan, self._grads, self._workspace, plan, flags)
-                self.__dict__["_cpu_plan"] = cached  # a plain attribute, not a submodule
-            loss, h, c, count = cached[3].step(x, target, state[0], state[1], weight, update,
-                                               opt.param_groups, opt.clip)
-            if count >= 0:
-                if self._dist is None:  # train_segment's fast path from the next call on
-                    self.__dict__["_cpu_fast"] = cached[3]
-                if update:
-                    opt.report_skipped(count)
-                return loss, (h, c)
-            opt.refresh_cpu_plan(count)
-        raise RuntimeError("FPTTLSTM: the cpu segment plan is still stale after a rebuild (a bug)")
-
-    def _triton_kernel_choice(self):
-        """The Triton kernel train_segment / train_sequence run: "persistent" or "general"
-        (self.triton_kernel; "auto" is the general one for now). ValueError when
-        "persistent" is asked for sizes beyond its limits."""
-        if self.triton_kernel != "persistent":
-            return "general"
-        from .kernels import lstm_persistent
-        err = lstm_persistent.limit_error(self.input_size, self.hidden_size, self.output_size)
-        if err is not None:
-            raise ValueError(err)
-        return "persistent"
-
     def _launch(self, x, target, state, weight, n_segs=1, ramp=False):
-        """The GPU step (triton or cuda) of n_segs segments over x (n_segs > 1: cuda, or
-        the persistent triton kernel), segment p weighted (p + 1) / n_segs if ramp else
-        `weight`: no host sync. Returns the losses [n_segs] and the final state."""
+        """The backend's one-call run of n_segs segments over x (segment p weighted
+        (p + 1) / n_segs if ramp else `weight`), with the optimiser's status bookkeeping
+        around it: no host sync. Returns the losses [n_segs] and the final state."""
         self.optimizer.device_step_begin()
-        out = self._launch_only(x, target, state, weight, n_segs, ramp)
+        out = self._engine.sequence(self, x, target, state, n_segs, ramp, weight=weight)
         self.optimizer.device_step_end()
         return out
 
     def _launch_only(self, x, target, state, weight, n_segs=1, ramp=False):
-        """_launch without the optimiser's status bookkeeping (no event, no host work but
-        the launch): what a CUDA graph captures."""
-        if self._grads is None:
-            self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
-        io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
-                       torch.empty_like(state[1]),
-                       torch.empty(n_segs, dtype=torch.float32, device=x.device))
-        fstate = self.optimizer.kernel_state(self.fptt_parameters(), self._grads, x.device)
-        config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[self.loss],
-                               per_step=bool(self.per_step), n_segs=n_segs, ramp=bool(ramp),
-                               tf32=bool(self.allow_tf32))
-        if self.backend == "triton" and self._triton_kernel_choice() == "persistent":
-            from .kernels import lstm_persistent
-            lstm_persistent.train(fstate, io, config)
-            self.last_kernel = "persistent"
-        elif self.backend == "triton":
-            from .kernels import lstm_segment
-            assert n_segs == 1, "the general Triton kernel runs one segment per launch"
-            lstm_segment.train_segment(fstate, io, config)
-            self.last_kernel = "general"
-        else:
-            config.kernel = CUDA_KERNELS[self.cuda_kernel]
-            ran = backends.extension().lstm_train_cuda(fstate, io, config)
-            self.last_kernel = CUDA_KERNEL_NAMES[ran]
-        return io.losses, (io.h_out, io.c_out)
+        """_launch without the bookkeeping (no event, no host work but the launch): what a
+        CUDA graph captures."""
+        return self._engine.sequence(self, x, target, state, n_segs, ramp, weight=weight)
 
     def loss_and_grads(self, x, target, state=None, weight=1.0):
         """The segment's loss, new state and the task gradients of weight * loss, as
         {name: tensor} (PARAM_NAMES), without any update. For tests and diagnostics."""
         x, target = self._time_major(x, target)
         x, target, state, weight = self._inputs(x, target, state, weight)
-        if self.backend == "cpu":
-            loss, state = self._cpu_call(x, target, state, weight, False)
-            return loss, state, {n: g.clone() for n, g in zip(self._param_names, self._grads)}
-        # triton/cuda: the gradients here come from autograd (their kernels' own gradients
-        # without an update: fptt_fast.distributed.segment_gradients)
-        with torch.enable_grad():
-            loss, new_state = self._reference_loss(x, target, state)
-            grads = torch.autograd.grad(weight * loss, self.fptt_parameters())
-        return (loss.detach(), (new_state[0].detach(), new_state[1].detach()),
-                dict(zip(self._param_names, grads)))
+        loss, state = self._engine.segment(self, x, target, state, weight, False)
+        return (loss.reshape(()), state,
+                {n: g.clone() for n, g in zip(self._param_names, self._grads)})
 
     def train_segment(self, x, target, state=None, weight=1.0):
         """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
@@ -528,42 +448,20 @@ class FPTTLSTM(nn.Module):
         x, target, state, weight = self._inputs(x, target, state, weight)
         if self._dist is not None:
             return self._distributed_step(x, target, state, weight)
-        if self.backend == "cpu":
-            return self._cpu_call(x, target, state, weight, True)
-        if self.backend in ("triton", "cuda"):
-            losses, state = self._launch(x, target, state, weight)
-            return losses[0], state
-        params = self.fptt_parameters()
-        with torch.enable_grad():
-            loss, new_state = self._reference_loss(x, target, state)
-            grads = torch.autograd.grad(weight * loss, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.optimizer.step()
-        return loss.detach(), (new_state[0].detach(), new_state[1].detach())
+        return self._engine.segment(self, x, target, state, weight, True)
 
     def _distributed_step(self, x, target, state, weight):
         """train_segment with a process group: this rank's gradients of weight * loss
-        (cpu: the C++ step with update=False; triton, cuda: the segment kernel with its
-        update switched off, distributed.segment_gradients; reference: autograd), one
+        (the backend's segment with update off: cpu, the C++ step; triton, cuda, the
+        segment kernel with its update switched off; reference, autograd), one
         all_reduce of the flat buffer [gradients, loss, rows]
         (fptt_fast.distributed.FlatAllReduce: the gradient and loss of the mean over every
         rank's rows), then the clip and FPTT update by self.optimizer (cpu: the fused C++
         update; triton, cuda: the fused update launch) on that gradient, the same on every
         rank. p.grad keeps the reduced gradient."""
         params = self.fptt_parameters()
-        if self.backend == "cpu":
-            loss, state = self._cpu_call(x, target, state, weight, False)
-            grads = self._grads
-        elif self.backend in ("triton", "cuda"):
-            from .distributed import segment_gradients
-            loss, state = segment_gradients(self, x, target, state, weight)
-            grads = self._grads
-        else:  # reference
-            with torch.enable_grad():
-                loss, new_state = self._reference_loss(x, target, state)
-                grads = torch.autograd.grad(weight * loss, params)
-            state = (new_state[0].detach(), new_state[1].detach())
+        loss, state = self._engine.segment(self, x, target, state, weight, False)
+        grads = self._grads
         loss, reduced = self._dist.reduce(grads, loss, x.shape[1])
         for p, g in zip(params, reduced):
             p.grad = g
@@ -583,7 +481,7 @@ class FPTTLSTM(nn.Module):
         eagerly. Other backends run eagerly (graph=True raises ValueError there)."""
         if graph is not None and not isinstance(graph, bool):
             raise ValueError(f"graph must be None, True or False, got {graph!r}")
-        if graph and self.backend != "cuda":
+        if graph and not self._engine.graphs:
             raise ValueError(f"graph=True needs the cuda backend, this module runs "
                              f"{self.backend!r}")
         if graph and weights != "ramp" and not self.per_step:
@@ -602,15 +500,13 @@ class FPTTLSTM(nn.Module):
         seg_weights = reference.segment_weights(len(bounds), weights)
         # all K segments in one call: cuda (one C++ call), triton's persistent kernel (one
         # launch); their kernels weight the segments by the ramp
-        one_launch = (self.backend == "cuda" or (
-            self.backend == "triton" and self._triton_kernel_choice() == "persistent")) and (
-            self.per_step or weights == "ramp")
+        one_launch = self._engine.one_launch(self) and (self.per_step or weights == "ramp")
         if one_launch and self._dist is None:
             B = x.shape[1]
             if not self.per_step:
                 target = self._check_target(target, 1, B)
             state = self._check_state(state, B)
-            if graph is not False and self.backend == "cuda":
+            if graph is not False and self._engine.graphs:
                 return self._graphed_sequence(x, target, state, len(bounds))
             losses, _ = self._launch(x, target, state, 1.0,
                                      n_segs=len(bounds), ramp=not self.per_step)

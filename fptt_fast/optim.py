@@ -145,8 +145,7 @@ class FPTT(torch.optim.Optimizer):
         self._build_state()
         if not isinstance(graph, bool):
             raise ValueError(f"graph must be True or False, got {graph!r}")
-        if graph and (self.backend not in ("cuda", "triton")
-                      or self._status.device.type != "cuda"):
+        if graph and (not self._engine.device_launch or self._status.device.type != "cuda"):
             raise ValueError(f"graph=True needs the cuda or triton backend on CUDA tensors, "
                              f"this optimiser runs {self.backend!r} on "
                              f"{self._status.device.type} tensors")
@@ -210,6 +209,7 @@ class FPTT(torch.optim.Optimizer):
                             f"{', '.join(sorted(map(str, dtypes)))}")
         dtype = dtypes.pop() if dtypes else torch.float32
         self.backend = _resolve_backend(self._requested_backend, device.type, dtype)
+        self._engine = backends.engine(self.backend)  # the backend object (backends/base.py)
         names = ("w_bar", "lam") + (("momentum_buffer",) if self.base == "sgd" else ("exp_avg", "exp_avg_sq"))
         total = sum(p.numel() for p in params)
         flat = {n: torch.zeros(total, device=device, dtype=dtype) for n in names}
@@ -243,7 +243,7 @@ class FPTT(torch.optim.Optimizer):
         and a copy per step (NOT YET RUN ON A GPU, so not the default)."""
         if mapped is None:
             mapped = os.environ.get("FPTT_FAST_STATUS") == "mapped"
-        if not mapped or device.type != "cuda" or self.backend not in ("cuda", "triton"):
+        if not mapped or device.type != "cuda" or not self._engine.device_launch:
             return torch.zeros(3, device=device), None, None
         ext = backends.extension()
         if not hasattr(ext, "mapped_status_cuda"):
@@ -382,7 +382,8 @@ class FPTT(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.device_step_begin()
-        if self.backend == "cpu":
+        engine = self._engine
+        if engine.cpu_plan:
             count = self._plan_step()
             if count is not None:
                 if count != self._seen_skipped:
@@ -391,25 +392,11 @@ class FPTT(torch.optim.Optimizer):
         objs, sts, state = self._gather()
         if not objs:
             return loss
-        hyper = self._hyper_table(objs[0].device)  # validates changed hyper-parameters
-        if self.backend == "reference":
-            self._step_reference(objs, sts, state)
+        state.hyper = self._hyper_table(objs[0].device)  # validates changed hyper-parameters
+        if not engine.device_launch:  # reference, and the cpu backend's list path
+            engine.update(self, sts, state)
             return loss
-        state.hyper = hyper
-        if self.backend == "cpu":
-            norm, skipped = backends.extension().fused_update_cpu(state)
-            self._record(norm, skipped)
-            return loss
-        if self.backend == "triton":
-            from .kernels import fptt_update
-
-            def launch():
-                fptt_update.fused_update(state)
-                # its cached tables and scratch (a captured graph must hold them: the Triton
-                # plan cache evicts, the CUDA glue's keeps what a graph uses)
-                return fptt_update.get_plan(state)
-        else:  # cuda
-            launch = lambda: backends.extension().fused_update_cuda(state)  # noqa: E731
+        launch = engine.update_launcher(state)
         # graph mode replays a captured step; gradients copied by _gather (non-contiguous)
         # have new addresses every step: those steps run eagerly
         if (self.graph and self._graph_captures < self.MAX_GRAPH_CAPTURES
@@ -512,13 +499,7 @@ class FPTT(torch.optim.Optimizer):
         hyper = self._hyper_table(params[0].device if params else torch.device("cpu"))
         # the plan takes the parameters and their groups from param_groups
         state = self._state_of([], [], [self.state[p] for p in params], [], hyper)
-        self._plan = backends.extension().CpuUpdatePlan(self.param_groups, state)
-
-    def _step_reference(self, objs, sts, state):
-        hypers = [Hyper.from_group(self.param_groups[gi]) for gi in state.group_of]
-        norm, skipped = reference.fptt_update_(state.params, state.grads, sts, hypers, self.base,
-                                               self.clip, nonfinite="skip")
-        self._record(float(norm), bool(skipped))
+        self._plan = self._engine.update_plan(self.param_groups, state)
 
     def _record(self, norm, skipped):
         """Host-side status of a step whose result the host already knows."""

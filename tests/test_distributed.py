@@ -1,4 +1,4 @@
-"""Data-parallel FPTT on torch.distributed (issue 16), on the CPU with gloo.
+"""Data-parallel FPTT on torch.distributed, on the CPU with gloo.
 
 One spawn of 2 processes (file:// rendezvous in tmp_path, gloo, one thread each) runs every
 multi-process scenario; each rank holds its rows of every batch and writes what it ended
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 import fptt_fast
 from fptt_fast import distributed, reference
+from fptt_fast.backends import cuda as cuda_backend
 from fptt_fast.layout import HYPER_FIELDS
 from fptt_fast.backends import segment_unavailable_reason
 from fptt_fast.lstm import PARAM_NAMES
@@ -435,7 +436,7 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
                               kernel=config.kernel, losses_out=segment.losses))
             return 1  # "general"
 
-    monkeypatch.setattr(distributed, "_extension", lambda: Glue)
+    monkeypatch.setattr(cuda_backend, "_extension", lambda: Glue)
     x, y = torch.randn(T, 5, I), torch.randint(0, O, (5,))
     state = (torch.randn(5, H), torch.randn(5, H))
     for weight in (0.5, 1.0):

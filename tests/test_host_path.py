@@ -12,7 +12,6 @@ move) is honoured, and what the plan must refuse is refused as before.
 Seeds are fixed (deterministic runs).
 """
 import copy
-import types
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import fptt_fast
 from fptt_fast import backends
+from fptt_fast.backends.cpu import CpuBackend
 from fptt_fast.lstm import LOSS_CODE
 from fptt_fast.optim import FPTT, STATUS_SKIPPED
 from fptt_fast.seam import SegmentConfig, SegmentIO
@@ -435,7 +435,7 @@ def test_plan_copies_to_none():
 # ---- FPTTLSTM.train_segment ------------------------------------------------------------
 
 def lstm_list_path(self, x, target, state, weight, update):
-    """FPTTLSTM._cpu_call before the plan (issue 12): every list gathered, the list binding
+    """The cpu backend's segment before the plan: every list gathered, the list binding
     _C.lstm_segment_step_cpu, the hyper table re-keyed (kernel_state) and the skips reported
     from Python."""
     ext = backends.extension()
@@ -453,6 +453,13 @@ def lstm_list_path(self, x, target, state, weight, update):
     return torch.tensor(loss, dtype=torch.float32), (h, c)
 
 
+class ListPathCpu(CpuBackend):
+    """The cpu backend with its segment on the list path (lstm_list_path)."""
+
+    def segment(self, m, x, target, state, weight, update):
+        return lstm_list_path(m, x, target, state, weight, update)
+
+
 def lstm_pair(sizes, loss, per_step, opt_kw, seed):
     I, H, O = sizes
     models = []
@@ -462,7 +469,7 @@ def lstm_pair(sizes, loss, per_step, opt_kw, seed):
                                          **opt_kw))
     a, b = models
     assert_same(*[[p.detach() for p in m.fptt_parameters()] for m in (a, b)])
-    b._cpu_call = types.MethodType(lstm_list_path, b)
+    b._engine = ListPathCpu()
     return a, b
 
 
@@ -683,14 +690,15 @@ def _no_python_checks(monkeypatch, m):
     def forbidden(*args, **kw):
         raise AssertionError("train_segment left its fast path")
 
-    for name in ("_inputs", "_cpu_call", "_check_device"):
+    for name in ("_inputs", "_check_device"):
         monkeypatch.setattr(m, name, forbidden)
+    monkeypatch.setattr(m._engine, "segment", forbidden)
 
 
 @pytest.mark.parametrize("loss,per_step", [("mse", False), ("ce", True)])
 def test_lstm_fast_path_is_one_call_and_bitwise_the_list_path(monkeypatch, loss, per_step):
     """After the first segment, train_segment is the plan's train() alone (no Python check,
-    no _cpu_call), with state None, a tuple or a list, int or float weights, changing B and
+    no backend segment call), with state None, a tuple or a list, int or float weights, changing B and
     omega: bitwise the list path throughout."""
     sizes = (3, 4, 2)
     a, b = lstm_pair(sizes, loss, per_step, LSTM_OPT["adam"], seed=40)
@@ -756,7 +764,7 @@ def test_lstm_fast_path_refuses_as_the_python_checks_do():
     took the fast path, and changes nothing; the fast path is still taken afterwards."""
     gen = torch.Generator().manual_seed(42)
     a, b = lstm_pair((2, 3, 2), "mse", False, LSTM_OPT["sgd"], seed=43)
-    b._cpu_call = a._cpu_call.__func__.__get__(b)  # b: the plan, but never the fast path
+    b._engine = backends.engine("cpu")  # b: the plan, but never the fast path
     run_segments([a, b], (2, 3, 2), "mse", False, 4, [2], gen)
     b._cpu_fast = None
     b.__dict__["_cpu_plan"] = None

@@ -10,7 +10,9 @@ auto       the fastest available for the tensors' device: cuda > triton > refere
 
 Both choices are made here, in one place: `resolve` for the fused optimiser (FPTT) and
 `resolve_segment` for FPTTLSTM's segment step, which also weighs the one-launch kernels'
-size limits (and TF32) and returns the optimiser backend that goes with it.
+size limits (and TF32) and returns the optimiser backend that goes with it. `engine(name)`
+is the chosen backend as an object (base.py: its interface; one module per backend, each
+the only importer of its kernels).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 
 import torch
 
-from . import layout
+from .. import layout
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 # "auto", fastest first, per device type (the reference runs anywhere)
@@ -115,7 +117,7 @@ def segment_unavailable_reason(backend: str, device_type: str) -> str | None:
         return "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
     if backend == "triton":
         try:
-            from .kernels import lstm_segment  # noqa: F401
+            from ..kernels import lstm_segment  # noqa: F401
         except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
             return f"fptt_fast.kernels.lstm_segment is not importable ({e})"
     return None
@@ -134,7 +136,7 @@ def segment_size_limit_error(backend: str, I: int, H: int, O: int, tf32: bool = 
         return None
     if backend != "triton":
         return None
-    from .kernels import lstm_segment as ks
+    from ..kernels import lstm_segment as ks
     for name, v, limit in (("hidden_size", H, "MAX_HIDDEN"), ("input_size", I, "MAX_INPUT"),
                            ("output_size", O, "MAX_OUTPUT")):
         lim = getattr(ks, limit, None)
@@ -172,3 +174,11 @@ def resolve_segment(backend: str, device_type: str, sizes=None, tf32=False):
     if err is not None:
         raise ValueError(err)
     return backend, backend
+
+
+def engine(name: str):
+    """A new backend object for `name` (one of BACKENDS)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    mod = importlib.import_module(f".{name}", __name__)
+    return getattr(mod, f"{name.capitalize()}Backend")()

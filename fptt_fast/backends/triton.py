@@ -1,0 +1,57 @@
+"""The triton backend: the Triton kernels of fptt_fast.kernels (CUDA tensors; CPU tensors
+only under TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+from .base import DeviceBackend, launch_args
+
+
+class TritonBackend(DeviceBackend):
+    name = "triton"
+
+    def update_launcher(self, state):
+        from ..kernels import fptt_update
+
+        def launch():
+            fptt_update.fused_update(state)
+            # its cached tables and scratch (a captured graph must hold them: the Triton
+            # plan cache evicts, the CUDA glue's keeps what a graph uses)
+            return fptt_update.get_plan(state)
+        return launch
+
+    @staticmethod
+    def kernel(m) -> str:
+        """The LSTM kernel m runs: "persistent" (m.triton_kernel == "persistent"; ValueError
+        beyond its size limits) or "general"."""
+        if m.triton_kernel != "persistent":
+            return "general"
+        from ..kernels import lstm_persistent
+        err = lstm_persistent.limit_error(m.input_size, m.hidden_size, m.output_size)
+        if err is not None:
+            raise ValueError(err)
+        return "persistent"
+
+    def check_module(self, m):
+        self.kernel(m)
+
+    def one_launch(self, m):
+        return self.kernel(m) == "persistent"
+
+    def sequence(self, m, x, target, state, n_segs, ramp, weight=1.0):
+        fstate, io, config = launch_args(m, x, target, state, weight, n_segs, ramp)
+        if self.kernel(m) == "persistent":
+            from ..kernels import lstm_persistent
+            lstm_persistent.train(fstate, io, config)
+        else:
+            from ..kernels import lstm_segment
+            lstm_segment.train_segment(fstate, io, config)  # n_segs 1 (it checks)
+        m.last_kernel = self.kernel(m)
+        return io.losses, (io.h_out, io.c_out)
+
+    def gradients(self, m, x, target, state, weight):
+        """The general kernel with its update phase compiled out (config.update False); also
+        with triton_kernel="persistent", which has no update switch."""
+        from ..kernels import lstm_segment
+        fstate, io, config = launch_args(m, x, target, state, weight, 1, False, update=False)
+        lstm_segment.train_segment(fstate, io, config)
+        m.last_kernel = "general"
+        return io.losses, (io.h_out, io.c_out)
