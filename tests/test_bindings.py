@@ -54,7 +54,7 @@ from fptt_fast.optim import HYPER_FIELDS, OPT_CODE
 from fptt_fast.seam import FpttState
 
 SEED = 20261126
-N_CASES = 240  # per target; >= 200 required by issue 11
+N_CASES = 240  # per target: at least 200 cases each
 HAS_CUDA = torch.cuda.is_available()
 
 STATE_LISTS = ("w_bar", "lam", "exp_avg", "exp_avg_sq", "step")

@@ -1,4 +1,4 @@
-"""The cpu backend's host path (issue 12): FPTT.step() and FPTTLSTM.train_segment as one
+"""The cpu backend's host path: FPTT.step() and FPTTLSTM.train_segment as one
 C++ call each, through plans built once (_C.CpuUpdatePlan, _C.CpuLstmPlan).
 
 The previous path, the list bindings (_C.fused_update_cpu, _C.lstm_segment_step_cpu) fed
