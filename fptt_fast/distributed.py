@@ -7,7 +7,7 @@ all-reduced in one flat buffer, after which every rank clips and updates identic
 Used by:
   fptt_fast.FPTTLSTM(..., process_group=pg)  every backend: local gradients (cpu: the C++
       step with update=False; triton, cuda: the segment kernel with its update switched
-      off, segment_gradients; reference: autograd) -> one all_reduce of [gradients...,
+      off; reference: autograd: the backend object's segment with update=False) -> one all_reduce of [gradients...,
       loss, rows] -> clip and FPTT update by the module's fptt_fast.FPTT (the fused update
       of that backend) (FlatAllReduce, attach_fpttlstm)
   the command line under torchrun (fptt_fast.train): init_from_env, shard_rows,
@@ -148,22 +148,9 @@ class FlatAllReduce:
 # -- FPTTLSTM ---------------------------------------------------------------------------
 
 # FPTTLSTM backends that can run with a process group: every one. The one-launch backends
-# (triton, cuda) run their segment kernel with the update switched off (segment_gradients).
+# (triton, cuda) run their segment kernel with the update switched off (their backend
+# object's segment with update=False: fptt_fast/backends/triton.py, cuda.py).
 SPLIT_BACKENDS = ("cpu", "reference", "triton", "cuda")
-
-
-@torch.no_grad()
-def segment_gradients(module, x, target, state, weight):
-    """The gradients half of a data-parallel segment on the one-launch backends (triton,
-    cuda): this rank's segment kernel, forward, loss, backward and the six gradients of
-    weight * loss, written to module._grads, with its FPTT update switched off: parameters
-    and FPTT state are left as they are. Returns (the unweighted loss [1], (h, c)), all on
-    the device, no host sync. Inputs as FPTTLSTM.train_segment has checked them. How each
-    backend switches its update off: backends/triton.py, backends/cuda.py (gradients)."""
-    if not module._engine.device_launch:
-        raise ValueError(f"segment_gradients: backend {module.backend!r} is not a one-launch "
-                         f"backend (triton, cuda)")
-    return module._engine.gradients(module, x, target, state, weight)
 
 
 def attach_fpttlstm(module, pg) -> FlatAllReduce:

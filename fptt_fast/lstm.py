@@ -54,6 +54,7 @@ from . import backends, reference
 from .layout import LOSS_CODE  # noqa: F401 (re-exported: the loss codes)
 from .optim import FPTT, GraphCache
 from .backends import cuda as cuda_backend
+from .backends.base import gradient_buffers
 
 LOSSES = ("mse", "ce")
 LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -111,7 +112,7 @@ class FPTTLSTM(nn.Module):
             rows) and the clip and FPTT update, identical on every rank; the loss returned
             is that global mean. cpu: two C++ calls around the all_reduce; triton and cuda:
             the segment kernel with its update switched off, then the backend's fused FPTT
-            update launch (fptt_fast.distributed.segment_gradients), so a segment is two
+            update launch (the backend's segment with update off), so a segment is two
             launches and the all_reduce instead of one launch (train_sequence on cuda: one
             such step per segment, not the K-segment launch); reference: autograd. Every
             rank must call train_segment / train_sequence in step, with segments of the
@@ -412,7 +413,7 @@ class FPTTLSTM(nn.Module):
         (p + 1) / n_segs if ramp else `weight`), with the optimiser's status bookkeeping
         around it: no host sync. Returns the losses [n_segs] and the final state."""
         self.optimizer.device_step_begin()
-        out = self._engine.sequence(self, x, target, state, n_segs, ramp, weight=weight)
+        out = self._launch_only(x, target, state, weight, n_segs, ramp)
         self.optimizer.device_step_end()
         return out
 
@@ -551,8 +552,7 @@ class FPTTLSTM(nn.Module):
         memory."""
         opt = self.optimizer
         opt.device_step_begin()
-        if self._grads is None:  # the eager launch allocates them; the key needs them
-            self._grads = [torch.zeros_like(p.detach()) for p in self.fptt_parameters()]
+        gradient_buffers(self)  # the eager launch would allocate them; the key needs them
         # (the key's kernel_state validates and refreshes the hyper table, in place)
         graphs = self.__dict__.get("_graphs")
         if graphs is None:  # a plain attribute (not a buffer); copies and pickles empty

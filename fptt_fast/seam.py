@@ -7,7 +7,7 @@ The field names are the C++ structs' (seam_cast.h reads them by name).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -29,11 +29,6 @@ class FpttState:
     optimizer: int                # OPT_CODE
     clip: float = 0.0             # global gradient-norm clip, 0: none
     status: torch.Tensor | None = None  # [norm, last skipped, skipped count]
-
-    def with_params(self, params, grads) -> "FpttState":
-        """The same state over other parameter and gradient tensors (the fused LSTM's
-        detached parameters and its own gradient buffers)."""
-        return replace(self, params=list(params), grads=list(grads))
 
 
 @dataclass

@@ -357,7 +357,7 @@ def test_ranks_that_disagree_raise_at_construction(ranks, field, values):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("loss,per_step", [("mse", True), ("ce", False)])
 def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step):
-    """distributed.segment_gradients, the first half of a data-parallel segment on the
+    """The backend's segment with update=False, the first half of a data-parallel segment on the
     one-launch backends (triton: update=False; cuda: the update made to write nothing):
     the loss, (h, c) and six gradients of the one-launch step, bitwise, and nothing of the
     parameters, the FPTT state or the optimiser's status touched, twice in a row (the
@@ -391,7 +391,7 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
     weight = 0.25 + torch.rand(()).item()
     got = []
     for _ in range(2):
-        loss_b, (h_b, c_b) = distributed.segment_gradients(b, x, y, state, weight)
+        loss_b, (h_b, c_b) = b._engine.segment(b, x, y, state, weight, False)
         got.append((loss_b.clone(), h_b, c_b, [g.clone() for g in b._grads]))
         after = snapshot(b.fptt_parameters(), b.optimizer)
         for n, u, v in zip(PARAM_NAMES, after["params"], before["params"]):
@@ -414,7 +414,7 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
 
 
 def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkeypatch):
-    """Without a GPU, the cuda half of segment_gradients up to the launch: the arguments it
+    """Without a GPU, the cuda backend's gradients launch up to the launch: the arguments it
     gives _C.lstm_train_cuda pass the CUDA glue's own checks (tests/seam_checks.py, on CPU
     tensors, as the glue runs them before launching), and they are those of one segment
     with its update made to write nothing: n_segs 1, no weight ramp, a
@@ -440,7 +440,7 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
     x, y = torch.randn(T, 5, I), torch.randint(0, O, (5,))
     state = (torch.randn(5, H), torch.randn(5, H))
     for weight in (0.5, 1.0):
-        loss, (h, c) = distributed.segment_gradients(m, x, y, state, weight)
+        loss, (h, c) = m._engine.segment(m, x, y, state, weight, False)
         assert loss.shape == (1,) and h.shape == c.shape == (5, H)
     assert len(calls) == 2 and m.last_kernel == "general"
     for call, weight in zip(calls, (0.5, 1.0)):

@@ -199,17 +199,19 @@ def test_omega_200_hidden_128(backend, fresh_seed):
         16, [200] * 10, weights=fptt_weights(10, False), state_tol=TOL_MATMUL)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("per_step", [False, True])
 def test_gradients_match_autograd(backend, loss, per_step, fresh_seed):
-    backend_device(backend, "lstm")
+    """loss_and_grads: the backend's segment with its update off (the fused backends' own
+    kernels) against autograd through the reference model; no update happens."""
+    dev = backend_device(backend, "lstm")
     I, H, O, B, omega = 3, 11, 4, 5, 7
-    m = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend)
+    m = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend, device=dev)
     model = reference_model(m)
-    x = torch.randn(omega, B, I)
-    y = make_target(loss, per_step, omega, B, O)
-    state = (torch.randn(B, H) * 0.5, torch.randn(B, H) * 0.5)
+    x = torch.randn(omega, B, I, device=dev)
+    y = make_target(loss, per_step, omega, B, O, device=dev)
+    state = (torch.randn(B, H, device=dev) * 0.5, torch.randn(B, H, device=dev) * 0.5)
     weight = 0.37
     seg, new_state = reference.segment_loss(model, x, y, state, loss, per_step)
     (weight * seg).backward()

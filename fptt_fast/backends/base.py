@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import LOSS_CODE
+from ..seam import SegmentConfig, SegmentIO
+
 
 class Backend:
     name = "?"
@@ -39,7 +42,7 @@ class Backend:
     def one_launch(self, m) -> bool:
         return False
 
-    def sequence(self, m, x, target, state, n_segs, ramp):
+    def sequence(self, m, x, target, state, n_segs, ramp, weight=1.0):
         raise NotImplementedError(f"the {self.name} backend runs one segment per call")
 
     def __reduce__(self):  # a module holding it pickles and copies by name
@@ -57,8 +60,6 @@ def gradient_buffers(m):
 def launch_args(m, x, target, state, weight, n_segs, ramp, update=True):
     """(FpttState, SegmentIO, SegmentConfig) of a device launch of module m over x: fresh
     h_out, c_out and losses [n_segs]; the optimiser's state (its hyper table refreshed)."""
-    from ..layout import LOSS_CODE
-    from ..seam import SegmentConfig, SegmentIO
     io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
                    torch.empty_like(state[1]),
                    torch.empty(n_segs, dtype=torch.float32, device=x.device))
