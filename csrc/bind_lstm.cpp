@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fptt_fast/cpu_binding.h"
 #include "fptt_fast/cpu_kernels.h"
 #include "fptt_fast/fptt_math.h"
 #include "fptt_fast/lstm_segment.h"
@@ -36,26 +37,6 @@ namespace {
 
 constexpr const char* kFn = "lstm_segment_step_cpu";  // checks' messages
 
-at::Tensor view2d(const float* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-  auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
-  // trans: the [rows, cols] matrix is the transpose of the stored [cols, rows] one
-  return trans ? at::from_blob(const_cast<float*>(p), {rows, cols}, {1, ld}, opts)
-               : at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, opts);
-}
-
-void torch_gemm(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, const float* A,
-                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  at::Tensor a = view2d(A, M, K, lda, trans_a != 0);
-  at::Tensor b = view2d(B, K, N, ldb, trans_b != 0);
-  at::Tensor c = view2d(C, M, N, ldc, false);
-  // at::cpu::: the CPU kernels of mm.out / addmm_ called directly, past the dispatcher and
-  // the autograd layer (a microsecond per call at these sizes, seven calls per segment at
-  // omega=1): the same structured kernel at::mm_out / Tensor::addmm_ reach, so the same
-  // BLAS call and bitwise the same results.
-  if (beta == 0.f) at::cpu::mm_out(c, a, b);
-  else at::cpu::addmm_(c, a, b, beta, 1.0);
-}
-
 // What one segment step returns to the bindings.
 struct SegmentOut {
   double loss = 0.0;
@@ -66,16 +47,15 @@ struct SegmentOut {
 // The segment step on checked arguments: forward/loss/backward into state.grads and, if
 // `slots` is not empty, the fused update on them. The workspace holds at least the floats
 // the segment needs. Shared by the list binding and the plan, so both run the same code.
-SegmentOut run_segment(const at::Tensor& x, const at::Tensor& target, const at::Tensor& h0,
-                       const at::Tensor& c0, const FpttState& s, const at::Tensor& workspace,
+SegmentOut run_segment(const SegmentIO& io, const FpttState& s, const at::Tensor& workspace,
                        const checks::LstmDims& d, const SegmentConfig& cfg,
                        const std::vector<cpu::UpdateSlot>& slots, bool release_gil) {
   SegmentOut out;
-  out.h = at::empty({d.B, d.H}, x.options());
-  out.c = at::empty({d.B, d.H}, x.options());
+  out.h = at::empty({d.B, d.H}, io.x.options());
+  out.c = at::empty({d.B, d.H}, io.x.options());
 
-  cpu::LstmSegmentArgs a = checks::segment_args(x, target, h0, c0, s.params, s.grads, d,
-                                                 cfg.loss, cfg.per_step, cfg.weight);
+  cpu::LstmSegmentArgs a =
+      checks::segment_args(io.x, io.h0, io.c0, io, s.params, s.grads, d, cfg);
   a.h_out = out.h.data_ptr<float>();
   a.c_out = out.c.data_ptr<float>();
   a.scratch = workspace.data_ptr<float>();
@@ -97,21 +77,10 @@ SegmentOut run_segment(const at::Tensor& x, const at::Tensor& target, const at::
   return out;
 }
 
-// Grows the workspace (in place: the caller's tensor) to `need` floats.
-void grow_workspace(at::Tensor& workspace, int64_t need) {
-  if (workspace.numel() >= need) return;  // grown once, then reused
-  try {
-    workspace.resize_({need});
-  } catch (const c10::Error& e) {
-    FPTT_CHECK(false, "lstm_segment_step_cpu: workspace could not be grown to ", need,
-                " floats: ", e.what_without_backtrace());
-  }
-}
-
 // The list binding: the whole state on every call. Returns (unweighted loss, h, c); with
 // config.update, the step's norm, whether it was skipped and the skipped-step count are in
 // state.status, as the GPU launches write them. segment.h_out, c_out and losses are not
-// used (new tensors are returned).
+// used (new tensors are returned); a stacked layer's dx and h_seq are written in place.
 std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(const FpttState& state,
                                                                  const SegmentIO& segment,
                                                                  const SegmentConfig& config,
@@ -122,13 +91,13 @@ std::tuple<double, at::Tensor, at::Tensor> lstm_segment_step_cpu(const FpttState
   const checks::LstmDims d =
       checks::check_lstm_segment_cpu_args(state, segment, config, workspace, at::kCPU, &need);
   // The only data-reading check, last: the kernel indexes the head's outputs with the classes.
-  if (config.loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, segment.target, d.O);
-  grow_workspace(workspace, need);
+  if (config.loss == cpu::LOSS_CE && config.head && !config.forward_only)
+    checks::check_ce_classes(kFn, segment.target, d.O);
+  grow_workspace(kFn, workspace, need);
 
   std::vector<cpu::UpdateSlot> slots;
   if (config.update) slots = update_slots(state);
-  SegmentOut o = run_segment(segment.x, segment.target, segment.h0, segment.c0, state,
-                             workspace, d, config, slots, /*release_gil=*/true);
+  SegmentOut o = run_segment(segment, state, workspace, d, config, slots, /*release_gil=*/true);
   if (config.update) cpu::record_step_status(state.status.data_ptr<float>(), o.r);
   return {o.loss, o.h, o.c};
 }
@@ -173,6 +142,9 @@ class CpuLstmPlan {
                 kFn, ": state.status must be a contiguous CPU float32 tensor of 3 elements");
     FPTT_CHECK(cfg_.loss == cpu::LOSS_MSE || cfg_.loss == cpu::LOSS_CE, kFn,
                 ": config.loss must be 0 (mse) or 1 (ce)");
+    FPTT_CHECK(cfg_.head && !cfg_.forward_only, kFn,
+                ": the plan runs one-layer segments (config.head true, forward_only false); "
+                "a stack's layers go through lstm_segment_step_cpu");
   }
 
   // Returns (loss, h, c, skipped-step count), or (None, None, None, code < 0) with nothing
@@ -199,7 +171,7 @@ class CpuLstmPlan {
       }
     }
     if (cfg.loss == cpu::LOSS_CE) checks::check_ce_classes(kFn, target, d.O);
-    grow_workspace(workspace_, cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O,
+    grow_workspace(kFn, workspace_, cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O,
                                                                   cfg.per_step ? 1 : 0));
     note_outputs();
     dims_ = d;
@@ -355,8 +327,9 @@ class CpuLstmPlan {
               at::Tensor* loss_t, SegmentOut* o) {
     static const std::vector<cpu::UpdateSlot> kNoUpdate;
     const int64_t work = d.T * d.B * (d.I + d.H + d.O) * d.H;
-    *o = run_segment(x, target, h0, c0, st_, workspace_, d, cfg,
-                     cfg.update ? slots_ : kNoUpdate, work >= kReleaseGilMinWork);
+    const SegmentIO io{x, target, h0, c0, {}, {}, {}};
+    *o = run_segment(io, st_, workspace_, d, cfg, cfg.update ? slots_ : kNoUpdate,
+                     work >= kReleaseGilMinWork);
     float* st = st_.status.data_ptr<float>();
     const int64_t count = cfg.update ? cpu::record_step_status(st, o->r) : int64_t(st[2]);
     // the loss as torch.tensor(loss, dtype=torch.float32) makes it (a cast, no range check)
@@ -462,7 +435,8 @@ void register_lstm_cpu(pybind11::module_& m) {
   m.def("lstm_segment_step_cpu", &lstm_segment_step_cpu,
         "One FPTT LSTM segment step on CPU tensors: forward over the segment, head and loss, "
         "backward, gradients (written to state.grads) and, if config.update, the fused FPTT "
-        "update (its norm and skip recorded in state.status). Returns (unweighted loss, h, c).",
+        "update (its norm and skip recorded in state.status). Returns (unweighted loss, h, c). "
+        "A layer of a stack: config.head False (dh_seq in, dx out), forward_only (h_seq out).",
         py::arg("state"), py::arg("segment"), py::arg("config"), py::arg("workspace"));
   py::class_<CpuLstmPlan>(m, "CpuLstmPlan",
                           "FPTTLSTM.train_segment's plan on the cpu backend (csrc/bind_lstm.cpp): "

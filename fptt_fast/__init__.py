@@ -6,6 +6,7 @@
 from . import backends, reference, tasks
 from .optim import FPTT
 from .lstm import FPTTLSTM
+from .recurrent import FPTTRecurrent
 
-__all__ = ["FPTT", "FPTTLSTM", "backends", "reference", "tasks"]
+__all__ = ["FPTT", "FPTTLSTM", "FPTTRecurrent", "backends", "reference", "tasks"]
 __version__ = "0.1.0"

@@ -80,8 +80,8 @@ def _run_options(p: argparse.ArgumentParser, algo: bool) -> None:
     p.add_argument("--T", type=int, help=f"sequence length {d('T')}")
     p.add_argument("--K", type=int, help=f"FPTT segments per sequence {d('K')}")
     p.add_argument("--hidden", type=int, help=f"LSTM hidden size {d('hidden')}")
-    p.add_argument("--layers", type=int, help="stacked LSTM layers; beyond 1, FPTT runs the reference "
-                                              "segment math with the fused update (default: 1)")
+    p.add_argument("--layers", type=int, help="stacked LSTM layers (default: 1); FPTT's fused "
+                                              "segment runs one launch per layer")
     p.add_argument("--batch", type=int, help=f"sequences per batch {d('batch')}")
     p.add_argument("--steps", type=int, help=f"sequence batches to train, in total when resuming {d('steps')}")
     p.add_argument("--lr", type=float, help=f"Adam learning rate {d('lr')}")

@@ -1,47 +1,11 @@
-"""fptt_fast.FPTTLSTM: an LSTM + linear head trained by FPTT one segment at a time.
+"""One recurrent FPTT module for every cell: fptt_fast.recurrent.FPTTRecurrent.
 
-    m = fptt_fast.FPTTLSTM(I, H, O, loss="mse", lr=1e-3, clip=1.0)
-    loss, state = m.train_segment(x, target, state)      # one FPTT update
-    losses = m.train_sequence(x, target, K)              # K segments, state carried
-    out, state = m(x, state)                             # evaluation forward
-
-x is time-major [omega, B, I] like nn.LSTM (batch_first=True: [B, omega, I], and per-step
-targets and outputs batch-first too); state is (h, c), each [B, H]. Terminal
-targets are [B, O] (mse, float32) or [B] (ce, class indices); with per_step=True they
-are [omega, B, O] / [omega, B] and the loss is the mean over the segment's steps.
-
-One train_segment computes the LSTM forward over the segment from the given state
-(detached: the backward is truncated at the segment's start), the head and the loss
-(times `weight`), the backward through the segment, the parameter gradients, and one
-FPTT update (docs/ALGORITHM.md, steps 2-6) of all six parameters by the module's own
-fptt_fast.FPTT optimiser (`m.optimizer`, same keyword arguments, its state is the FPTT
-state). The returned loss is the *unweighted* segment loss (a detached 0-dim tensor).
-
-Backends (`backend=`):
-  reference  fptt_fast.reference: ReferenceLSTM's math, autograd, FPTT(backend="reference")
-  cpu        one C++ call (fptt_fast._C.CpuLstmPlan, held per module): forward, loss,
-             backward and the fused FPTT update (fptt::cpu::fused_update), OpenMP,
-             deterministic
-  triton     ONE Triton launch (fptt_fast.kernels.lstm_segment.train_segment): forward,
-             loss, backward, gradients and the FPTT update; CUDA tensors, or CPU tensors
-             under TRITON_INTERPRET=1 (slow, for tests). No host sync on a GPU.
-             triton_kernel="persistent" runs kernels/lstm_persistent.py instead (weights
-             held in registers, train_sequence's K segments in one launch; H <= 128,
-             I <= 32, O <= 32); "auto" (default) keeps the general kernel for now.
-  cuda       ONE C++/CUDA launch, fptt_fast._C.lstm_segment_step_cuda, when the extension
-             has it; it takes the same positional arguments as the Triton train_segment.
-  auto       cpu on CPU tensors (reference if the extension is not built); on CUDA:
-             cuda > triton > the reference segment math with FPTT backend "auto"
-Parameters are float32 and must stay on the device given at construction (the
-optimiser's state lives there); build a new module to change device. Checkpoints:
-m.state_dict() (the parameters) with m.optimizer.state_dict() (the FPTT state).
-
-Sizes: any I, H, B, omega, O >= 1 on the reference and cpu backends (the cpu backend keeps
-about omega*B*7H + B*(2H+O) floats of scratch, allocated once per largest shape and reused).
-The triton kernel states its limits (kernels/lstm_segment.py: MAX_HIDDEN, MAX_INPUT,
-MAX_OUTPUT). Beyond them backend="auto" falls back to the reference segment math with the
-fused FPTT update (correct, slower: several launches; m.backend says "reference"), and an
-explicit backend="triton" raises ValueError naming the limit.
+A cell (fptt_fast.cells.Cell: its shapes, state, reference math and kernels) plus a
+linear head, trained by FPTT one segment at a time: the checks, train_segment,
+train_sequence, CUDA graphs, state dicts and the data-parallel path, whatever the cell.
+fptt_fast.FPTTLSTM (lstm.py) and fptt_fast.FPTTGRU (gru.py) are its cells' classes; their
+docstrings say what the user sees. Backends: fptt_fast/backends (which segment kernel
+runs, and a stack's layer-by-layer segment).
 """
 from __future__ import annotations
 
@@ -51,15 +15,14 @@ import torch
 import torch.nn as nn
 
 from . import backends, reference
+from .cells import Cell
 from .layout import LOSS_CODE  # noqa: F401 (re-exported: the loss codes)
 from .optim import FPTT, GraphCache
 from .backends import cuda as cuda_backend
-from .backends.base import gradient_buffers
+from .backends.base import gradient_buffers, stacked_segment
 
 LOSSES = ("mse", "ce")
-LSTM_KEYS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
 HEAD_KEYS = ("head.weight", "head.bias")
-PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
 SEGMENT_BACKENDS = backends.BACKENDS  # resolution: backends.resolve_segment
 # The CUDA backend's kernels (csrc/cuda/lstm_persistent.cu, csrc/cuda/lstm_segment.cu):
 # "auto" runs the persistent weight-stationary kernel where the shape fits it, else the
@@ -71,9 +34,10 @@ CUDA_KERNELS = cuda_backend.KERNELS
 TRITON_KERNELS = ("auto", "general", "persistent")
 
 
-class FPTTLSTM(nn.Module):
-    """Single-layer LSTM (nn.LSTM's parameters, names and gate order i, f, g, o) with a
-    linear head nn.Linear(H, O), trained by FPTT. See the module docstring.
+class FPTTRecurrent(nn.Module):
+    """A recurrent network of `cell` (torch's parameter names, shapes, gate order and
+    stacking) with a linear head nn.Linear(H, O), trained by FPTT: the base of FPTTLSTM
+    and FPTTGRU (a subclass sets `cell`; see their docstrings).
 
     Args:
         input_size, hidden_size, output_size: I, H, O (each >= 1).
@@ -119,6 +83,8 @@ class FPTTLSTM(nn.Module):
             same length.
     """
 
+    cell = None  # the subclass's fptt_fast.cells.Cell
+
     def __init__(self, input_size, hidden_size, output_size, *, loss="mse", per_step=False,
                  lr=1e-3, optimizer="adam", betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
@@ -126,6 +92,9 @@ class FPTTLSTM(nn.Module):
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
                  triton_kernel="auto", batch_first=False, num_layers=1, process_group=None):
         super().__init__()
+        if not isinstance(self.cell, Cell):
+            raise TypeError("FPTTRecurrent is a base class: use FPTTLSTM or FPTTGRU (or a "
+                            "subclass that sets `cell`)")
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("output_size", output_size), ("num_layers", num_layers)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -133,7 +102,7 @@ class FPTTLSTM(nn.Module):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if dtype != torch.float32:
-            raise TypeError(f"FPTTLSTM supports dtype=torch.float32 only, got {dtype}")
+            raise TypeError(f"{self.cell.title} supports dtype=torch.float32 only, got {dtype}")
         if cuda_kernel not in CUDA_KERNELS:
             raise ValueError(f"cuda_kernel must be one of {tuple(CUDA_KERNELS)}, got {cuda_kernel!r}")
         self.cuda_kernel = cuda_kernel
@@ -156,19 +125,12 @@ class FPTTLSTM(nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.num_layers = num_layers
         self._param_names = reference.layer_names(num_layers) + list(HEAD_KEYS)
-        reference.init_lstm_parameters(self, I, H, num_layers, **kw)  # nn.LSTM's
+        reference.init_rnn_parameters(self, I, H, num_layers, self.cell.gates, **kw)  # torch's
         self.head = nn.Linear(H, O, **kw)
         self.requested_backend = backend
         dev_type = self.weight_hh_l0.device.type
-        if num_layers > 1:  # the fused segment steps are single-layer
-            if backend not in ("auto", "reference"):
-                raise ValueError(f"num_layers={num_layers}: the fused segment steps ({backend!r}) are "
-                                 f"single-layer; stacked layers run the reference segment math with "
-                                 f"the fused FPTT update: backend='auto' (or 'reference')")
-            self.backend, opt_backend = "reference", backend  # auto: the fused update
-        else:
-            self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
-                                                                 self.allow_tf32)
+        self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
+                                                             self.allow_tf32, cell=self.cell)
         self._engine.check_module(self)  # self._engine: set with self.backend (__setattr__)  # e.g. triton's persistent kernel and the sizes
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
@@ -206,38 +168,42 @@ class FPTTLSTM(nn.Module):
         super().__setattr__(name, value)
         if name == "backend":  # the backend object follows the name
             super().__setattr__("_engine", backends.engine(value))
-        if name in FPTTLSTM._FAST_PATH_DEPENDS_ON:
+        if name in FPTTRecurrent._FAST_PATH_DEPENDS_ON:
             self.__dict__["_cpu_fast"] = None
 
     # -- parameters and state dicts ---------------------------------------------------
     def fptt_parameters(self):
-        """The parameters in the optimiser's order: nn.LSTM's, layer by layer
-        (reference.layer_names), then head.weight, head.bias (PARAM_NAMES for one layer)."""
+        """The parameters in the optimiser's order: torch's module's (nn.LSTM, nn.GRU), layer
+        by layer (reference.layer_names), then head.weight, head.bias."""
         return [self.get_parameter(n) for n in self._param_names]
 
-    def lstm_state_dict(self):
+    def cell_state_dict(self):
         """{weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, ... (each layer),
-        head.weight, head.bias} (copies). The LSTM's load into nn.LSTM(I, H, num_layers) as
-        they are; head.* (without the prefix) into nn.Linear(H, O)."""
+        head.weight, head.bias} (copies). The cell's load into torch's module (nn.LSTM,
+        nn.GRU) of the same sizes as they are; head.* (without the prefix) into
+        nn.Linear(H, O)."""
         return {n: p.detach().clone() for n, p in zip(self._param_names, self.fptt_parameters())}
 
     @torch.no_grad()
-    def load_lstm_state_dict(self, state_dict, head=None):
-        """Load an nn.LSTM(I, H, num_layers) state dict (with biases; keys may carry an
-        'lstm.' prefix, as in reference.LSTMWithHead), optionally with head.weight/head.bias,
-        or the head from `head` (an nn.Linear(H, O) state dict). Everything is checked before
-        anything is written. The FPTT state starts afresh (w_bar = w, lam = 0, optimiser
-        buffers zero), as for a new module."""
+    def load_cell_state_dict(self, state_dict, head=None):
+        """Load a state dict of torch's module of this cell (nn.LSTM, nn.GRU; I, H,
+        num_layers; with biases; keys may carry the cell's prefix, 'lstm.' or 'gru.', as in
+        reference.LSTMWithHead), optionally with head.weight/head.bias, or the head from
+        `head` (an nn.Linear(H, O) state dict). Everything is checked before anything is
+        written. The FPTT state starts afresh (w_bar = w, lam = 0, optimiser buffers zero),
+        as for a new module."""
         if not isinstance(state_dict, dict):
             raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        sd = {(k[5:] if k.startswith("lstm.") else k): v for k, v in state_dict.items()}
+        prefix = self.cell.name + "."
+        sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
         if head is not None:
             sd.update({"head." + k: v for k, v in head.items()})
         names = self._param_names
         unknown = sorted(set(sd) - set(names))
         if unknown:
-            raise ValueError(f"unexpected keys {unknown} (an nn.LSTM with num_layers="
-                             f"{self.num_layers} and biases, and an nn.Linear head, have {names})")
+            raise ValueError(f"unexpected keys {unknown} (an nn.{self.cell.name.upper()} with "
+                             f"num_layers={self.num_layers} and biases, and an nn.Linear head, "
+                             f"have {names})")
         params = dict(zip(names, self.fptt_parameters()))
         todo = []
         for name in names:
@@ -267,7 +233,7 @@ class FPTTLSTM(nn.Module):
         for n, p in zip(self._param_names, self.fptt_parameters()):
             if p.dtype != torch.float32 or not p.is_contiguous():
                 raise TypeError(f"parameter {n} must stay a contiguous float32 tensor, got "
-                                f"{p.dtype} (FPTTLSTM supports float32 only)")
+                                f"{p.dtype} ({self.cell.title} supports float32 only)")
 
     def _check_finite(self, t, name):
         if self.check_inputs and not bool(torch.isfinite(t).all()):
@@ -287,17 +253,24 @@ class FPTTLSTM(nn.Module):
         return x.contiguous()
 
     def _check_state(self, state, B):
+        """The state as a tuple of the cell's tensors ((h, c) or (h,)), each [B, H] for one
+        layer, [L, B, H] for a stack; None: zeros. A one-tensor state (a GRU's h) may be
+        given as the tensor, as torch's module takes it."""
         H, L = self.hidden_size, self.num_layers
+        names = self.cell.states
         shape = (B, H) if L == 1 else (L, B, H)  # one layer: [B, H], as before stacking
         what = f"[B={B}, H={H}]" if L == 1 else f"[L={L}, B={B}, H={H}]"
         if state is None:
-            z = torch.zeros(shape, device=self._device(), dtype=torch.float32)
-            return z, z.clone()
-        if not (isinstance(state, (tuple, list)) and len(state) == 2):
-            raise ValueError(f"state must be a pair (h, c) of {'[B, H]' if L == 1 else '[L, B, H]'} "
-                             f"tensors")
+            return tuple(torch.zeros(shape, device=self._device(), dtype=torch.float32)
+                         for _ in names)
+        if len(names) == 1 and isinstance(state, torch.Tensor):
+            state = (state,)
+        if not (isinstance(state, (tuple, list)) and len(state) == len(names)):
+            form = "[B, H]" if L == 1 else "[L, B, H]"
+            raise ValueError(f"state must be a pair (h, c) of {form} tensors" if len(names) == 2
+                             else f"state must be the tensor h {form}")
         out = []
-        for name, t in zip(("h", "c"), state):
+        for name, t in zip(names, state):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"state {name} must be a tensor, got {type(t).__name__}")
             if tuple(t.shape) != shape:
@@ -376,9 +349,9 @@ class FPTTLSTM(nn.Module):
         x, _ = self._time_major(x, None)
         x = self._check_x(x)
         state = self._check_state(state, x.shape[1])
-        outs, state = reference.stacked_lstm(self, x, state, self.num_layers)
+        outs, state = reference.stacked(self.cell.layer, self, x, state, self.num_layers)
         out = self.head(outs)
-        return (out.transpose(0, 1) if self.batch_first else out), state
+        return (out.transpose(0, 1) if self.batch_first else out), self.cell.public_state(state)
 
     def _time_major(self, x, target):
         """(x, target) as the kernels take them: batch_first inputs transposed (contiguous)
@@ -404,7 +377,7 @@ class FPTTLSTM(nn.Module):
 
     # -- training -------------------------------------------------------------------------
     def _reference_loss(self, x, target, state):
-        outs, new_state = reference.stacked_lstm(self, x, state, self.num_layers)
+        outs, new_state = reference.stacked(self.cell.layer, self, x, state, self.num_layers)
         pred = self.head(outs) if self.per_step else self.head(outs[-1])
         return reference.task_loss(pred, target, self.loss), new_state
 
@@ -424,17 +397,20 @@ class FPTTLSTM(nn.Module):
 
     def loss_and_grads(self, x, target, state=None, weight=1.0):
         """The segment's loss, new state and the task gradients of weight * loss, as
-        {name: tensor} (PARAM_NAMES), without any update. For tests and diagnostics."""
+        {name: tensor} (fptt_parameters' names), without any update. For tests and
+        diagnostics."""
         x, target = self._time_major(x, target)
         x, target, state, weight = self._inputs(x, target, state, weight)
-        loss, state = self._engine.segment(self, x, target, state, weight, False)
-        return (loss.reshape(()), state,
+        loss, state = self._segment(x, target, state, weight, False)
+        return (loss.reshape(()), self.cell.public_state(state),
                 {n: g.clone() for n, g in zip(self._param_names, self._grads)})
 
     def train_segment(self, x, target, state=None, weight=1.0):
-        """One FPTT update from one segment. Returns (unweighted loss, (h, c) detached)."""
+        """One FPTT update from one segment. Returns (unweighted loss, the new state
+        detached, as torch's module returns it: (h, c) for an LSTM, h for a GRU)."""
         x, target = self._time_major(x, target)
-        return self._train_segment(x, target, state, weight)
+        loss, state = self._train_segment(x, target, state, weight)
+        return loss, self.cell.public_state(state)
 
     def _train_segment(self, x, target, state, weight):
         """train_segment on time-major inputs."""
@@ -449,7 +425,15 @@ class FPTTLSTM(nn.Module):
         x, target, state, weight = self._inputs(x, target, state, weight)
         if self._dist is not None:
             return self._distributed_step(x, target, state, weight)
-        return self._engine.segment(self, x, target, state, weight, True)
+        return self._segment(x, target, state, weight, True)
+
+    def _segment(self, x, target, state, weight, update):
+        """The backend's segment on checked inputs; a stack of layers on a fused backend
+        runs layer by layer (backends.base.stacked_segment), on the reference through
+        autograd."""
+        if self.num_layers > 1 and self._engine.layered:
+            return stacked_segment(self._engine, self, x, target, state, weight, update)
+        return self._engine.segment(self, x, target, state, weight, update)
 
     def _distributed_step(self, x, target, state, weight):
         """train_segment with a process group: this rank's gradients of weight * loss
@@ -461,7 +445,7 @@ class FPTTLSTM(nn.Module):
         update; triton, cuda: the fused update launch) on that gradient, the same on every
         rank. p.grad keeps the reduced gradient."""
         params = self.fptt_parameters()
-        loss, state = self._engine.segment(self, x, target, state, weight, False)
+        loss, state = self._segment(x, target, state, weight, False)
         grads = self._grads
         loss, reduced = self._dist.reduce(grads, loss, x.shape[1])
         for p, g in zip(params, reduced):
@@ -485,6 +469,10 @@ class FPTTLSTM(nn.Module):
         if graph and not self._engine.graphs:
             raise ValueError(f"graph=True needs the cuda backend, this module runs "
                              f"{self.backend!r}")
+        if graph and self.num_layers > 1:
+            raise ValueError(f"graph=True replays the one-launch kernels, which run one layer; "
+                             f"num_layers={self.num_layers} runs one launch per layer (leave "
+                             f"graph out)")
         if graph and weights != "ramp" and not self.per_step:
             raise ValueError(f"graph=True runs the kernels' ramp weights; weights={weights!r} "
                              f"runs the segments one call each (leave graph out)")

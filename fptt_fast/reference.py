@@ -234,12 +234,20 @@ def layer_names(num_layers: int) -> list[str]:
 
 
 def init_lstm_parameters(module, I: int, H: int, num_layers: int, device=None, dtype=torch.float32):
-    """nn.LSTM's parameters on `module` (layer 0 reads I inputs, the others H), drawn as
-    nn.LSTM draws them: uniform(-1/sqrt(H), 1/sqrt(H)) in the order of layer_names."""
+    """nn.LSTM's parameters on `module`: init_rnn_parameters with 4 gates."""
+    init_rnn_parameters(module, I, H, num_layers, 4, device, dtype)
+
+
+def init_rnn_parameters(module, I: int, H: int, num_layers: int, gates: int, device=None,
+                        dtype=torch.float32):
+    """nn.LSTM's / nn.GRU's parameters on `module` (gates: 4 / 3 blocks of H rows; layer 0
+    reads I inputs, the others H), drawn as torch draws them: uniform(-1/sqrt(H), 1/sqrt(H))
+    in the order of layer_names."""
     kw = dict(device=device, dtype=dtype)
     bound = 1.0 / math.sqrt(H)
+    G = gates * H
     for k in range(num_layers):
-        shapes = ((4 * H, I if k == 0 else H), (4 * H, H), (4 * H,), (4 * H,))
+        shapes = ((G, I if k == 0 else H), (G, H), (G,), (G,))
         for name, shape in zip(layer_names(num_layers)[4 * k:4 * k + 4], shapes):
             p = nn.Parameter(torch.empty(shape, **kw))
             with torch.no_grad():
@@ -262,21 +270,32 @@ def lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return torch.stack(outs), (h, c)
 
 
-def stacked_lstm(module, x, state, num_layers: int):
-    """nn.LSTM's stacked forward on `module`'s parameters (layer_names): layer k reads
-    layer k-1's outputs. state: (h, c) of [B, H] for one layer, [L, B, H] for L > 1 (as
-    returned). Returns (the top layer's outputs [T, B, H], state)."""
-    h0, c0 = state
+def stacked(layer, module, x, state, num_layers: int):
+    """A stacked recurrent forward on `module`'s parameters (layer_names): layer k reads
+    layer k-1's outputs. layer(x, state, w_ih, w_hh, b_ih, b_hh) -> (outputs, state), a
+    state being a tuple of [B, H] tensors ((h, c) for an LSTM, (h,) for a GRU). `state`:
+    that tuple of [B, H] for one layer, [L, B, H] for L > 1 (as returned). Returns (the
+    top layer's outputs [T, B, H], state)."""
     if num_layers == 1:
-        h0, c0 = h0[None], c0[None]
-    names, out, hs, cs = layer_names(num_layers), x, [], []
+        state = tuple(t[None] for t in state)
+    names, out, finals = layer_names(num_layers), x, []
     for k in range(num_layers):
-        out, (h, c) = lstm_layer(out, h0[k], c0[k], *(getattr(module, n) for n in names[4 * k:4 * k + 4]))
-        hs.append(h)
-        cs.append(c)
+        out, st = layer(out, tuple(t[k] for t in state),
+                        *(getattr(module, n) for n in names[4 * k:4 * k + 4]))
+        finals.append(st)
     if num_layers == 1:
-        return out, (hs[0], cs[0])
-    return out, (torch.stack(hs), torch.stack(cs))
+        return out, finals[0]
+    return out, tuple(torch.stack(ts) for ts in zip(*finals))
+
+
+def lstm_layer_state(x, state, w_ih, w_hh, b_ih, b_hh):
+    """lstm_layer on a state tuple (h, c): stacked's layer for an LSTM."""
+    return lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh)
+
+
+def stacked_lstm(module, x, state, num_layers: int):
+    """nn.LSTM's stacked forward on `module`'s parameters: stacked with lstm_layer."""
+    return stacked(lstm_layer_state, module, x, state, num_layers)
 
 
 class ReferenceLSTM(nn.Module):

@@ -35,7 +35,10 @@ class FpttState:
 class SegmentIO:
     """A segment's tensors, time-major: x [omega, B, I], target ([B, O], per step
     [omega, B, O]; ce: int64 classes), the entering state h0, c0 [B, H]; the GPU launches
-    also take the outputs h_out, c_out [B, H] and losses [segments]."""
+    also take the outputs h_out, c_out [B, H] and losses [segments]. A lower layer of a
+    stack (SegmentConfig.head False) takes dh_seq [omega, B, H], the gradient on its
+    outputs from the layer above, instead of a target; dx [omega, B, I] (optional) receives
+    the gradient on x (dG W_ih), h_seq [omega, B, H] (optional) every step's output."""
     x: torch.Tensor
     target: torch.Tensor
     h0: torch.Tensor
@@ -43,6 +46,9 @@ class SegmentIO:
     h_out: torch.Tensor | None = None
     c_out: torch.Tensor | None = None
     losses: torch.Tensor | None = None
+    dh_seq: torch.Tensor | None = None
+    dx: torch.Tensor | None = None
+    h_seq: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,7 +56,9 @@ class SegmentConfig:
     """What a segment launch does: the loss weight of a one-segment launch; n_segs > 1
     splits x into segments of ceil(omega / n_segs) steps weighted (p + 1) / n_segs if ramp,
     else weight; kernel: the CUDA kernel (0 auto, 1 general, 2 persistent); builtin_gemm:
-    the CPU step's own GEMM instead of torch's (tests)."""
+    the CPU step's own GEMM instead of torch's (tests); head False: a lower layer of a
+    stack (params: its 4 tensors, no head, no loss); forward_only: the forward alone
+    (h_out, c_out, h_seq), no gradients, no update."""
     weight: float = 1.0
     loss: int = 0                 # LOSS_CODE: 0 mse, 1 ce
     per_step: bool = False
@@ -60,3 +68,5 @@ class SegmentConfig:
     tf32: bool = False
     kernel: int = 0
     builtin_gemm: bool = False
+    head: bool = True
+    forward_only: bool = False

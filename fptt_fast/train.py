@@ -528,14 +528,9 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                        decoupled=cfg.decoupled, clip=cfg.clip)
         authors = cfg.algo == "fptt" and cfg.protocol == "authors"
         if cfg.algo == "fptt" and backend != "reference" and cfg.lstm == "fused":
-            if cfg.layers > 1 and cfg.backend != "auto":
-                raise UsageError(f"--layers {cfg.layers}: the fused segment steps are single-layer; "
-                                 f"stacked layers run the reference segment math with the fused "
-                                 f"update: leave --backend out (auto), or give --backend reference")
-            try:  # (stacked layers: FPTTLSTM picks the segment math and update for "auto")
+            try:
                 model = FPTTLSTM(task.input_size, cfg.hidden, task.output_size, loss=task.loss,
-                                 backend="auto" if cfg.layers > 1 else backend, device=device,
-                                 num_layers=cfg.layers,
+                                 backend=backend, device=device, num_layers=cfg.layers,
                                  process_group=dist.pg if dist is not None else None, **fptt_kw)
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
@@ -543,8 +538,7 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                 _authors_head(model)
                 if dist is not None:
                     distributed.broadcast_([model.head.weight], dist.pg, device)
-            what = "FPTTLSTM" if cfg.layers == 1 else (f"FPTTLSTM, {cfg.layers} layers: the reference "
-                                                        f"segment math, the {model.optimizer.backend} update")
+            what = "FPTTLSTM" if cfg.layers == 1 else f"FPTTLSTM, {cfg.layers} layers, a launch per layer"
             return Trainer(model, model.optimizer, cfg, task.loss, f"{model.backend} ({what})", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device,
                                        num_layers=cfg.layers)

@@ -107,10 +107,12 @@ def _gate_acc(acc, a_ptr, a_stride, rows, rmask, w_ptr, w_stride, wrow0, cols, c
 def _batch_tile_forward_backward(
         x_ptr, tgt_ptr, h0_ptr, c0_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, wo_ptr, bo_ptr,
         hout_ptr, cout_ptr, hs_ptr, cs_ptr, gates_ptr, dg_ptr, dp_ptr, dh_ptr, dc_ptr,
-        lpart_ptr, tile, T, B, I, H, O, dscale,
+        lpart_ptr, dhseq_ptr, hseq_ptr, tile, T, B, I, H, O, dscale,
         LOSS: tl.constexpr, PER_STEP: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
-        BK: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr):
-    """Phase A for the batch rows tile*BB ... tile*BB + BB - 1."""
+        BK: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr, HEAD: tl.constexpr,
+        FWD_ONLY: tl.constexpr, HSEQ: tl.constexpr):
+    """Phase A for the batch rows tile*BB ... tile*BB + BB - 1. A lower layer of a stack
+    (HEAD False) has no head and no loss: the gradient on its outputs is dh_seq."""
     rows = tile * BB + tl.arange(0, BB)
     rm = rows < B
     H4 = 4 * H
@@ -158,6 +160,8 @@ def _batch_tile_forward_backward(
             h_new = go * _tanh(c_new)
             tl.store(cs_ptr + (t + 1) * BH_ + off, c_new, mask=m2)
             tl.store(hs_ptr + (t + 1) * BH_ + off, h_new, mask=m2)
+            if HSEQ:
+                tl.store(hseq_ptr + t * BH_ + off, h_new, mask=m2)
             m_last = m2 & ((rows * 0 + t) == T - 1)[:, None]  # a tensor mask (interpreter)
             tl.store(hout_ptr + off, h_new, mask=m_last)
             tl.store(cout_ptr + off, c_new, mask=m_last)
@@ -171,86 +175,90 @@ def _batch_tile_forward_backward(
     # ---- head and loss: on the last state (terminal) or on every step ----
     ocols = tl.arange(0, OP)
     om = ocols < O
-    bo = tl.load(bo_ptr + ocols, mask=om, other=0.0)
     lsum = tl.sum(tl.zeros([BB], dtype=tl.float32), axis=0)
-    if PER_STEP:
-        t_first = 0
-    else:
-        t_first = T - 1
-    for t in range(t_first, T):
-        tp = t - t_first  # row of the target and of dP
-        logits = _gate_acc(tl.zeros([BB, OP], dtype=tl.float32), hs_ptr + (t + 1) * BH_, H,
-                           rows, rm, wo_ptr, H, 0, ocols, om, H, BK, PREC) + bo[None, :]
-        m2 = rm[:, None] & om[None, :]
-        l_t, dp = _loss_tile(logits, tgt_ptr, tp, rows, rm, ocols, om, B, O, dscale, LOSS)
-        lsum += l_t
-        tl.store(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :], dp, mask=m2)
+    if HEAD and not FWD_ONLY:
+        bo = tl.load(bo_ptr + ocols, mask=om, other=0.0)
+        if PER_STEP:
+            t_first = 0
+        else:
+            t_first = T - 1
+        for t in range(t_first, T):
+            tp = t - t_first  # row of the target and of dP
+            logits = _gate_acc(tl.zeros([BB, OP], dtype=tl.float32), hs_ptr + (t + 1) * BH_, H,
+                               rows, rm, wo_ptr, H, 0, ocols, om, H, BK, PREC) + bo[None, :]
+            m2 = rm[:, None] & om[None, :]
+            l_t, dp = _loss_tile(logits, tgt_ptr, tp, rows, rm, ocols, om, B, O, dscale, LOSS)
+            lsum += l_t
+            tl.store(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :], dp, mask=m2)
     tl.store(lpart_ptr + tile, lsum)
 
     # ---- backward through the segment (truncated at its start) ----
-    for j0 in range(0, H, BH):
-        cols = j0 + tl.arange(0, BH)
-        m2 = rm[:, None] & (cols < H)[None, :]
-        off = rows[:, None] * H + cols[None, :]
-        zero = tl.zeros([BB, BH], dtype=tl.float32)
-        tl.store(dh_ptr + off, zero, mask=m2)
-        tl.store(dc_ptr + (T % 2) * BH_ + off, zero, mask=m2)
-    tl.debug_barrier()
-    for s in range(0, T):
-        t = T - 1 - s
-        # pass 1: dG_t and the gradient carried to c_{t-1}
+    if not FWD_ONLY:
         for j0 in range(0, H, BH):
             cols = j0 + tl.arange(0, BH)
-            cm = cols < H
-            m2 = rm[:, None] & cm[None, :]
+            m2 = rm[:, None] & (cols < H)[None, :]
             off = rows[:, None] * H + cols[None, :]
-            dh = tl.load(dh_ptr + off, mask=m2, other=0.0, cache_modifier=".cg")
-            if PER_STEP:
-                tp = t
-                has_head = t >= 0
-            else:
-                tp = 0
-                has_head = t == T - 1
-            if has_head:
-                dpt = tl.load(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :],
-                              mask=rm[:, None] & om[None, :], other=0.0, cache_modifier=".cg")
-                wo = tl.load(wo_ptr + ocols[:, None] * H + cols[None, :],
-                             mask=om[:, None] & cm[None, :], other=0.0)
-                dh += tl.dot(dpt, wo, input_precision=PREC)
-            goff = t * B * H4 + rows[:, None] * H4 + cols[None, :]
-            gi = tl.load(gates_ptr + goff, mask=m2, other=0.0, cache_modifier=".cg")
-            gf = tl.load(gates_ptr + goff + H, mask=m2, other=0.0, cache_modifier=".cg")
-            gg = tl.load(gates_ptr + goff + 2 * H, mask=m2, other=0.0, cache_modifier=".cg")
-            go = tl.load(gates_ptr + goff + 3 * H, mask=m2, other=0.0, cache_modifier=".cg")
-            c_t = tl.load(cs_ptr + (t + 1) * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
-            c_prev = tl.load(cs_ptr + t * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
-            dc_next = tl.load(dc_ptr + ((t + 1) % 2) * BH_ + off, mask=m2, other=0.0,
-                              cache_modifier=".cg")
-            tc = _tanh(c_t)
-            dc = dc_next + dh * go * (1.0 - tc * tc)
-            tl.store(dg_ptr + goff, dc * gg * gi * (1.0 - gi), mask=m2)
-            tl.store(dg_ptr + goff + H, dc * c_prev * gf * (1.0 - gf), mask=m2)
-            tl.store(dg_ptr + goff + 2 * H, dc * gi * (1.0 - gg * gg), mask=m2)
-            tl.store(dg_ptr + goff + 3 * H, dh * tc * go * (1.0 - go), mask=m2)
-            tl.store(dc_ptr + (t % 2) * BH_ + off, dc * gf, mask=m2)
+            zero = tl.zeros([BB, BH], dtype=tl.float32)
+            tl.store(dh_ptr + off, zero, mask=m2)
+            tl.store(dc_ptr + (T % 2) * BH_ + off, zero, mask=m2)
         tl.debug_barrier()
-        # pass 2: dh_{t-1} = dG_t @ W_hh (not needed before the segment's start)
-        if t > 0:
+        for s in range(0, T):
+            t = T - 1 - s
+            # pass 1: dG_t and the gradient carried to c_{t-1}
             for j0 in range(0, H, BH):
                 cols = j0 + tl.arange(0, BH)
                 cm = cols < H
-                acc = tl.zeros([BB, BH], dtype=tl.float32)
-                for k0 in range(0, H4, BK):
-                    kk = k0 + tl.arange(0, BK)
-                    km = kk < H4
-                    a = tl.load(dg_ptr + t * B * H4 + rows[:, None] * H4 + kk[None, :],
-                                mask=rm[:, None] & km[None, :], other=0.0, cache_modifier=".cg")
-                    w = tl.load(whh_ptr + kk[:, None] * H + cols[None, :],
-                                mask=km[:, None] & cm[None, :], other=0.0)
-                    acc += tl.dot(a, w, input_precision=PREC)
-                tl.store(dh_ptr + rows[:, None] * H + cols[None, :], acc,
-                         mask=rm[:, None] & cm[None, :])
+                m2 = rm[:, None] & cm[None, :]
+                off = rows[:, None] * H + cols[None, :]
+                dh = tl.load(dh_ptr + off, mask=m2, other=0.0, cache_modifier=".cg")
+                if PER_STEP:
+                    tp = t
+                    has_head = t >= 0
+                else:
+                    tp = 0
+                    has_head = t == T - 1
+                if not HEAD:  # the gradient from the layer above
+                    dh += tl.load(dhseq_ptr + t * BH_ + off, mask=m2, other=0.0)
+                elif has_head:
+                    dpt = tl.load(dp_ptr + tp * B * O + rows[:, None] * O + ocols[None, :],
+                                  mask=rm[:, None] & om[None, :], other=0.0, cache_modifier=".cg")
+                    wo = tl.load(wo_ptr + ocols[:, None] * H + cols[None, :],
+                                 mask=om[:, None] & cm[None, :], other=0.0)
+                    dh += tl.dot(dpt, wo, input_precision=PREC)
+                goff = t * B * H4 + rows[:, None] * H4 + cols[None, :]
+                gi = tl.load(gates_ptr + goff, mask=m2, other=0.0, cache_modifier=".cg")
+                gf = tl.load(gates_ptr + goff + H, mask=m2, other=0.0, cache_modifier=".cg")
+                gg = tl.load(gates_ptr + goff + 2 * H, mask=m2, other=0.0, cache_modifier=".cg")
+                go = tl.load(gates_ptr + goff + 3 * H, mask=m2, other=0.0, cache_modifier=".cg")
+                c_t = tl.load(cs_ptr + (t + 1) * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
+                c_prev = tl.load(cs_ptr + t * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
+                dc_next = tl.load(dc_ptr + ((t + 1) % 2) * BH_ + off, mask=m2, other=0.0,
+                                  cache_modifier=".cg")
+                tc = _tanh(c_t)
+                dc = dc_next + dh * go * (1.0 - tc * tc)
+                tl.store(dg_ptr + goff, dc * gg * gi * (1.0 - gi), mask=m2)
+                tl.store(dg_ptr + goff + H, dc * c_prev * gf * (1.0 - gf), mask=m2)
+                tl.store(dg_ptr + goff + 2 * H, dc * gi * (1.0 - gg * gg), mask=m2)
+                tl.store(dg_ptr + goff + 3 * H, dh * tc * go * (1.0 - go), mask=m2)
+                tl.store(dc_ptr + (t % 2) * BH_ + off, dc * gf, mask=m2)
             tl.debug_barrier()
+            # pass 2: dh_{t-1} = dG_t @ W_hh (not needed before the segment's start)
+            if t > 0:
+                for j0 in range(0, H, BH):
+                    cols = j0 + tl.arange(0, BH)
+                    cm = cols < H
+                    acc = tl.zeros([BB, BH], dtype=tl.float32)
+                    for k0 in range(0, H4, BK):
+                        kk = k0 + tl.arange(0, BK)
+                        km = kk < H4
+                        a = tl.load(dg_ptr + t * B * H4 + rows[:, None] * H4 + kk[None, :],
+                                    mask=rm[:, None] & km[None, :], other=0.0, cache_modifier=".cg")
+                        w = tl.load(whh_ptr + kk[:, None] * H + cols[None, :],
+                                    mask=km[:, None] & cm[None, :], other=0.0)
+                        acc += tl.dot(a, w, input_precision=PREC)
+                    tl.store(dh_ptr + rows[:, None] * H + cols[None, :], acc,
+                             mask=rm[:, None] & cm[None, :])
+                tl.debug_barrier()
 
 
 @triton.jit
@@ -277,6 +285,27 @@ def _grad_tile(a_ptr, a_tstride, a_cols, r0, b_ptr, b_tstride, b_cols, c0, out_p
 
 
 @triton.jit
+def _dx_tile(dg_ptr, w_ptr, out_ptr, r0, c0, TB, G, I, BR: tl.constexpr, BC: tl.constexpr,
+             BK: tl.constexpr, PREC: tl.constexpr):
+    """out[r0:r0+BR, c0:c0+BC] = dG [TB, G] @ W_ih [G, I]: the gradient on a stacked
+    layer's input (summed over G in order)."""
+    r = r0 + tl.arange(0, BR)
+    c = c0 + tl.arange(0, BC)
+    rmask = r < TB
+    cmask = c < I
+    acc = tl.zeros([BR, BC], dtype=tl.float32)
+    for k0 in range(0, G, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < G
+        a = tl.load(dg_ptr + r[:, None] * G + kk[None, :], mask=rmask[:, None] & km[None, :],
+                    other=0.0, cache_modifier=".cg")
+        w = tl.load(w_ptr + kk[:, None] * I + c[None, :], mask=km[:, None] & cmask[None, :],
+                    other=0.0)
+        acc += tl.dot(a, w, input_precision=PREC)
+    tl.store(out_ptr + r[:, None] * I + c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
 def _bias_tile(a_ptr, a_cols, r0, out_ptr, out2_ptr, TB, BB: tl.constexpr, BR: tl.constexpr):
     """out[r0:r0+BR] = sum over the TB rows of A [TB, a_cols] (fixed order); also to out2
     when TWO."""
@@ -299,12 +328,13 @@ def _lstm_segment_kernel(
         hout_ptr, cout_ptr, loss_ptr,
         hs_ptr, cs_ptr, gates_ptr, dg_ptr, dp_ptr, dh_ptr, dc_ptr, lpart_ptr, bar_ptr,
         tab_ptr, chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks, clip,
-        T, B, I, H, O, n_btiles, dscale, lscale,
+        dhseq_ptr, dx_ptr, hseq_ptr, T, B, I, H, O, n_btiles, dscale, lscale,
         LOSS: tl.constexpr, PER_STEP: tl.constexpr, OPT: tl.constexpr,
         BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
         BC: tl.constexpr, OP: tl.constexpr, PREC: tl.constexpr,
         CHUNK: tl.constexpr, BLOCK: tl.constexpr, PBLOCK: tl.constexpr,
-        UPDATE: tl.constexpr):
+        UPDATE: tl.constexpr, HEAD: tl.constexpr, FWD_ONLY: tl.constexpr,
+        DX: tl.constexpr, HSEQ: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
 
@@ -313,20 +343,23 @@ def _lstm_segment_kernel(
         _batch_tile_forward_backward(
             x_ptr, tgt_ptr, h0_ptr, c0_ptr, wih_ptr, whh_ptr, bih_ptr, bhh_ptr, wo_ptr, bo_ptr,
             hout_ptr, cout_ptr, hs_ptr, cs_ptr, gates_ptr, dg_ptr, dp_ptr, dh_ptr, dc_ptr,
-            lpart_ptr, tile, T, B, I, H, O, dscale,
-            LOSS, PER_STEP, BB, BH, BK, OP, PREC)
+            lpart_ptr, dhseq_ptr, hseq_ptr, tile, T, B, I, H, O, dscale,
+            LOSS, PER_STEP, BB, BH, BK, OP, PREC, HEAD, FWD_ONLY, HSEQ)
     tl.debug_barrier()
     if nprog > 1:
         fu.grid_barrier(bar_ptr, nprog)
 
-    # ---- B: parameter gradients, tile by tile, fixed-order sums ----
+    # ---- B: parameter gradients (and a stacked layer's dx), tile by tile, fixed-order sums
     H4 = 4 * H
     if PER_STEP:
         TP = T
     else:
         TP = 1
     n_r4 = tl.cdiv(H4, BR)
-    n_ro = tl.cdiv(O, BR)
+    if HEAD:
+        n_ro = tl.cdiv(O, BR)
+    else:
+        n_ro = 0
     n_ci = tl.cdiv(I, BC)
     n_ch = tl.cdiv(H, BC)
     e1 = n_r4 * n_ci          # weight_ih tiles
@@ -334,7 +367,13 @@ def _lstm_segment_kernel(
     e3 = e2 + n_ro * n_ch     # head.weight tiles
     e4 = e3 + n_r4            # bias_ih = bias_hh tiles
     e5 = e4 + n_ro            # head.bias tiles
-    for k in range(pid, e5, nprog):
+    if DX:
+        e6 = e5 + tl.cdiv(T * B, BR) * n_ci  # dx tiles: dG W_ih
+    else:
+        e6 = e5
+    if FWD_ONLY:
+        e6 = 0
+    for k in range(pid, e6, nprog):
         if k < e1:
             r0 = (k // n_ci) * BR
             c0 = (k % n_ci) * BC
@@ -355,8 +394,12 @@ def _lstm_segment_kernel(
                        gwo_ptr, TP, B, BB, BR, BC, PREC)
         elif k < e4:
             _bias_tile(dg_ptr, H4, (k - e3) * BR, gbih_ptr, gbhh_ptr, T * B, BB, BR)
-        else:
+        elif k < e5:
             _bias_tile(dp_ptr, O, (k - e4) * BR, gbo_ptr, gbo_ptr, TP * B, BB, BR)
+        else:
+            kk = k - e5
+            _dx_tile(dg_ptr, wih_ptr, dx_ptr, (kk // n_ci) * BR, (kk % n_ci) * BC, T * B, H4,
+                     I, BR, BC, BK, PREC)
     if pid == 0:
         total = tl.load(lpart_ptr, cache_modifier=".cg")
         for i in range(1, n_btiles):
@@ -461,6 +504,11 @@ def train_segment(state, segment, config, *, grid_limit=None) -> None:
             read by nobody and left untouched. Data-parallel training runs this, then the
             all-reduce of the gradients, then the FPTT update (fptt_fast.distributed).
         n_segs must be 1.
+        head False: a lower layer of a stack: params and grads are its 4 tensors, no head,
+            no loss (losses gets 0), no target; segment.dh_seq [T, B, H] is the gradient
+            on its outputs. forward_only: the forward alone (h_out, c_out, h_seq). Both
+            need update False. segment.dx [T, B, I] (optional) gets the gradient on x,
+            segment.h_seq [T, B, H] (optional) every step's h.
     grid_limit (tests only): cap the number of programs.
 
     No host sync. Raises ValueError on bad shapes and beyond the limits (MAX_HIDDEN...).
@@ -475,10 +523,20 @@ def train_segment(state, segment, config, *, grid_limit=None) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be [T, B, I], got shape {tuple(x.shape)}")
     T, B, I = x.shape
-    if len(params) != 6 or len(grads) != 6:
-        raise ValueError("params and grads must hold the 6 LSTM + head tensors")
+    head, fwd_only = bool(config.head), bool(config.forward_only)
+    n_params = 6 if head else 4
+    if len(params) != n_params or len(grads) != n_params:
+        raise ValueError("params and grads must hold the 6 LSTM + head tensors" if head else
+                         "without the head (config.head False) params and grads must hold a "
+                         "layer's 4 tensors")
+    if config.update and (not head or fwd_only):
+        raise ValueError("config.update needs the head and the backward (the layers of a "
+                         "stack are updated together, by the optimiser)")
     H = params[1].shape[1] if params[1].dim() == 2 else -1
-    O = params[4].shape[0] if params[4].dim() == 2 else -1
+    if head:
+        O = params[4].shape[0] if params[4].dim() == 2 else -1
+    else:
+        O = 1  # sizes the unused head scratch
     dev = x.device
     if T < 1 or B < 1 or I < 1 or H < 1 or O < 1:
         raise ValueError(f"empty sizes: T={T}, B={B}, I={I}, H={H}, O={O}")
@@ -499,12 +557,31 @@ def train_segment(state, segment, config, *, grid_limit=None) -> None:
         raise RuntimeError("the Triton interpreter (TRITON_INTERPRET=1) cannot run on CUDA tensors")
     f32 = torch.float32
     _check_tensor("x", x, (T, B, I), f32, dev)
+    per_step = per_step and head  # a layer without the head has no loss
     lead = (T, B) if per_step else (B,)
-    if loss == LOSS_MSE:
+    if not head or fwd_only:
+        if not head and target is not None:
+            raise ValueError("segment.target must be None without the head (config.head False)")
+        target = x  # not read
+    elif loss == LOSS_MSE:
         _check_tensor("target", target, lead + (O,), f32, dev)
     else:
         _check_tensor("target", target, lead, torch.int64, dev)
-    shapes = [(4 * H, I), (4 * H, H), (4 * H,), (4 * H,), (O, H), (O,)]
+    want_dh = not head and not fwd_only
+    if (segment.dh_seq is not None) != want_dh:
+        raise ValueError("a layer without the head takes the gradient on its outputs, "
+                         "segment.dh_seq [T, B, H]" if want_dh else
+                         "segment.dh_seq is read only by a layer without the head running "
+                         "its backward; pass None")
+    if want_dh:
+        _check_tensor("dh_seq", segment.dh_seq, (T, B, H), f32, dev)
+    if segment.dx is not None:
+        if fwd_only:
+            raise ValueError("segment.dx is a gradient, and config.forward_only computes none")
+        _check_tensor("dx", segment.dx, (T, B, I), f32, dev)
+    if segment.h_seq is not None:
+        _check_tensor("h_seq", segment.h_seq, (T, B, H), f32, dev)
+    shapes = [(4 * H, I), (4 * H, H), (4 * H,), (4 * H,), (O, H), (O,)][:n_params]
     for i, s in enumerate(shapes):
         _check_tensor(f"params[{i}]", params[i], s, f32, dev)
         _check_tensor(f"grads[{i}]", grads[i], s, f32, dev)
@@ -514,27 +591,38 @@ def train_segment(state, segment, config, *, grid_limit=None) -> None:
             or loss_out.dtype != f32 or loss_out.device != dev:
         raise ValueError(f"segment.losses must be a one-element float32 tensor on {dev}")
 
-    plan = fu.get_plan(state, tag="lstm_segment")
-    chunk_size, block, pblock, _ = plan.config
+    if config.update:
+        plan = fu.get_plan(state, tag="lstm_segment")
+        chunk_size, block, pblock, _ = plan.config
+        update_args = (plan.tables, plan.chunks, state.hyper, plan.partial, plan.chunk_step,
+                       state.status, plan.n_chunks, float(state.clip))
+        n_chunks = plan.n_chunks
+    else:  # the update phase is compiled out: placeholders, never read
+        chunk_size, block, pblock, n_chunks = 16, 16, 16, 0
+        update_args = (x, x, x, x, x, x, 0, 0.0)
     BB, BH, BK, BR, BC, num_warps = _config(dev, B, H, I)
     OP = _p2(O, 16, MAX_OUTPUT)
     n_btiles = triton.cdiv(B, BB)
     ws = _workspace(dev, T, B, I, H, O, per_step, n_btiles)
     n_grad_tiles = (triton.cdiv(4 * H, BR) * (triton.cdiv(I, BC) + triton.cdiv(H, BC) + 1)
-                    + triton.cdiv(O, BR) * (triton.cdiv(H, BC) + 1))
+                    + triton.cdiv(O, BR) * (triton.cdiv(H, BC) + 1)
+                    + (triton.cdiv(T * B, BR) * triton.cdiv(I, BC) if segment.dx is not None else 0))
     n_terms = (T if per_step else 1) * B * (O if loss == LOSS_MSE else 1)
     lscale = 1.0 / n_terms
     dscale = float(weight) / n_terms
-    args = (x, target, h0, c0, *params, *grads, h_out, c_out, loss_out,
+    head_params = (params[4], params[5], grads[4], grads[5]) if head else (x, x, x, x)
+    layer_io = tuple(t if t is not None else x
+                     for t in (segment.dh_seq, segment.dx, segment.h_seq))
+    args = (x, target, h0, c0, *params[:4], *head_params[:2], *grads[:4], *head_params[2:],
+            h_out, c_out, loss_out,
             ws["hs"], ws["cs"], ws["gates"], ws["dg"], ws["dp"], ws["dh"], ws["dc"], ws["lpart"],
-            ws["barrier"], plan.tables, plan.chunks, state.hyper, plan.partial, plan.chunk_step,
-            state.status, plan.n_chunks, float(state.clip), T, B, I, H, O, n_btiles, dscale,
-            lscale)
+            ws["barrier"], *update_args, *layer_io, T, B, I, H, O, n_btiles, dscale, lscale)
     kw = dict(LOSS=int(loss), PER_STEP=bool(per_step), OPT=int(state.optimizer), BB=BB, BH=BH,
               BK=BK, BR=BR, BC=BC, OP=OP, PREC="tf32" if config.tf32 else "ieee",
               CHUNK=chunk_size, BLOCK=block, PBLOCK=pblock, UPDATE=bool(config.update),
-              num_warps=num_warps)
-    work = max(n_btiles, n_grad_tiles, plan.n_chunks)
+              HEAD=head, FWD_ONLY=fwd_only, DX=segment.dx is not None,
+              HSEQ=segment.h_seq is not None, num_warps=num_warps)
+    work = max(n_btiles, n_grad_tiles, n_chunks)
     if dev.type == "cuda":
         with torch.cuda.device(dev):
             cap = _co_resident_cap(dev, (T, B, I, H, O), args, kw)

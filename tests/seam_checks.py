@@ -5,6 +5,7 @@ argument, so CPU CI runs the CUDA glue's checks with CPU tensors standing in for
 ones. Built with torch.utils.cpp_extension.load into a folder under the temp directory,
 keyed by the sources, and reused while they are unchanged.
 """
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -12,17 +13,18 @@ from types import SimpleNamespace
 
 import torch
 
+from fptt_fast import seam
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the bindings, and the CPU kernel file that defines the workspace size the checks compare
 SOURCES = [os.path.join(ROOT, "tests", "csrc", "check_bindings.cpp"),
            os.path.join(ROOT, "csrc", "cpu", "lstm_segment.cpp")]
 INCLUDE = os.path.join(ROOT, "csrc", "include")
 
-STATE_FIELDS = ("params", "grads", "w_bar", "lam", "exp_avg", "exp_avg_sq", "step", "hyper",
-                "group_of", "optimizer", "clip", "status")
-SEGMENT_FIELDS = ("x", "target", "h0", "c0", "h_out", "c_out", "losses")
-CONFIG_DEFAULTS = dict(weight=1.0, loss=0, per_step=False, update=True, n_segs=1, ramp=False,
-                       tf32=False, kernel=0, builtin_gemm=False)
+# fptt_fast.seam's fields, which the C++ casters (seam_cast.h) read by name
+STATE_FIELDS = tuple(f.name for f in dataclasses.fields(seam.FpttState))
+SEGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(seam.SegmentIO))
+CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(seam.SegmentConfig)}
 
 _ext = None
 

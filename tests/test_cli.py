@@ -143,7 +143,7 @@ BAD = [
     (["train", "add", "--algo", "sgd"], "invalid choice: 'sgd'"),
     (["compare", "--resume", "run"], "no compare.json there"),
     (["compare"], "compare needs a task"),
-    (["train", "add", "--layers", "2", "--backend", "cpu"], "--layers 2: the fused segment steps are single-layer"),
+    (["train", "add", "--layers", "0"], "layers must be positive"),
     (["train", "add", "--device", "cpu", "--backend", "cuda"], "Available for cpu: reference, cpu"),
     (["train", "add", "--T", "0"], "T must be positive"),
     (["train", "add", "--K", "0"], "K must be positive"),

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 import fptt_fast
 from fptt_fast import distributed, reference
 from fptt_fast.backends import cuda as cuda_backend
-from fptt_fast.layout import HYPER_FIELDS
 from fptt_fast.backends import segment_unavailable_reason
 from fptt_fast.lstm import PARAM_NAMES
 
@@ -358,7 +357,7 @@ def test_ranks_that_disagree_raise_at_construction(ranks, field, values):
 @pytest.mark.parametrize("loss,per_step", [("mse", True), ("ce", False)])
 def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step):
     """The backend's segment with update=False, the first half of a data-parallel segment on the
-    one-launch backends (triton: update=False; cuda: the update made to write nothing):
+    one-launch backends (the general kernel with config.update False):
     the loss, (h, c) and six gradients of the one-launch step, bitwise, and nothing of the
     parameters, the FPTT state or the optimiser's status touched, twice in a row (the
     second launch sees what the first left: the same results again). One process, no
@@ -368,8 +367,11 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
         pytest.skip(reason)
     dev = device_of(backend)
     Tg, Bg = 4, 5
+    # the general kernel on cuda too: the gradients launch runs it (the persistent one has
+    # no gradients-only mode), and the one-launch step it is compared with must as well
+    kw = dict(HYPER, cuda_kernel="general") if backend == "cuda" else HYPER
     a = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend, device=dev,
-                           **HYPER)
+                           **kw)
     lead = (Tg, Bg) if per_step else (Bg,)
 
     def draw():
@@ -381,7 +383,7 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
     for _ in range(3):  # away from the start: w_bar != w, lam and the Adam moments non-zero
         a.train_segment(*draw())
     b = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend=backend, device=dev,
-                           **HYPER)
+                           **kw)
     b.load_state_dict(a.state_dict())
     b.optimizer.load_state_dict(a.optimizer.state_dict())
     before = snapshot(b.fptt_parameters(), b.optimizer)
@@ -408,19 +410,16 @@ def test_gradients_launch_has_its_update_off(fresh_seed, backend, loss, per_step
             assert torch.equal(ga, gb), f"{backend}: gradient of {n} differs from the one-launch step's"
             assert gb.abs().max().item() > 0, n
     assert not torch.equal(a.weight_hh_l0, b.weight_hh_l0)  # a did update (able to fail)
-    if backend == "cuda":  # the update of both launches saw the NaN table and wrote nothing
-        nan_hyper, sink = b.__dict__["_dp_update_off"]
-        assert sink[1].item() == 1 and sink[2].item() == 2 and sink[0].isnan().item(), sink
 
 
 def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkeypatch):
     """Without a GPU, the cuda backend's gradients launch up to the launch: the arguments it
     gives _C.lstm_train_cuda pass the CUDA glue's own checks (tests/seam_checks.py, on CPU
-    tensors, as the glue runs them before launching), and they are those of one segment
-    with its update made to write nothing: n_segs 1, no weight ramp, a
-    [1, len(HYPER_FIELDS)] table of NaN for every parameter, a status of its own (not the
-    optimiser's), the module's gradient buffers. What the kernel then does with them needs
-    a GPU: test_gradients_launch_has_its_update_off[cuda]."""
+    tensors, as the glue runs them before launching; without the update those are the
+    gradients launch's), and they are those of one segment with the update switched off:
+    config.update False, n_segs 1, no weight ramp, the general kernel, the module's
+    gradient buffers. What the kernel then does with them needs a GPU:
+    test_gradients_launch_has_its_update_off[cuda]."""
     cx = check_ext()
     m = fptt_fast.FPTTLSTM(I, H, O, loss="ce", backend="cpu", **HYPER)
     m.backend = "cuda"  # what the module resolves to on a GPU; the launch is faked below
@@ -431,9 +430,8 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
         def lstm_train_cuda(state, segment, config):
             dims = cx.lstm_segment_cuda(state, segment, config, "cpu")
             calls.append(dict(dims=tuple(dims), n_segs=config.n_segs, weight=config.weight,
-                              ramp=config.ramp, hyper=state.hyper, group_of=list(state.group_of),
-                              status=state.status, grads=state.grads, params=state.params,
-                              kernel=config.kernel, losses_out=segment.losses))
+                              ramp=config.ramp, update=config.update, grads=state.grads,
+                              params=state.params, kernel=config.kernel))
             return 1  # "general"
 
     monkeypatch.setattr(cuda_backend, "_extension", lambda: Glue)
@@ -446,15 +444,10 @@ def test_cuda_gradients_launch_arguments_pass_the_glue_checks(fresh_seed, monkey
     for call, weight in zip(calls, (0.5, 1.0)):
         assert call["dims"] == (T, 5, I, H, O)
         assert call["n_segs"] == 1 and call["ramp"] is False and call["weight"] == weight
-        assert call["hyper"].shape == (1, len(HYPER_FIELDS)) and call["hyper"].isnan().all()
-        assert call["group_of"] == [0] * 6
-        assert call["status"] is not m.optimizer._status and call["status"].shape == (3,)
-        assert call["kernel"] == fptt_fast.lstm.CUDA_KERNELS[m.cuda_kernel]
+        assert call["update"] is False and call["kernel"] == 0
         assert all(g is b for g, b in zip(call["grads"], m._grads))
         for p, q in zip(call["params"], m.fptt_parameters()):
             assert p.data_ptr() == q.data_ptr()
-    # the same NaN table and status at every launch (the glue caches by their addresses)
-    assert calls[0]["hyper"] is calls[1]["hyper"] and calls[0]["status"] is calls[1]["status"]
 
 
 def test_process_group_argument_checked():

@@ -1,8 +1,7 @@
 """FPTTLSTM's nn.LSTM layouts, batch_first and num_layers, against nn.LSTM(batch_first=True,
 num_layers=L) + nn.Linear trained per segment by the reference FPTT: the same parameters
-after 20 updates (one layer: reference, cpu, triton in the interpreter; two layers: the
-reference segment math with the reference or the fused cpu update); batch-first outputs;
-errors in the caller's layout."""
+after 20 updates (one, two and three layers: reference, cpu, triton in the interpreter,
+cuda on a GPU); batch-first outputs; errors in the caller's layout."""
 import pytest
 import torch
 import torch.nn as nn
@@ -30,15 +29,14 @@ OPT = dict(optimizer="sgd", lr=0.05, momentum=0.5, alpha=0.3, clip=1.0)
 
 
 @pytest.mark.parametrize("backend,layers", [("reference", 1), ("cpu", 1), ("triton", 1), ("cuda", 1),
-                                            ("reference", 2), ("auto", 3)])
+                                            ("reference", 2), ("cpu", 2), ("triton", 2),
+                                            ("cuda", 2), ("auto", 3)])
 @pytest.mark.parametrize("per_step", [False, True])
 def test_matches_nn_lstm_batch_first_stacked(backend, layers, per_step, fresh_seed):
     dev = backend_device(backend, "lstm") if backend != "auto" else "cpu"
     m = fptt_fast.FPTTLSTM(I, H, O, per_step=per_step, batch_first=True, backend=backend,
                            device=dev, num_layers=layers, **OPT)
-    if layers > 1:  # the reference segment math; auto: the fused update of the device
-        assert m.backend == "reference"
-        assert m.optimizer.backend == ("cpu" if backend == "auto" else "reference")
+    assert m.backend == ("cpu" if backend == "auto" else backend)  # a stack: layer launches
     lstm, head, opt = torch_twin(m)
     n_updates = 4 if interpreted(backend) else 20
     state, twin_state = None, None
@@ -102,10 +100,8 @@ def test_layout_errors_speak_the_callers_layout():
 
 
 def test_stacked_refusals_name_the_way():
-    """Stacked layers on an explicit fused backend, a one-layer state or state dict for two
-    layers, a three-layer state dict for two: errors naming what to do or what is wrong."""
-    with pytest.raises(ValueError, match="single-layer; stacked layers run the reference segment math"):
-        fptt_fast.FPTTLSTM(I, H, O, num_layers=2, backend="cpu")
+    """A one-layer state or state dict for two layers, a three-layer state dict for two:
+    errors naming what is wrong."""
     m = fptt_fast.FPTTLSTM(I, H, O, num_layers=2)
     with pytest.raises(ValueError, match=r"state h must have shape \[L=2, B=5, H=9\]"):
         m.train_segment(torch.randn(4, B, I), torch.randn(B, O), (torch.zeros(B, H), torch.zeros(B, H)))

@@ -114,7 +114,8 @@ def test_rejects_bad_inputs(fresh_seed, monkeypatch):
 _AOT = sm90_compile_script(
     "lstm_segment", "_lstm_segment_kernel",
     consts='dict(LOSS=1, PER_STEP=True, OPT=1, BB=16, BH=32, BK=32, BR=32, BC=32, OP=16, '
-           'PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024, UPDATE=True)',
+           'PREC="ieee", CHUNK=4096, BLOCK=1024, PBLOCK=1024, UPDATE=True, HEAD=True, '
+           'FWD_ONLY=False, DX=True, HSEQ=True)',
     ptr_kinds={"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32", "tgt_ptr": "*i64"},
     scalar_kinds={"clip": "fp32", "dscale": "fp32", "lscale": "fp32"}, num_warps="4")
 

@@ -224,6 +224,7 @@ lstm_segment_kernel(LstmSegmentArgs a, UpdateTable table, float clip,
       row[3 * H + j] = f.o;
       hs[(t + 1) * BH + e] = f.h;
       cs[(t + 1) * BH + e] = f.c;
+      if (a.h_seq) a.h_seq[t * BH + e] = f.h;
       if (t == T - 1) {
         a.h_out[e] = f.h;
         a.c_out[e] = f.c;
@@ -231,27 +232,38 @@ lstm_segment_kernel(LstmSegmentArgs a, UpdateTable table, float clip,
     }
     grid.sync();
   }
-
-  // ---- H1-H3: head, loss, head gradients -----------------------------------------------
-  const float* h_head = a.per_step ? hs + BH : hs + T * BH;  // [P, H]
-  gemm_tiles<false, true>(P, O, H, h_head, H, a.w_o, H, pred, O, a.b_o, nullptr, gsh);
-  grid.sync();
-  for (int64_t p = tid0; p < P; p += stride) loss_row(a, p, P, pred + p * O, rowloss);
-  grid.sync();
-  const int64_t next =
-      gemm_tiles<false, false>(P, H, O, pred, O, a.w_o, H, dhead, H, nullptr, nullptr, gsh);
-  gemm_tiles<true, false>(O, H, P, pred, O, h_head, H, a.g_w_o, H, nullptr, nullptr, gsh, next);
-  column_sums(pred, P, O, a.g_b_o, nullptr);
-  if (tid0 == 0) {
-    double s = 0.0;
-    for (int64_t p = 0; p < P; ++p) s += rowloss[p];
-    *a.loss_out = float(a.loss == LSTM_LOSS_MSE ? s / double(P * O) : s / double(P));
+  if (a.forward_only) {  // a lower layer's forward: its outputs feed the layer above
+    if (tid0 == 0) *a.loss_out = 0.f;
+    return;
   }
-  grid.sync();
+
+  // ---- H1-H3: head, loss, head gradients (a lower layer of a stack: dh_seq instead) ----
+  if (a.skip_head) {
+    if (tid0 == 0) *a.loss_out = 0.f;
+  } else {
+    const float* h_head = a.per_step ? hs + BH : hs + T * BH;  // [P, H]
+    gemm_tiles<false, true>(P, O, H, h_head, H, a.w_o, H, pred, O, a.b_o, nullptr, gsh);
+    grid.sync();
+    for (int64_t p = tid0; p < P; p += stride) loss_row(a, p, P, pred + p * O, rowloss);
+    grid.sync();
+    const int64_t next =
+        gemm_tiles<false, false>(P, H, O, pred, O, a.w_o, H, dhead, H, nullptr, nullptr, gsh);
+    gemm_tiles<true, false>(O, H, P, pred, O, h_head, H, a.g_w_o, H, nullptr, nullptr, gsh,
+                            next);
+    column_sums(pred, P, O, a.g_b_o, nullptr);
+    if (tid0 == 0) {
+      double s = 0.0;
+      for (int64_t p = 0; p < P; ++p) s += rowloss[p];
+      *a.loss_out = float(a.loss == LSTM_LOSS_MSE ? s / double(P * O) : s / double(P));
+    }
+    grid.sync();
+  }
 
   // ---- B_t: backward through the segment -----------------------------------------------
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float* dh_head = a.per_step ? dhead + t * BH : (t == T - 1 ? dhead : nullptr);
+    const float* dh_head = a.skip_head ? a.dh_seq + t * BH
+                           : a.per_step ? dhead + t * BH
+                                        : (t == T - 1 ? dhead : nullptr);
     for (int64_t tl = blockIdx.x; tl < state_tiles; tl += gridDim.x) {
       const int64_t b = tl / tiles_j * kStepRows + sb, j = tl % tiles_j * 32 + sj;
       if (b >= B || j >= H) continue;
@@ -282,8 +294,13 @@ lstm_segment_kernel(LstmSegmentArgs a, UpdateTable table, float clip,
   // ---- G: weight gradients over all steps ------------------------------------------------
   const int64_t next_g =
       gemm_tiles<true, false>(G, H, T * B, gx, G, hs, H, a.g_w_hh, H, nullptr, nullptr, gsh);
-  gemm_tiles<true, false>(G, I, T * B, gx, G, a.x, I, a.g_w_ih, I, nullptr, nullptr, gsh, next_g);
+  const int64_t next_x = gemm_tiles<true, false>(G, I, T * B, gx, G, a.x, I, a.g_w_ih, I,
+                                                 nullptr, nullptr, gsh, next_g);
+  if (a.dx)  // the gradient on x, for the layer below: dG W_ih (before the update writes W_ih)
+    gemm_tiles<false, false>(T * B, I, G, gx, G, a.w_ih, I, a.dx, I, nullptr, nullptr, gsh,
+                             next_x);
   column_sums(gx, T * B, G, a.g_b_ih, a.g_b_hh);
+  if (table.n_slots == 0) return;  // gradients only (no update table)
   grid.sync();
 
   // ---- U: the fused FPTT update of the six parameters ----------------------------------
@@ -315,15 +332,20 @@ int64_t lstm_segment_grid_size(int optimizer, int device) {
 int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
                         float clip, float* status, int device, void* stream) {
   const LstmSegmentArgs& a = args;
-  if (a.T < 1 || a.B < 1 || a.I < 1 || a.H < 1 || a.O < 1 || a.H > kLstmMaxHidden ||
+  const bool head = !a.skip_head && !a.forward_only;  // the head and loss are read
+  if (a.T < 1 || a.B < 1 || a.I < 1 || a.H < 1 || (head && a.O < 1) || a.H > kLstmMaxHidden ||
       (a.loss != LSTM_LOSS_MSE && a.loss != LSTM_LOSS_CE) ||
-      (a.loss == LSTM_LOSS_MSE ? a.target_f == nullptr : a.target_i == nullptr) ||
-      !a.x || !a.h0 || !a.c0 || !a.w_ih || !a.w_hh || !a.b_ih || !a.b_hh || !a.w_o || !a.b_o ||
-      !a.g_w_ih || !a.g_w_hh || !a.g_b_ih || !a.g_b_hh || !a.g_w_o || !a.g_b_o || !a.h_out ||
+      (head && (a.loss == LSTM_LOSS_MSE ? a.target_f == nullptr : a.target_i == nullptr)) ||
+      (head && (!a.w_o || !a.b_o || !a.g_w_o || !a.g_b_o)) ||
+      (a.skip_head && !a.forward_only && !a.dh_seq) ||
+      !a.x || !a.h0 || !a.c0 || !a.w_ih || !a.w_hh || !a.b_ih || !a.b_hh ||
+      !a.g_w_ih || !a.g_w_hh || !a.g_b_ih || !a.g_b_hh || !a.h_out ||
       !a.c_out || !a.loss_out || !a.scratch || (reinterpret_cast<uintptr_t>(a.scratch) & 15u))
     return int(cudaErrorInvalidValue);
-  if (table.n_slots < 1 || table.n_chunks < table.n_slots || table.slots == nullptr ||
-      table.scalars == nullptr || table.partials == nullptr || status == nullptr)
+  // an empty table (n_slots 0): gradients only; an update needs the head and the backward
+  if (table.n_slots != 0 &&
+      (!head || table.n_slots < 1 || table.n_chunks < table.n_slots || table.slots == nullptr ||
+       table.scalars == nullptr || table.partials == nullptr || status == nullptr))
     return int(cudaErrorInvalidValue);
   int64_t grid = lstm_segment_grid_size(optimizer, device);
   if (grid < 0) return int(-grid);

@@ -59,16 +59,46 @@ cuda::PersistentPlan persistent_plan(int64_t B, int64_t I, int64_t H, int64_t O,
   return cuda::lstm_persistent_plan(B, I, H, O, int(optimizer), device);
 }
 
+// One segment's gradients on the general kernel, without the update (config.update
+// false): data-parallel training all-reduces them first; the layers of a stack (config.head
+// false, forward_only) are updated together by the optimiser. Scratch from torch's caching
+// allocator, per call (stream-ordered); no update table. Returns KERNEL_GENERAL.
+int64_t lstm_gradients_cuda(const char* fn, const FpttState& state, const SegmentIO& segment,
+                            const SegmentConfig& config) {
+  const checks::LstmDims d =
+      checks::check_lstm_gradients_cuda_args(fn, state, segment, config, at::kCUDA);
+  const c10::Device device = segment.x.device();
+  c10::cuda::CUDAGuard guard(device);
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream(device.index());
+  const bool per_step = config.per_step && config.head;
+  at::Tensor scratch =
+      at::empty({cuda::lstm_scratch_floats(d.T, d.B, d.I, d.H, d.O, per_step ? 1 : 0)},
+                at::TensorOptions().dtype(at::kFloat).device(device));
+  cuda::LstmSegmentArgs a = checks::segment_args(segment.x, segment.h0, segment.c0, segment,
+                                                 state.params, state.grads, d, config);
+  a.h_out = fptr(segment.h_out);
+  a.c_out = fptr(segment.c_out);
+  a.loss_out = fptr(segment.losses);
+  a.scratch = fptr(scratch);
+  // an empty table: the kernel stops after the gradients (any optimizer code: none runs)
+  const int rc = cuda::launch_lstm_segment(a, cuda::UpdateTable{}, int(OPT_SGD), 0.f, nullptr,
+                                           device.index(), static_cast<void*>(stream.stream()));
+  FPTT_CHECK(rc == 0, fn, ": kernel launch failed: ", cuda::launch_error_string(rc),
+              " (cuda error ", rc, ")");
+  return KERNEL_GENERAL;
+}
+
 // config.n_segs FPTT segments over segment.x [T, B, I] (segments of ceil(T / n_segs)
 // steps, the state carried): one launch of the persistent kernel when config.kernel allows
 // and the shape fits (cuda_lstm.h), else one launch of the general kernel per segment.
 // Returns the kernel that ran (KERNEL_GENERAL or KERNEL_PERSISTENT). Segment p's loss
 // weighs (p + 1) / n_segs with config.ramp, else config.weight; segment.losses [n_segs]
 // gets each segment's unweighted loss; h_out, c_out the final state; state.status as the
-// fused update's. Always updates (config.update is not read).
+// fused update's. config.update false: lstm_gradients_cuda (one segment, no update).
 int64_t lstm_train_cuda(const FpttState& state, const SegmentIO& segment,
                         const SegmentConfig& config) {
   const char* fn = "lstm_train_cuda";
+  if (!config.update) return lstm_gradients_cuda(fn, state, segment, config);
   const int64_t mode = config.kernel;
   FPTT_CHECK(mode >= KERNEL_AUTO && mode <= KERNEL_PERSISTENT, fn,
               ": config.kernel must be 0 (auto), 1 (general) or 2 (persistent), got ", mode);
@@ -134,9 +164,8 @@ int64_t lstm_train_cuda(const FpttState& state, const SegmentIO& segment,
     glue::record_once(entry->scratch, entry->scratch_streams, stream);
   }
 
-  cuda::LstmSegmentArgs a =
-      checks::segment_args(x, segment.target, segment.h0, segment.c0, state.params, state.grads,
-                           dims, config.loss, per_step, config.weight);
+  cuda::LstmSegmentArgs a = checks::segment_args(x, segment.h0, segment.c0, segment,
+                                                 state.params, state.grads, dims, config);
   a.h_out = fptr(segment.h_out);
   a.c_out = fptr(segment.c_out);
   a.loss_out = fptr(segment.losses);

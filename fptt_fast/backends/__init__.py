@@ -102,16 +102,20 @@ def resolve(backend: str, device_type: str) -> str:
     return backend
 
 
-# -- FPTTLSTM's segment step ------------------------------------------------------------
+# -- the recurrent modules' segment step (FPTTLSTM, FPTTGRU) ------------------------------
 
-def segment_unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None if FPTTLSTM's segment step can run on `backend` for `device_type` tensors,
-    else why not: the backend itself, then the segment kernel it needs."""
+def segment_unavailable_reason(backend: str, device_type: str, cell=None) -> str | None:
+    """None if the segment step of `cell` (fptt_fast.cells.Cell; None: the LSTM's) can
+    run on `backend` for `device_type` tensors, else why not: the backend itself, then the
+    segment kernel it needs."""
     reason = unavailable_reason(backend, device_type)
     if reason is not None or backend == "reference":
         return reason
-    if backend == "cpu" and not hasattr(extension(), "lstm_segment_step_cpu"):
-        return ("fptt_fast._C has no lstm_segment_step_cpu (built from older sources; rebuild "
+    if cell is not None and backend not in cell.backends:
+        return f"{cell.title} has no {backend} segment kernel (it runs on {', '.join(cell.backends)})"
+    binding = cell.cpu_binding if cell is not None else "lstm_segment_step_cpu"
+    if backend == "cpu" and not hasattr(extension(), binding):
+        return (f"fptt_fast._C has no {binding} (built from older sources; rebuild "
                 "with pip install --no-build-isolation -e .)")
     if backend == "cuda" and not hasattr(extension(), "lstm_segment_step_cuda"):
         return "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
@@ -146,29 +150,30 @@ def segment_size_limit_error(backend: str, I: int, H: int, O: int, tf32: bool = 
     return None
 
 
-def resolve_segment(backend: str, device_type: str, sizes=None, tf32=False):
-    """(segment backend, FPTT optimiser backend) for FPTTLSTM(backend=...) on
-    `device_type`; sizes = (I, H, O) for the one-launch kernels' limits. "auto" takes the
-    first of AUTO_ORDER whose segment step is available and takes the sizes (or TF32);
-    the reference segment math comes with the fastest fused FPTT update ("auto"). An
-    explicit backend raises: RuntimeError if unavailable, ValueError naming a size limit."""
+def resolve_segment(backend: str, device_type: str, sizes=None, tf32=False, cell=None):
+    """(segment backend, FPTT optimiser backend) for a recurrent module of `cell` (None:
+    the LSTM) with backend=... on `device_type`; sizes = (I, H, O) for the one-launch
+    kernels' limits. "auto" takes the first of AUTO_ORDER whose segment step is available
+    and takes the sizes (or TF32); the reference segment math comes with the fastest fused
+    FPTT update ("auto"). An explicit backend raises: RuntimeError if unavailable,
+    ValueError naming a size limit."""
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS + ('auto',)}")
     if backend == "auto":
         for b in AUTO_ORDER.get(device_type, ("reference",)):
             if b == "reference":
                 return "reference", "auto"
-            if segment_unavailable_reason(b, device_type) is None and (
+            if segment_unavailable_reason(b, device_type, cell) is None and (
                     sizes is None or segment_size_limit_error(b, *sizes, tf32=tf32) is None):
                 return b, b
         return "reference", "auto"
     if backend == "cpu" and device_type != "cpu":
         raise RuntimeError(f"backend 'cpu' runs CPU tensors, the module is on {device_type}")
-    reason = segment_unavailable_reason(backend, device_type)
+    reason = segment_unavailable_reason(backend, device_type, cell)
     if reason is not None:
         if backend == "cpu":
             raise RuntimeError(f"backend 'cpu' is unavailable: {reason}")
-        raise RuntimeError(f"backend {backend!r} (one-launch LSTM segment step) is unavailable "
+        raise RuntimeError(f"backend {backend!r} (one-launch segment step) is unavailable "
                            f"for {device_type} tensors: {reason}")
     err = None if sizes is None else segment_size_limit_error(backend, *sizes, tf32=tf32)
     if err is not None:

@@ -4,14 +4,43 @@ from __future__ import annotations
 import torch
 
 from ..layout import LOSS_CODE
-from ..seam import SegmentConfig
+from ..seam import SegmentConfig, SegmentIO
 from . import extension
-from .base import Backend
+from .base import Backend, gradient_buffers
 
 
 class CpuBackend(Backend):
     name = "cpu"
     cpu_plan = True
+    layered = True
+
+    def layer(self, m, state, io, config):
+        """The cell's one-segment binding (m.cell.cpu_binding, e.g. lstm_segment_step_cpu)
+        on the module's workspace (grown in place, reused)."""
+        if m._workspace is None:
+            m._workspace = torch.empty(0, dtype=torch.float32)
+        config.builtin_gemm = bool(m.cpu_builtin_gemm)
+        loss, *final = getattr(extension(), m.cell.cpu_binding)(state, io, config, m._workspace)
+        for out, t in zip((io.h_out, io.c_out), final):
+            out.copy_(t)
+        io.losses.fill_(loss)
+        return io.losses
+
+    def bound_segment(self, m, x, target, state, weight, update):
+        """One segment of a cell without a held plan: its binding with the whole FPTT state
+        (the update inside the call, its status recorded in the optimiser's)."""
+        opt = m.optimizer
+        io = SegmentIO(x, target, state[0], state[1] if len(state) > 1 else None)
+        config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[m.loss],
+                               per_step=bool(m.per_step), update=update,
+                               builtin_gemm=bool(m.cpu_builtin_gemm))
+        if m._workspace is None:
+            m._workspace = torch.empty(0, dtype=torch.float32)
+        fstate = opt.kernel_state(m.fptt_parameters(), gradient_buffers(m), x.device)
+        loss, *final = getattr(extension(), m.cell.cpu_binding)(fstate, io, config, m._workspace)
+        if update:
+            opt.report_skipped(int(fstate.status[2].item()))
+        return torch.tensor(loss, dtype=torch.float32), tuple(final)
 
     def update_plan(self, param_groups, state):
         """FPTT.step's C++ plan (_C.CpuUpdatePlan) over these groups and their state."""
@@ -27,7 +56,10 @@ class CpuBackend(Backend):
         on m with the optimiser's own plan (_C.CpuUpdatePlan) and the buffers it was built
         on, and rebuilt when any of them is replaced. A changed hyper-parameter, clip or
         parameter tensor makes the call return a PLAN_* code having done nothing: the
-        optimiser refreshes itself and the call is made again."""
+        optimiser refreshes itself and the call is made again. A cell without a held plan
+        (m.cell.cpu_plan False) runs bound_segment."""
+        if not m.cell.cpu_plan:
+            return self.bound_segment(m, x, target, state, weight, update)
         opt = m.optimizer
         flags = (opt, m.loss, m.per_step, m.check_inputs, m.cpu_builtin_gemm)
         for _ in range(3):

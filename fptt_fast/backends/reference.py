@@ -27,4 +27,4 @@ class ReferenceBackend(Backend):
             m.optimizer.step()
         else:
             m._grads = list(grads)
-        return loss.detach(), (new_state[0].detach(), new_state[1].detach())
+        return loss.detach(), tuple(t.detach() for t in new_state)

@@ -7,6 +7,14 @@ from .base import DeviceBackend, launch_args
 
 class TritonBackend(DeviceBackend):
     name = "triton"
+    layered = True
+
+    def layer(self, m, state, io, config):
+        """The general kernel, its update compiled out (config.update False)."""
+        from ..kernels import lstm_segment
+        lstm_segment.train_segment(state, io, config)
+        m.last_kernel = "general"
+        return io.losses
 
     def update_launcher(self, state):
         from ..kernels import fptt_update
@@ -31,6 +39,9 @@ class TritonBackend(DeviceBackend):
         return "persistent"
 
     def check_module(self, m):
+        if m.num_layers > 1 and m.triton_kernel == "persistent":
+            raise ValueError("triton_kernel='persistent' runs one layer; num_layers > 1 runs "
+                             "the general kernel layer by layer (leave triton_kernel 'auto')")
         self.kernel(m)
 
     def one_launch(self, m):

@@ -55,8 +55,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "lstm_segment_cuda",
       [](const FpttState& state, const SegmentIO& segment, const SegmentConfig& config,
          const std::string& device_type) {
-        return dims_tuple(checks::check_lstm_segment_cuda_args(
-            "lstm_train_cuda", state, segment, config, parse_device_type(device_type)));
+        // as lstm_train_cuda: without the update, the gradients launch's checks
+        const c10::DeviceType dev = parse_device_type(device_type);
+        return dims_tuple(config.update ? checks::check_lstm_segment_cuda_args(
+                                              "lstm_train_cuda", state, segment, config, dev)
+                                        : checks::check_lstm_gradients_cuda_args(
+                                              "lstm_train_cuda", state, segment, config, dev));
       },
       "lstm_train_cuda's checks; (T, B, I, H, O)", py::arg("state"), py::arg("segment"),
       py::arg("config"), py::arg("device_type"));

@@ -46,7 +46,9 @@ int64_t lstm_scratch_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t 
 //   args       the segment (above)
 //   table      the update table of the six parameters, in the order of LstmSegmentArgs
 //              (w = w_ih, w_hh, b_ih, b_hh, w_o, b_o; g = the matching gradient buffers),
-//              with its scratch, built as for launch_fused_update (cuda_kernels.h)
+//              with its scratch, built as for launch_fused_update (cuda_kernels.h);
+//              an empty table (n_slots 0, status may be null): gradients only, no update
+//              (a layer of a stack, args.skip_head / forward_only, takes no other)
 //   optimizer  fptt::Optimizer code: 0 SGD, 1 Adam, 2 AdamW
 //   clip       max global L2 norm; <= 0: no clipping
 //   status     device float[3], as launch_fused_update's

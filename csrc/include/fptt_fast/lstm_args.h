@@ -43,6 +43,13 @@ struct LstmSegmentArgs {
   float* scratch;             // CPU: lstm_segment_workspace_floats(...) floats; CUDA:
                               // lstm_scratch_floats / the persistent kernel's layout,
                               // 16-byte aligned; no initialisation needed
+  // A layer of a stack (the general kernels only; zero/null: a one-layer segment):
+  int skip_head;              // 1: no head and no loss (w_o, b_o, their gradients, target
+                              // and O unused; loss 0); the gradient on the outputs is dh_seq
+  int forward_only;           // 1: the forward alone: h_out, c_out, h_seq; no gradients
+  const float* dh_seq;        // [T, B, H] with skip_head: the gradient on every step's h
+  float* dx;                  // [T, B, I] or null: written with the gradient on x (dG W_ih)
+  float* h_seq;               // [T, B, H] or null: written with every step's h
 };
 
 }  // namespace lstm

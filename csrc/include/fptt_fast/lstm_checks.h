@@ -22,32 +22,50 @@ struct LstmDims {
   int64_t T, B, I, H, O;
 };
 
+// What the checks need to know of a cell: its gate blocks (weights [gates*H, ...]),
+// whether it has a cell state c, its CPU binding's name (messages) and workspace size.
+struct CellKind {
+  int gates;
+  bool cell_state;
+  const char* cpu_fn;
+  int64_t (*workspace_floats)(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
+                              int per_step);
+};
+inline const CellKind kLstmCell{4, true, "lstm_segment_step_cpu",
+                                &cpu::lstm_segment_workspace_floats};
+
 // The kernel arguments (lstm_args.h) of checked segment inputs, the one filling for the
-// CPU binding and the CUDA glue: sizes, loss, inputs, the six parameters and gradient
-// buffers (in LstmSegmentArgs order). The outputs and scratch are left null: the caller
-// sets them.
-inline lstm::LstmSegmentArgs segment_args(const at::Tensor& x, const at::Tensor& target,
-                                          const at::Tensor& h0, const at::Tensor& c0,
+// CPU binding and the CUDA glue: sizes, loss, inputs, the parameters and gradient buffers
+// (six, or a stacked layer's four without the head), the layer fields. x, h0, c0 are
+// passed apart from io (the CUDA glue may pass copies). h_out, c_out, loss_out and
+// scratch are left null: the caller sets them.
+inline lstm::LstmSegmentArgs segment_args(const at::Tensor& x, const at::Tensor& h0,
+                                          const at::Tensor& c0, const SegmentIO& io,
                                           const std::vector<at::Tensor>& params,
                                           const std::vector<at::Tensor>& grads,
-                                          const LstmDims& d, int64_t loss, bool per_step,
-                                          double weight) {
+                                          const LstmDims& d, const SegmentConfig& cfg) {
   lstm::LstmSegmentArgs a{};
   a.T = d.T; a.B = d.B; a.I = d.I; a.H = d.H; a.O = d.O;
-  a.loss = int(loss);
-  a.per_step = per_step ? 1 : 0;
-  a.weight = float(weight);
+  a.loss = int(cfg.loss);
+  a.per_step = cfg.per_step && cfg.head ? 1 : 0;  // a layer without the head has no loss
+  a.weight = float(cfg.weight);
   a.x = x.data_ptr<float>();
-  a.target_f = loss == lstm::LOSS_MSE ? target.data_ptr<float>() : nullptr;
-  a.target_i = loss == lstm::LOSS_CE ? target.data_ptr<int64_t>() : nullptr;
+  const bool target = io.target.defined();
+  a.target_f = target && cfg.loss == lstm::LOSS_MSE ? io.target.data_ptr<float>() : nullptr;
+  a.target_i = target && cfg.loss == lstm::LOSS_CE ? io.target.data_ptr<int64_t>() : nullptr;
   a.h0 = h0.data_ptr<float>();
-  a.c0 = c0.data_ptr<float>();
+  a.c0 = c0.defined() ? c0.data_ptr<float>() : nullptr;  // a GRU has no cell state
   float** p[6] = {&a.w_ih, &a.w_hh, &a.b_ih, &a.b_hh, &a.w_o, &a.b_o};
   float** g[6] = {&a.g_w_ih, &a.g_w_hh, &a.g_b_ih, &a.g_b_hh, &a.g_w_o, &a.g_b_o};
-  for (int k = 0; k < 6; ++k) {
+  for (size_t k = 0; k < params.size(); ++k) {
     *p[k] = params[k].data_ptr<float>();
     *g[k] = grads[k].data_ptr<float>();
   }
+  a.skip_head = cfg.head ? 0 : 1;
+  a.forward_only = cfg.forward_only ? 1 : 0;
+  a.dh_seq = io.dh_seq.defined() ? io.dh_seq.data_ptr<float>() : nullptr;
+  a.dx = io.dx.defined() ? io.dx.data_ptr<float>() : nullptr;
+  a.h_seq = io.h_seq.defined() ? io.h_seq.data_ptr<float>() : nullptr;
   return a;
 }
 
@@ -59,24 +77,61 @@ inline ArgName lstm_param_name(int k, const char* list = "state.params") {
 }
 inline ArgName lstm_grad_name(int k) { return lstm_param_name(k, "state.grads"); }
 
+// A stacked layer's tensors in segment (seam.h): dh_seq [T, B, H] exactly when the layer
+// has no head and runs its backward; dx [T, B, I] and h_seq [T, B, H] optional outputs
+// (dx not with forward_only, which computes no gradient).
+inline void check_layer_io(const char* fn, const SegmentIO& io, const SegmentConfig& cfg,
+                           c10::DeviceType dev, const c10::Device& device, int64_t T,
+                           int64_t B, int64_t I, int64_t H) {
+  const bool want_dh = !cfg.head && !cfg.forward_only;
+  FPTT_CHECK(io.dh_seq.defined() == want_dh, fn,
+              want_dh ? ": a layer without the head (config.head false) takes the gradient on "
+                        "its outputs, segment.dh_seq [omega, B, H]; got None"
+                      : ": segment.dh_seq is read only by a layer without the head running its "
+                        "backward (config.head false, forward_only false); pass None");
+  if (want_dh) {
+    check_tensor(fn, io.dh_seq, {"segment.dh_seq"}, dev, &device);
+    check_shape(fn, io.dh_seq, {"segment.dh_seq"}, {T, B, H});
+  }
+  if (io.dx.defined()) {
+    FPTT_CHECK(!cfg.forward_only, fn,
+                ": segment.dx is a gradient, and config.forward_only computes none; pass None");
+    check_tensor(fn, io.dx, {"segment.dx"}, dev, &device);
+    check_shape(fn, io.dx, {"segment.dx"}, {T, B, I});
+  }
+  if (io.h_seq.defined()) {
+    check_tensor(fn, io.h_seq, {"segment.h_seq"}, dev, &device);
+    check_shape(fn, io.h_seq, {"segment.h_seq"}, {T, B, H});
+  }
+}
+
 // What every LSTM binding takes: the segment's x, h0, c0 and target, the six parameters
-// and gradient buffers (state.params, state.grads), the loss code and weight. The sizes
-// follow from x ([T, B, I]), weight_hh ([4H, H]) and head.weight ([O, H]); those three are
-// checked first, then every other tensor against the shapes they imply. max_hidden > 0
-// (the CUDA step's limit) is checked right after weight_hh, before any tensor whose
-// expected shape depends on H.
+// and gradient buffers (state.params, state.grads), the loss code and weight; a stacked
+// layer without the head (config.head false) takes its four parameters and dh_seq
+// instead of a target. The sizes follow from x ([T, B, I]), weight_hh ([4H, H]) and
+// head.weight ([O, H]; O = 0 without the head); those three are checked first, then every
+// other tensor against the shapes they imply. max_hidden > 0 (the CUDA step's limit) is
+// checked right after weight_hh, before any tensor whose expected shape depends on H.
 inline LstmDims check_lstm_segment_common(const char* fn, const SegmentIO& io,
                                           const std::vector<at::Tensor>& params,
                                           const std::vector<at::Tensor>& grads,
                                           const SegmentConfig& cfg, c10::DeviceType dev,
-                                          int64_t max_hidden) {
-  FPTT_CHECK(params.size() == 6, fn,
-              ": state.params must hold 6 tensors (weight_ih_l0, weight_hh_l0, bias_ih_l0, "
-              "bias_hh_l0, head.weight, head.bias), got ", params.size());
-  check_list_length(fn, "state.grads", grads.size(), "state.params", 6);
+                                          int64_t max_hidden,
+                                          const CellKind& cell = kLstmCell) {
+  const size_t n = cfg.head ? 6 : 4;
+  FPTT_CHECK(params.size() == n, fn,
+              cfg.head ? ": state.params must hold 6 tensors (weight_ih_l0, weight_hh_l0, "
+                         "bias_ih_l0, bias_hh_l0, head.weight, head.bias), got "
+                       : ": with config.head false state.params must hold a layer's 4 tensors "
+                         "(weight_ih, weight_hh, bias_ih, bias_hh), got ",
+              params.size());
+  check_list_length(fn, "state.grads", grads.size(), "state.params", n);
   FPTT_CHECK(cfg.loss == cpu::LOSS_MSE || cfg.loss == cpu::LOSS_CE, fn,
               ": config.loss must be 0 (mse) or 1 (ce), got ", cfg.loss);
   FPTT_CHECK(std::isfinite(cfg.weight), fn, ": config.weight must be finite, got ", cfg.weight);
+  FPTT_CHECK(!cfg.update || (cfg.head && !cfg.forward_only), fn,
+              ": config.update needs the head and the backward (the layers of a stack are "
+              "updated together, by the optimiser)");
 
   const at::Tensor& x = io.x;
   check_tensor(fn, x, {"segment.x"}, dev, nullptr);
@@ -87,24 +142,28 @@ inline LstmDims check_lstm_segment_common(const char* fn, const SegmentIO& io,
 
   const at::Tensor& whh = params[1];
   check_tensor(fn, whh, lstm_param_name(1), dev, &device);
-  // size(0) / 4 == size(1), not size(0) == 4 * size(1): an empty [0, 2^62] tensor must not
-  // pass through an overflow
-  FPTT_CHECK(whh.dim() == 2 && whh.size(1) >= 1 && whh.size(0) % 4 == 0 &&
-                  whh.size(0) / 4 == whh.size(1),
-              fn, ": ", lstm_param_name(1), " must be [4H, H] with H >= 1, got shape ",
+  // size(0) / gates == size(1), not size(0) == gates * size(1): an empty [0, 2^62] tensor
+  // must not pass through an overflow
+  const int gates = cell.gates;
+  FPTT_CHECK(whh.dim() == 2 && whh.size(1) >= 1 && whh.size(0) % gates == 0 &&
+                  whh.size(0) / gates == whh.size(1),
+              fn, ": ", lstm_param_name(1), " must be [", gates, "H, H] with H >= 1, got shape ",
               whh.sizes());
-  const int64_t H = whh.size(1), G = 4 * H;  // whh holds 4H^2 floats: no overflow
+  const int64_t H = whh.size(1), G = gates * H;  // whh holds gates H^2 floats: no overflow
   FPTT_CHECK(max_hidden <= 0 || H <= max_hidden, fn, ": hidden size H=", H,
               " exceeds the one-launch CUDA LSTM step's limit kLstmMaxHidden=", max_hidden,
               " (csrc/include/fptt_fast/cuda_lstm.h)");
-  const at::Tensor& wo = params[4];
-  check_tensor(fn, wo, lstm_param_name(4), dev, &device);
-  FPTT_CHECK(wo.dim() == 2 && wo.size(0) >= 1 && wo.size(1) == H, fn, ": ",
-              lstm_param_name(4), " must be [O >= 1, H=", H, "], got shape ", wo.sizes());
-  const int64_t O = wo.size(0);
+  int64_t O = 0;
+  if (cfg.head) {
+    const at::Tensor& wo = params[4];
+    check_tensor(fn, wo, lstm_param_name(4), dev, &device);
+    FPTT_CHECK(wo.dim() == 2 && wo.size(0) >= 1 && wo.size(1) == H, fn, ": ",
+                lstm_param_name(4), " must be [O >= 1, H=", H, "], got shape ", wo.sizes());
+    O = wo.size(0);
+  }
 
   const std::vector<std::vector<int64_t>> shapes = {{G, I}, {G, H}, {G}, {G}, {O, H}, {O}};
-  for (int k = 0; k < 6; ++k) {
+  for (size_t k = 0; k < n; ++k) {
     check_tensor(fn, params[k], lstm_param_name(k), dev, &device);
     check_shape(fn, params[k], lstm_param_name(k), shapes[k]);
     check_tensor(fn, grads[k], lstm_grad_name(k), dev, &device);
@@ -112,8 +171,18 @@ inline LstmDims check_lstm_segment_common(const char* fn, const SegmentIO& io,
   }
   check_tensor(fn, io.h0, {"segment.h0"}, dev, &device);
   check_shape(fn, io.h0, {"segment.h0"}, {B, H});
-  check_tensor(fn, io.c0, {"segment.c0"}, dev, &device);
-  check_shape(fn, io.c0, {"segment.c0"}, {B, H});
+  if (cell.cell_state) {
+    check_tensor(fn, io.c0, {"segment.c0"}, dev, &device);
+    check_shape(fn, io.c0, {"segment.c0"}, {B, H});
+  } else {
+    FPTT_CHECK(!io.c0.defined(), fn, ": segment.c0 must be None (this cell has no cell state)");
+  }
+  check_layer_io(fn, io, cfg, dev, device, T, B, I, H);
+  if (!cfg.head || cfg.forward_only) {
+    FPTT_CHECK(cfg.head || !io.target.defined(), fn,
+                ": segment.target must be None without the head (config.head false)");
+    return {T, B, I, H, O};
+  }
 
   std::vector<int64_t> lead =
       cfg.per_step ? std::vector<int64_t>{T, B} : std::vector<int64_t>{B};
@@ -131,14 +200,18 @@ inline LstmDims check_lstm_segment_common(const char* fn, const SegmentIO& io,
   return {T, B, I, H, O};
 }
 
-// The segment's inputs in an alias check (the state's tensors: add_update_ranges).
+// The segment's inputs in an alias check (the state's tensors: add_update_ranges), and a
+// stacked layer's dh_seq (read), dx and h_seq (written).
 inline void add_lstm_inputs(AliasCheck& ac, const SegmentIO& io, bool with_state) {
   ac.add(io.x, {"segment.x"}, false);
-  ac.add(io.target, {"segment.target"}, false);
+  if (io.target.defined()) ac.add(io.target, {"segment.target"}, false);
   if (with_state) {
     ac.add(io.h0, {"segment.h0"}, false);
-    ac.add(io.c0, {"segment.c0"}, false);
+    if (io.c0.defined()) ac.add(io.c0, {"segment.c0"}, false);
   }
+  if (io.dh_seq.defined()) ac.add(io.dh_seq, {"segment.dh_seq"}, false);
+  if (io.dx.defined()) ac.add(io.dx, {"segment.dx"}, true);
+  if (io.h_seq.defined()) ac.add(io.h_seq, {"segment.h_seq"}, true);
 }
 
 // Everything lstm_segment_step_cpu accepts, on device type `dev`. The state's FPTT lists,
@@ -148,13 +221,14 @@ inline void add_lstm_inputs(AliasCheck& ac, const SegmentIO& io, bool with_state
 inline LstmDims check_lstm_segment_cpu_args(const FpttState& s, const SegmentIO& io,
                                             const SegmentConfig& cfg,
                                             const at::Tensor& workspace, c10::DeviceType dev,
-                                            int64_t* workspace_need) {
-  const char* fn = "lstm_segment_step_cpu";
-  const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev, 0);
+                                            int64_t* workspace_need,
+                                            const CellKind& cell = kLstmCell) {
+  const char* fn = cell.cpu_fn;
+  const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev, 0, cell);
   const c10::Device device = io.x.device();
   check_tensor(fn, workspace, {"workspace"}, dev, &device);
   const int64_t need =
-      cpu::lstm_segment_workspace_floats(d.T, d.B, d.I, d.H, d.O, cfg.per_step ? 1 : 0);
+      cell.workspace_floats(d.T, d.B, d.I, d.H, d.O, cfg.per_step && cfg.head ? 1 : 0);
   if (workspace.numel() < need) {
     FPTT_CHECK(workspace.storage().resizable() && !workspace.requires_grad(), fn,
                 ": workspace holds ", workspace.numel(), " floats, this segment needs ", need,
@@ -222,6 +296,43 @@ inline LstmDims check_lstm_segment_cuda_args(const char* fn, const FpttState& s,
     add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
     add_update_ranges(ac, s, /*update=*/true, /*grads_written=*/true);
     ac.add(s.status, {"state.status"}, true);
+    ac.add(io.losses, {"segment.losses"}, true);
+    if (pass == 1) {
+      ac.add(io.h_out, {"segment.h_out"}, true);
+      ac.add(io.c_out, {"segment.c_out"}, true);
+    }
+    ac.check(fn);
+  }
+  return d;
+}
+
+// Everything the CUDA gradients-only launch accepts (config.update false): one segment on
+// the general kernel, no update, so the state's FPTT lists, hyper table, clip and status
+// are neither read nor checked. A layer of a stack (config.head false, forward_only) runs
+// only here. h_out/c_out may alias h0/c0, nothing else overlaps a written tensor.
+inline LstmDims check_lstm_gradients_cuda_args(const char* fn, const FpttState& s,
+                                               const SegmentIO& io, const SegmentConfig& cfg,
+                                               c10::DeviceType dev) {
+  FPTT_CHECK(!cfg.tf32, fn,
+              ": tf32=True is not implemented by the CUDA one-launch LSTM step (it computes in "
+              "IEEE fp32); use allow_tf32=False");
+  FPTT_CHECK(cfg.n_segs == 1 && !cfg.ramp && cfg.kernel != 2, fn,
+              ": without the update (config.update false) the general kernel runs one segment: "
+              "config.n_segs 1, ramp false, kernel 0 or 1");
+  const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev,
+                                               cuda::kLstmMaxHidden);
+  const c10::Device device = io.x.device();
+  check_tensor(fn, io.h_out, {"segment.h_out"}, dev, &device);
+  check_shape(fn, io.h_out, {"segment.h_out"}, {d.B, d.H});
+  check_tensor(fn, io.c_out, {"segment.c_out"}, dev, &device);
+  check_shape(fn, io.c_out, {"segment.c_out"}, {d.B, d.H});
+  check_tensor(fn, io.losses, {"segment.losses"}, dev, &device);
+  FPTT_CHECK(io.losses.numel() == 1, fn, ": segment.losses must hold 1 float, got ",
+              io.losses.numel());
+  for (int pass = 0; pass < 2; ++pass) {  // as check_lstm_segment_cuda_args
+    AliasCheck ac(24);
+    add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
+    add_update_ranges(ac, s, /*update=*/false, /*grads_written=*/!cfg.forward_only);
     ac.add(io.losses, {"segment.losses"}, true);
     if (pass == 1) {
       ac.add(io.h_out, {"segment.h_out"}, true);

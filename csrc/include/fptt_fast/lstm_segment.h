@@ -42,7 +42,9 @@ using LstmSegmentArgs = ::fptt::lstm::LstmSegmentArgs;
 int64_t lstm_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O,
                                       int per_step);
 
-// Returns the unweighted segment loss (mean over the batch, and over the steps if per_step).
+// Returns the unweighted segment loss (mean over the batch, and over the steps if per_step;
+// 0 for a layer without the head, or forward_only). skip_head: the per-step gradient on
+// the layer's outputs is dh_seq; dx: also the gradient on x.
 double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm);
 
 }  // namespace cpu

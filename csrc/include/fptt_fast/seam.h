@@ -50,14 +50,19 @@ struct FpttState {
 
 // A segment's tensors, time-major: x [omega, B, I], target ([B, O] or per step
 // [omega, B, O]; ce: class indices), the entering state h0, c0 [B, H] and, for the GPU
-// launches, the outputs h_out, c_out [B, H] and losses [segments].
+// launches, the outputs h_out, c_out [B, H] and losses [segments]. A layer of a stack
+// (config.head false) takes dh_seq [omega, B, H], the gradient on its outputs from the
+// layer above, instead of a target; dx [omega, B, I] (optional) receives the gradient on
+// x, h_seq [omega, B, H] (optional) every step's output.
 struct SegmentIO {
-  at::Tensor x, target, h0, c0, h_out, c_out, losses;
+  at::Tensor x, target, h0, c0, h_out, c_out, losses, dh_seq, dx, h_seq;
 };
 
 // What a segment launch does. weight: the loss weight of a one-segment launch; n_segs > 1
 // splits x into that many segments of ceil(omega / n_segs) steps, weighted (p + 1) / n_segs
 // if ramp else weight. kernel: the CUDA kernel (0 auto, 1 general, 2 persistent).
+// head false: a lower layer of a stack (params: its 4 tensors, no loss); forward_only:
+// the forward alone (h_out, c_out, h_seq), no gradients.
 struct SegmentConfig {
   double weight = 1.0;
   int64_t loss = 0;  // LossCode: 0 mse, 1 ce
@@ -68,6 +73,8 @@ struct SegmentConfig {
   bool tf32 = false;
   int64_t kernel = 0;
   bool builtin_gemm = false;  // the CPU step's own GEMM instead of torch's (tests)
+  bool head = true;
+  bool forward_only = false;
 };
 
 }  // namespace fptt

@@ -37,6 +37,25 @@ inline void read_tensor(py::handle src, const char* type, const char* field, at:
   read(src, type, field, out);
 }
 
+// One field: a tensor may be None, anything else must convert.
+template <typename T>
+void read_field(py::handle src, const char* type, const char* field, T* out) {
+  read(src, type, field, out);
+}
+inline void read_field(py::handle src, const char* type, const char* field, at::Tensor* out) {
+  read_tensor(src, type, field, out);
+}
+
+// A struct's fields by name: fields("x", &S::x, "y", &S::y, ...) read into `value`.
+template <typename S>
+void read_fields(py::handle, const char*, S&) {}
+template <typename S, typename M, typename... Rest>
+void read_fields(py::handle src, const char* type, S& value, const char* name, M S::*member,
+                 Rest... rest) {
+  read_field(src, type, name, &(value.*member));
+  read_fields(src, type, value, rest...);
+}
+
 }  // namespace seam_detail
 }  // namespace fptt
 
@@ -49,19 +68,11 @@ struct type_caster<fptt::FpttState> {
   bool load(handle src, bool) {
     using namespace fptt::seam_detail;
     if (!hasattr(src, "w_bar")) return false;
-    const char* t = "FpttState";
-    read(src, t, "params", &value.params);
-    read(src, t, "grads", &value.grads);
-    read(src, t, "w_bar", &value.w_bar);
-    read(src, t, "lam", &value.lam);
-    read(src, t, "exp_avg", &value.exp_avg);
-    read(src, t, "exp_avg_sq", &value.exp_avg_sq);
-    read(src, t, "step", &value.step);
-    read_tensor(src, t, "hyper", &value.hyper);
-    read(src, t, "group_of", &value.group_of);
-    read(src, t, "optimizer", &value.optimizer);
-    read(src, t, "clip", &value.clip);
-    read_tensor(src, t, "status", &value.status);
+    using S = fptt::FpttState;
+    read_fields(src, "FpttState", value, "params", &S::params, "grads", &S::grads, "w_bar",
+                &S::w_bar, "lam", &S::lam, "exp_avg", &S::exp_avg, "exp_avg_sq",
+                &S::exp_avg_sq, "step", &S::step, "hyper", &S::hyper, "group_of", &S::group_of,
+                "optimizer", &S::optimizer, "clip", &S::clip, "status", &S::status);
     return true;
   }
   static handle cast(const fptt::FpttState&, return_value_policy, handle) {
@@ -75,14 +86,10 @@ struct type_caster<fptt::SegmentIO> {
   bool load(handle src, bool) {
     using namespace fptt::seam_detail;
     if (!hasattr(src, "h0")) return false;
-    const char* t = "SegmentIO";
-    read_tensor(src, t, "x", &value.x);
-    read_tensor(src, t, "target", &value.target);
-    read_tensor(src, t, "h0", &value.h0);
-    read_tensor(src, t, "c0", &value.c0);
-    read_tensor(src, t, "h_out", &value.h_out);
-    read_tensor(src, t, "c_out", &value.c_out);
-    read_tensor(src, t, "losses", &value.losses);
+    using S = fptt::SegmentIO;
+    read_fields(src, "SegmentIO", value, "x", &S::x, "target", &S::target, "h0", &S::h0, "c0",
+                &S::c0, "h_out", &S::h_out, "c_out", &S::c_out, "losses", &S::losses, "dh_seq",
+                &S::dh_seq, "dx", &S::dx, "h_seq", &S::h_seq);
     return true;
   }
   static handle cast(const fptt::SegmentIO&, return_value_policy, handle) {
@@ -96,16 +103,11 @@ struct type_caster<fptt::SegmentConfig> {
   bool load(handle src, bool) {
     using namespace fptt::seam_detail;
     if (!hasattr(src, "n_segs")) return false;
-    const char* t = "SegmentConfig";
-    read(src, t, "weight", &value.weight);
-    read(src, t, "loss", &value.loss);
-    read(src, t, "per_step", &value.per_step);
-    read(src, t, "update", &value.update);
-    read(src, t, "n_segs", &value.n_segs);
-    read(src, t, "ramp", &value.ramp);
-    read(src, t, "tf32", &value.tf32);
-    read(src, t, "kernel", &value.kernel);
-    read(src, t, "builtin_gemm", &value.builtin_gemm);
+    using S = fptt::SegmentConfig;
+    read_fields(src, "SegmentConfig", value, "weight", &S::weight, "loss", &S::loss, "per_step",
+                &S::per_step, "update", &S::update, "n_segs", &S::n_segs, "ramp", &S::ramp,
+                "tf32", &S::tf32, "kernel", &S::kernel, "builtin_gemm", &S::builtin_gemm,
+                "head", &S::head, "forward_only", &S::forward_only);
     return true;
   }
   static handle cast(const fptt::SegmentConfig&, return_value_policy, handle) {
