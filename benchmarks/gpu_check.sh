@@ -104,7 +104,7 @@ fi
 # -v: each result is logged as it completes, so a stage cut by its limit still names them
 GPU_TESTS="tests/test_bindings.py tests/test_update.py tests/test_regularizer.py tests/test_lstm_layouts.py tests/test_update_cuda.py tests/test_update_triton.py
   tests/test_lstm.py tests/test_lstm_cuda.py tests/test_lstm_persistent.py tests/test_lstm_triton.py
-  tests/test_lstm_stacked.py
+  tests/test_lstm_stacked.py tests/test_gru.py
   tests/test_lstm_triton_persistent.py tests/test_graphs.py tests/test_distributed.py
   tests/test_host_path.py tests/test_layout.py tests/test_foundation.py"
 HOST_TESTS="tests/test_dtypes.py tests/test_cli.py tests/test_cli_faults.py tests/test_mnist.py tests/test_train.py

@@ -6,7 +6,8 @@
 from . import backends, reference, tasks
 from .optim import FPTT
 from .lstm import FPTTLSTM
+from .gru import FPTTGRU
 from .recurrent import FPTTRecurrent
 
-__all__ = ["FPTT", "FPTTLSTM", "FPTTRecurrent", "backends", "reference", "tasks"]
+__all__ = ["FPTT", "FPTTGRU", "FPTTLSTM", "FPTTRecurrent", "backends", "reference", "tasks"]
 __version__ = "0.1.0"

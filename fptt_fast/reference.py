@@ -270,6 +270,22 @@ def lstm_layer(x, h, c, w_ih, w_hh, b_ih, b_hh):
     return torch.stack(outs), (h, c)
 
 
+def gru_layer(x, h, w_ih, w_hh, b_ih, b_hh):
+    """One GRU layer over x [T, B, In] from h [B, H], nn.GRU's equations and gate order
+    (r, z, n; b_hn inside r's product): (outputs [T, B, H], h)."""
+    pre_x = F.linear(x, w_ih, b_ih)  # all steps at once
+    outs = []
+    for px in pre_x.unbind(0):
+        xr, xz, xn = px.chunk(3, dim=1)
+        hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+        r = torch.sigmoid(xr + hr)
+        z = torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return torch.stack(outs), h
+
+
 def stacked(layer, module, x, state, num_layers: int):
     """A stacked recurrent forward on `module`'s parameters (layer_names): layer k reads
     layer k-1's outputs. layer(x, state, w_ih, w_hh, b_ih, b_hh) -> (outputs, state), a
@@ -291,6 +307,12 @@ def stacked(layer, module, x, state, num_layers: int):
 def lstm_layer_state(x, state, w_ih, w_hh, b_ih, b_hh):
     """lstm_layer on a state tuple (h, c): stacked's layer for an LSTM."""
     return lstm_layer(x, state[0], state[1], w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_layer_state(x, state, w_ih, w_hh, b_ih, b_hh):
+    """gru_layer on a state tuple (h,): stacked's layer for a GRU."""
+    out, h = gru_layer(x, state[0], w_ih, w_hh, b_ih, b_hh)
+    return out, (h,)
 
 
 def stacked_lstm(module, x, state, num_layers: int):
