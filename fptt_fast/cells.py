@@ -21,7 +21,9 @@ class Cell:
                          # b_ih, b_hh) -> (outputs [T, B, H], state tuple)
     backends: tuple      # the backends with a segment kernel of this cell
     cpu_binding: str     # fptt_fast._C's one-segment binding on the cpu backend
+    triton_module: str = ""  # fptt_fast.kernels' module of its general Triton kernel
     cpu_plan: bool = False  # the cpu backend's held plan (_C.CpuLstmPlan) runs it
+    persistent: bool = False  # it has the one-launch persistent kernels (cuda, triton)
 
     def public_state(self, state):
         """The state as torch's module returns it: (h, c) for an LSTM, h for a GRU."""

@@ -17,7 +17,8 @@ PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
 
 LSTM = Cell(name="lstm", title="FPTTLSTM", gates=4, states=("h", "c"),
             layer=reference.lstm_layer_state, backends=("reference", "cpu", "triton", "cuda"),
-            cpu_binding="lstm_segment_step_cpu", cpu_plan=True)
+            cpu_binding="lstm_segment_step_cpu", triton_module="lstm_segment", cpu_plan=True,
+            persistent=True)
 
 
 class FPTTLSTM(FPTTRecurrent):

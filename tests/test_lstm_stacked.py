@@ -142,7 +142,7 @@ def test_layer_refusals_name_the_field():
 def test_persistent_kernels_and_graphs_refuse_stacks():
     """The one-launch kernels run one layer: a stack asks for the general kernel."""
     stack = types.SimpleNamespace(num_layers=2, cuda_kernel="persistent",
-                                  triton_kernel="persistent")
+                                  triton_kernel="persistent", cell=fptt_fast.lstm.LSTM)
     with pytest.raises(ValueError, match="cuda_kernel='persistent' runs one layer"):
         backends.engine("cuda").check_module(stack)
     with pytest.raises(ValueError, match="triton_kernel='persistent' runs one layer"):

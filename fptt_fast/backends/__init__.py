@@ -108,11 +108,11 @@ def segment_unavailable_reason(backend: str, device_type: str, cell=None) -> str
     """None if the segment step of `cell` (fptt_fast.cells.Cell; None: the LSTM's) can
     run on `backend` for `device_type` tensors, else why not: the backend itself, then the
     segment kernel it needs."""
+    if cell is not None and backend not in cell.backends:
+        return f"{cell.title} has no {backend} segment kernel (it runs on {', '.join(cell.backends)})"
     reason = unavailable_reason(backend, device_type)
     if reason is not None or backend == "reference":
         return reason
-    if cell is not None and backend not in cell.backends:
-        return f"{cell.title} has no {backend} segment kernel (it runs on {', '.join(cell.backends)})"
     binding = cell.cpu_binding if cell is not None else "lstm_segment_step_cpu"
     if backend == "cpu" and not hasattr(extension(), binding):
         return (f"fptt_fast._C has no {binding} (built from older sources; rebuild "

@@ -56,6 +56,11 @@ class Backend:
         return engine, (self.name,)
 
 
+def final_state(io):
+    """The state a launch wrote: (h_out, c_out), or (h_out,) for a cell without c."""
+    return (io.h_out,) if io.c_out is None else (io.h_out, io.c_out)
+
+
 def gradient_buffers(m):
     """m's gradient buffers (allocated once): the fused steps write its task gradients here."""
     if m._grads is None:
@@ -66,8 +71,9 @@ def gradient_buffers(m):
 def launch_args(m, x, target, state, weight, n_segs, ramp, update=True):
     """(FpttState, SegmentIO, SegmentConfig) of a device launch of module m over x: fresh
     h_out, c_out and losses [n_segs]; the optimiser's state (its hyper table refreshed)."""
-    io = SegmentIO(x, target, state[0], state[1], torch.empty_like(state[0]),
-                   torch.empty_like(state[1]),
+    c0 = state[1] if len(state) > 1 else None  # (a GRU has no cell state)
+    io = SegmentIO(x, target, state[0], c0, torch.empty_like(state[0]),
+                   None if c0 is None else torch.empty_like(c0),
                    torch.empty(n_segs, dtype=torch.float32, device=x.device))
     fstate = m.optimizer.kernel_state(m.fptt_parameters(), gradient_buffers(m), x.device)
     config = SegmentConfig(weight=float(weight), loss=LOSS_CODE[m.loss],

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import extension
-from .base import DeviceBackend, launch_args
+from .base import DeviceBackend, final_state, launch_args
 
 # FPTTLSTM(cuda_kernel=...): lstm_train_cuda's kernel codes, and the names of what ran
 KERNELS = {"auto": 0, "general": 1, "persistent": 2}
@@ -38,11 +38,11 @@ class CudaBackend(DeviceBackend):
         fstate, io, config = launch_args(m, x, target, state, weight, n_segs, ramp)
         config.kernel = KERNELS[m.cuda_kernel]
         m.last_kernel = KERNEL_NAMES[_extension().lstm_train_cuda(fstate, io, config)]
-        return io.losses, (io.h_out, io.c_out)
+        return io.losses, final_state(io)
 
     def gradients(self, m, x, target, state, weight):
         """The general kernel without the update (config.update False: the launch ends
         with the gradients, loss and state; the optimiser's state is not read)."""
         fstate, io, config = launch_args(m, x, target, state, weight, 1, False, update=False)
         m.last_kernel = KERNEL_NAMES[_extension().lstm_train_cuda(fstate, io, config)]
-        return io.losses, (io.h_out, io.c_out)
+        return io.losses, final_state(io)

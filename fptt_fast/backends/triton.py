@@ -2,7 +2,14 @@
 only under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
-from .base import DeviceBackend, launch_args
+import importlib
+
+from .base import DeviceBackend, final_state, launch_args
+
+
+def _general(m):
+    """The module of m's cell's general kernel (kernels/lstm_segment.py, gru_segment.py)."""
+    return importlib.import_module(f"fptt_fast.kernels.{m.cell.triton_module}")
 
 
 class TritonBackend(DeviceBackend):
@@ -11,8 +18,7 @@ class TritonBackend(DeviceBackend):
 
     def layer(self, m, state, io, config):
         """The general kernel, its update compiled out (config.update False)."""
-        from ..kernels import lstm_segment
-        lstm_segment.train_segment(state, io, config)
+        _general(m).train_segment(state, io, config)
         m.last_kernel = "general"
         return io.losses
 
@@ -39,6 +45,9 @@ class TritonBackend(DeviceBackend):
         return "persistent"
 
     def check_module(self, m):
+        if m.triton_kernel == "persistent" and not m.cell.persistent:
+            raise ValueError(f"triton_kernel='persistent' is an LSTM kernel; {m.cell.title} "
+                             f"runs the general one (leave triton_kernel 'auto')")
         if m.num_layers > 1 and m.triton_kernel == "persistent":
             raise ValueError("triton_kernel='persistent' runs one layer; num_layers > 1 runs "
                              "the general kernel layer by layer (leave triton_kernel 'auto')")
@@ -53,16 +62,14 @@ class TritonBackend(DeviceBackend):
             from ..kernels import lstm_persistent
             lstm_persistent.train(fstate, io, config)
         else:
-            from ..kernels import lstm_segment
-            lstm_segment.train_segment(fstate, io, config)  # n_segs 1 (it checks)
+            _general(m).train_segment(fstate, io, config)  # n_segs 1 (it checks)
         m.last_kernel = self.kernel(m)
-        return io.losses, (io.h_out, io.c_out)
+        return io.losses, final_state(io)
 
     def gradients(self, m, x, target, state, weight):
         """The general kernel with its update phase compiled out (config.update False); also
         with triton_kernel="persistent", which has no update switch."""
-        from ..kernels import lstm_segment
         fstate, io, config = launch_args(m, x, target, state, weight, 1, False, update=False)
-        lstm_segment.train_segment(fstate, io, config)
+        _general(m).train_segment(fstate, io, config)
         m.last_kernel = "general"
-        return io.losses, (io.h_out, io.c_out)
+        return io.losses, final_state(io)
