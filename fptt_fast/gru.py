@@ -1,8 +1,9 @@
 """fptt_fast.FPTTGRU: the GRU cell of fptt_fast.recurrent.FPTTRecurrent.
 
 Its description (fptt_fast.cells.Cell): nn.GRU's shapes and gate order (r, z, n), the
-state h, the reference math (fptt_fast.reference.gru_layer) and its kernel on the cpu
-backend (csrc/cpu/gru_segment.cpp, bound by csrc/bind_gru.cpp).
+state h, the reference math (fptt_fast.reference.gru_layer) and its kernels: cpu
+(csrc/cpu/gru_segment.cpp, bound by csrc/bind_gru.cpp) and triton
+(kernels/gru_segment.py).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from .cells import Cell
 from .recurrent import FPTTRecurrent
 
 GRU = Cell(name="gru", title="FPTTGRU", gates=3, states=("h",),
-           layer=reference.gru_layer_state, backends=("reference", "cpu"),
-           cpu_binding="gru_segment_step_cpu")
+           layer=reference.gru_layer_state, backends=("reference", "cpu", "triton"),
+           cpu_binding="gru_segment_step_cpu", triton_module="gru_segment")
 
 
 class FPTTGRU(FPTTRecurrent):
@@ -27,10 +28,11 @@ class FPTTGRU(FPTTRecurrent):
         out, h = m(x, h)                                 # evaluation forward
         m.load_gru_state_dict(nn_gru.state_dict(), head=linear.state_dict())
 
-    Backends: reference (autograd) and cpu (one C++ call per segment: forward, loss,
-    backward and the fused FPTT update; a stack: one call per layer and direction).
-    triton and cuda have no GRU kernel yet: backend="auto" on a GPU runs the reference
-    segment math with the fused FPTT update of the device.
+    Backends: reference (autograd), cpu (one C++ call per segment: forward, loss,
+    backward and the fused FPTT update) and triton (one launch of its general kernel; CUDA
+    tensors, or CPU tensors under TRITON_INTERPRET=1); a stack: one call or launch per
+    layer and direction. There is no CUDA C++ GRU kernel: backend="auto" on a GPU takes
+    triton (or, without it, the reference segment math with the fused FPTT update).
     """
 
     cell = GRU

@@ -2,6 +2,8 @@
 dict, stacking, batch_first) and its training against nn.GRU + nn.Linear trained per
 segment by the reference FPTT (reference and cpu, one to three layers); the cpu kernel's
 gradients and a stacked layer's launch against autograd; what it refuses."""
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,7 +14,9 @@ from fptt_fast import backends, reference
 from fptt_fast.layout import LOSS_CODE, OPT_CODE
 from fptt_fast.seam import FpttState, SegmentConfig, SegmentIO
 
-from .utils import TOL_MATMUL, TOL_UPDATE, make_target, scaled_err
+from .utils import (TOL_MATMUL, TOL_UPDATE, backend_device, finish_background_compile,
+                    interpreted, make_target, scaled_err, sm90_compile_script,
+                    start_background_compile)
 
 I, H, O, B = 3, 9, 2, 5
 OPT = dict(optimizer="sgd", lr=0.05, momentum=0.5, alpha=0.3, clip=1.0)
@@ -21,8 +25,9 @@ OPT = dict(optimizer="sgd", lr=0.05, momentum=0.5, alpha=0.3, clip=1.0)
 def torch_twin(m):
     """nn.GRU(batch_first=m's, num_layers=m's) + nn.Linear loaded into m (whose FPTT state
     starts afresh), and their reference FPTT."""
-    gru = nn.GRU(I, H, batch_first=m.batch_first, num_layers=m.num_layers)
-    head = nn.Linear(H, O)
+    dev = m.weight_hh_l0.device
+    gru = nn.GRU(I, H, batch_first=m.batch_first, num_layers=m.num_layers, device=dev)
+    head = nn.Linear(H, O, device=dev)
     m.load_gru_state_dict(gru.state_dict(), head=head.state_dict())
     return gru, head, fptt_fast.FPTT([*gru.parameters(), *head.parameters()],
                                      backend="reference", **OPT)
@@ -43,18 +48,19 @@ def test_forward_and_state_dict_are_nn_grus(layers, batch_first, fresh_seed):
 
 
 @pytest.mark.parametrize("backend,layers", [("reference", 1), ("cpu", 1), ("cpu", 2),
-                                            ("auto", 3)])
+                                            ("triton", 1), ("triton", 2), ("auto", 3)])
 @pytest.mark.parametrize("per_step", [False, True])
 def test_matches_nn_gru_trained_per_segment(backend, layers, per_step, fresh_seed):
+    dev = backend_device(backend, "lstm") if backend != "auto" else "cpu"
     m = fptt_fast.FPTTGRU(I, H, O, per_step=per_step, batch_first=True, backend=backend,
-                          num_layers=layers, **OPT)
+                          num_layers=layers, device=dev, **OPT)
     assert m.backend == ("cpu" if backend == "auto" else backend)
     gru, head, opt = torch_twin(m)
     state, twin_state = None, None
-    for k in range(20):
+    for k in range(4 if interpreted(backend) else 20):
         omega = 1 + k % 4
-        x = torch.randn(B, omega, I)
-        y = torch.randn(B, omega, O) if per_step else torch.randn(B, O)
+        x = torch.randn(B, omega, I, device=dev)
+        y = torch.randn(B, omega, O, device=dev) if per_step else torch.randn(B, O, device=dev)
         weight = 0.5 + k % 3
         loss, state = m.train_segment(x, y, state, weight=weight)
         out, h = gru(x, twin_state)
@@ -73,17 +79,19 @@ def test_matches_nn_gru_trained_per_segment(backend, layers, per_step, fresh_see
         assert scaled_err(p, q, scale) <= TOL_UPDATE
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("loss,per_step", [("mse", False), ("ce", True), ("ce", False)])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_cpu_gradients_match_autograd(loss, per_step, layers, fresh_seed):
-    """loss_and_grads on the cpu kernel against autograd through the reference math;
-    nothing is updated."""
-    m = fptt_fast.FPTTGRU(I, H, 4, loss=loss, per_step=per_step, backend="cpu",
-                          num_layers=layers)
+def test_gradients_match_autograd(backend, loss, per_step, layers, fresh_seed):
+    """loss_and_grads on the backend's kernel against autograd through the reference
+    math; nothing is updated."""
+    dev = backend_device(backend, "lstm")
+    m = fptt_fast.FPTTGRU(I, H, 4, loss=loss, per_step=per_step, backend=backend,
+                          num_layers=layers, device=dev)
     omega = 6
-    x = torch.randn(omega, B, I)
-    y = make_target(loss, per_step, omega, B, 4)
-    h0 = torch.randn(*((layers,) if layers > 1 else ()), B, H) * 0.5
+    x = torch.randn(omega, B, I, device=dev)
+    y = make_target(loss, per_step, omega, B, 4, device=dev)
+    h0 = torch.randn(*((layers,) if layers > 1 else ()), B, H, device=dev) * 0.5
     weight = 0.7
     with torch.enable_grad():
         seg, new_state = m._reference_loss(x, y, (h0,))
@@ -140,8 +148,11 @@ def test_train_sequence_carries_h(fresh_seed):
 
 
 def test_refusals_name_the_way():
-    with pytest.raises(RuntimeError, match="FPTTGRU has no triton segment kernel"):
-        fptt_fast.FPTTGRU(I, H, O, backend="triton")
+    assert backends.segment_unavailable_reason("cuda", "cuda", fptt_fast.gru.GRU) == (
+        "FPTTGRU has no cuda segment kernel (it runs on reference, cpu, triton)")
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="FPTTGRU has no cuda segment kernel"):
+            fptt_fast.FPTTGRU(I, H, O, backend="cuda", device="cuda")
     m = fptt_fast.FPTTGRU(I, H, O, backend="cpu")
     with pytest.raises(ValueError, match=r"state must be the tensor h \[B, H\]"):
         m.train_segment(torch.randn(4, B, I), torch.randn(B, O), (torch.zeros(B, H),) * 2)
@@ -149,6 +160,9 @@ def test_refusals_name_the_way():
         m.load_gru_state_dict(nn.GRU(I, H, num_layers=2).state_dict())
     with pytest.raises(ValueError, match="weight_ih_l0 has shape"):
         m.load_gru_state_dict(nn.LSTM(I, H).state_dict())
+    gru = types.SimpleNamespace(num_layers=1, triton_kernel="persistent", cell=fptt_fast.gru.GRU)
+    with pytest.raises(ValueError, match="triton_kernel='persistent' is an LSTM kernel"):
+        backends.engine("triton").check_module(gru)
     with pytest.raises(TypeError, match="FPTTRecurrent is a base class"):
         fptt_fast.FPTTRecurrent(I, H, O)
     state = FpttState([p.detach() for p in m.fptt_parameters()],
@@ -159,3 +173,29 @@ def test_refusals_name_the_way():
         backends.extension().gru_segment_step_cpu(
             state, SegmentIO(x, torch.randn(B, O), torch.zeros(B, H), torch.zeros(B, H)),
             SegmentConfig(update=False), torch.empty(0))
+
+
+# The GRU kernel as a stacked layer's launch (no head, dh_seq in, dx and h_seq out, no
+# update): the paths the LSTM kernel's compile (test_lstm_triton.py) does not take.
+_AOT = sm90_compile_script(
+    "gru_segment", "_gru_segment_kernel",
+    consts='dict(LOSS=0, PER_STEP=False, OPT=1, BB=16, BH=32, BK=32, BR=32, BC=32, OP=16, '
+           'PREC="ieee", CHUNK=16, BLOCK=16, PBLOCK=16, UPDATE=False, HEAD=False, '
+           'FWD_ONLY=False, DX=True, HSEQ=True)',
+    ptr_kinds={"tab_ptr": "*i64", "chunk_ptr": "*i64", "bar_ptr": "*i32"},
+    scalar_kinds={"clip": "fp32", "dscale": "fp32", "lscale": "fp32"}, num_warps="4")
+_SM90 = {}
+
+
+def start_sm90_compile():
+    """tests/conftest.py starts this compile as soon as the tests are chosen."""
+    return start_background_compile(_SM90, _AOT, "fptt_gru_sm90_")
+
+
+def test_gpu_path_compiles_for_sm90():
+    """The Triton GRU kernel compiled ahead of time for sm_90 (no GPU needed): what the
+    interpreter does not check (tl.dot tiles, grid barriers, register and shared use)."""
+    stdout = finish_background_compile(start_sm90_compile())
+    shared = int(stdout.split("SHARED")[1].split()[0])
+    assert 0 < shared <= 48 * 1024, shared
+    assert int(stdout.split("CUBIN")[1].split()[0]) > 0
