@@ -5,8 +5,8 @@ kernels/lstm_segment.train_segment's contract with nn.GRU's cell: weights [3H, .
 gate order r, z, n (b_hn inside r's product), segment.c0 and c_out None. Phases: forward,
 loss and backward per batch tile (here) | the gradients | the FPTT update
 (kernels/segment_common.py). Contracts: no float atomics, bitwise reproducible for any
-grid; launches sharing a workspace must be stream-ordered. Design:
-docs/KERNELS.md#kernelsgru_segmentpy
+grid; launches sharing a workspace must be stream-ordered. Design: docs/KERNELS.md,
+"kernels/segment_common.py, kernels/gru_segment.py".
 """
 from __future__ import annotations
 
