@@ -59,61 +59,40 @@ void read_fields(py::handle src, const char* type, S& value, const char* name, M
 }  // namespace seam_detail
 }  // namespace fptt
 
+// One struct's caster: loads from any object that has `key` (a field only that struct's
+// twin has) by reading the listed fields; never converts back.
+#define FPTT_SEAM_CASTER(Type, key, ...)                                               \
+  template <>                                                                          \
+  struct type_caster<fptt::Type> {                                                     \
+    PYBIND11_TYPE_CASTER(fptt::Type, const_name(#Type));                               \
+    bool load(handle src, bool) {                                                      \
+      if (!hasattr(src, key)) return false;                                            \
+      using S = fptt::Type;                                                            \
+      fptt::seam_detail::read_fields(src, #Type, value, __VA_ARGS__);                  \
+      return true;                                                                     \
+    }                                                                                  \
+    static handle cast(const fptt::Type&, return_value_policy, handle) {               \
+      throw type_error(#Type " does not convert back to Python");                      \
+    }                                                                                  \
+  };
+
 namespace pybind11 {
 namespace detail {
 
-template <>
-struct type_caster<fptt::FpttState> {
-  PYBIND11_TYPE_CASTER(fptt::FpttState, const_name("FpttState"));
-  bool load(handle src, bool) {
-    using namespace fptt::seam_detail;
-    if (!hasattr(src, "w_bar")) return false;
-    using S = fptt::FpttState;
-    read_fields(src, "FpttState", value, "params", &S::params, "grads", &S::grads, "w_bar",
-                &S::w_bar, "lam", &S::lam, "exp_avg", &S::exp_avg, "exp_avg_sq",
-                &S::exp_avg_sq, "step", &S::step, "hyper", &S::hyper, "group_of", &S::group_of,
-                "optimizer", &S::optimizer, "clip", &S::clip, "status", &S::status);
-    return true;
-  }
-  static handle cast(const fptt::FpttState&, return_value_policy, handle) {
-    throw type_error("FpttState does not convert back to Python");
-  }
-};
-
-template <>
-struct type_caster<fptt::SegmentIO> {
-  PYBIND11_TYPE_CASTER(fptt::SegmentIO, const_name("SegmentIO"));
-  bool load(handle src, bool) {
-    using namespace fptt::seam_detail;
-    if (!hasattr(src, "h0")) return false;
-    using S = fptt::SegmentIO;
-    read_fields(src, "SegmentIO", value, "x", &S::x, "target", &S::target, "h0", &S::h0, "c0",
-                &S::c0, "h_out", &S::h_out, "c_out", &S::c_out, "losses", &S::losses, "dh_seq",
-                &S::dh_seq, "dx", &S::dx, "h_seq", &S::h_seq);
-    return true;
-  }
-  static handle cast(const fptt::SegmentIO&, return_value_policy, handle) {
-    throw type_error("SegmentIO does not convert back to Python");
-  }
-};
-
-template <>
-struct type_caster<fptt::SegmentConfig> {
-  PYBIND11_TYPE_CASTER(fptt::SegmentConfig, const_name("SegmentConfig"));
-  bool load(handle src, bool) {
-    using namespace fptt::seam_detail;
-    if (!hasattr(src, "n_segs")) return false;
-    using S = fptt::SegmentConfig;
-    read_fields(src, "SegmentConfig", value, "weight", &S::weight, "loss", &S::loss, "per_step",
-                &S::per_step, "update", &S::update, "n_segs", &S::n_segs, "ramp", &S::ramp,
-                "tf32", &S::tf32, "kernel", &S::kernel, "builtin_gemm", &S::builtin_gemm,
-                "head", &S::head, "forward_only", &S::forward_only);
-    return true;
-  }
-  static handle cast(const fptt::SegmentConfig&, return_value_policy, handle) {
-    throw type_error("SegmentConfig does not convert back to Python");
-  }
-};
+FPTT_SEAM_CASTER(FpttState, "w_bar", "params", &S::params, "grads", &S::grads, "w_bar",
+                 &S::w_bar, "lam", &S::lam, "exp_avg", &S::exp_avg, "exp_avg_sq",
+                 &S::exp_avg_sq, "step", &S::step, "hyper", &S::hyper, "group_of",
+                 &S::group_of, "optimizer", &S::optimizer, "clip", &S::clip, "status",
+                 &S::status)
+FPTT_SEAM_CASTER(SegmentIO, "h0", "x", &S::x, "target", &S::target, "h0", &S::h0, "c0",
+                 &S::c0, "h_out", &S::h_out, "c_out", &S::c_out, "losses", &S::losses,
+                 "dh_seq", &S::dh_seq, "dx", &S::dx, "h_seq", &S::h_seq)
+FPTT_SEAM_CASTER(SegmentConfig, "n_segs", "weight", &S::weight, "loss", &S::loss, "per_step",
+                 &S::per_step, "update", &S::update, "n_segs", &S::n_segs, "ramp", &S::ramp,
+                 "tf32", &S::tf32, "kernel", &S::kernel, "builtin_gemm", &S::builtin_gemm,
+                 "head", &S::head, "forward_only", &S::forward_only)
 
 }  // namespace detail
 }  // namespace pybind11
+
+#undef FPTT_SEAM_CASTER
