@@ -51,9 +51,10 @@ class FPTTLSTM(FPTTRecurrent):
       triton     ONE Triton launch (fptt_fast.kernels.lstm_segment.train_segment): forward,
                  loss, backward, gradients and the FPTT update; CUDA tensors, or CPU tensors
                  under TRITON_INTERPRET=1 (slow, for tests). No host sync on a GPU.
-                 triton_kernel="persistent" runs kernels/lstm_persistent.py instead (weights
-                 held in registers, train_sequence's K segments in one launch; H <= 128,
-                 I <= 32, O <= 32); "auto" (default) keeps the general kernel for now.
+                 An experiment, set on the module (m.triton_kernel = "persistent"; not a
+                 constructor argument until it is measured on a GPU), runs
+                 kernels/lstm_persistent.py instead (weights held in registers,
+                 train_sequence's K segments in one launch; H <= 128, I <= 32, O <= 32).
       cuda       ONE C++/CUDA launch, fptt_fast._C.lstm_segment_step_cuda, when the extension
                  has it; it takes the same positional arguments as the Triton train_segment.
       auto       cpu on CPU tensors (reference if the extension is not built); on CUDA:

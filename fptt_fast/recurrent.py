@@ -29,9 +29,9 @@ SEGMENT_BACKENDS = backends.BACKENDS  # resolution: backends.resolve_segment
 # general one (fptt_fast/backends/cuda.py).
 CUDA_KERNELS = cuda_backend.KERNELS
 # The Triton backend's kernels (kernels/lstm_segment.py: general; kernels/lstm_persistent.py:
-# weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32). "auto" runs the
-# general one for now: the persistent one has not been measured on a GPU yet.
-TRITON_KERNELS = ("auto", "general", "persistent")
+# weight-stationary, K segments per launch, H <= 128, I <= 32, O <= 32, not yet measured on
+# a GPU): the values of a module's triton_kernel attribute.
+TRITON_KERNELS = ("general", "persistent")
 
 
 class FPTTRecurrent(nn.Module):
@@ -55,12 +55,6 @@ class FPTTRecurrent(nn.Module):
             where the shape fits it: H <= 128, I <= 32, O <= 32, Hopper; else the general
             one), "persistent" (raise if it cannot run) or "general". `last_kernel` says
             which one ran.
-        triton_kernel: on the triton backend, "general" (kernels/lstm_segment.py, one
-            launch per segment, any size up to its MAX_* limits), "persistent"
-            (kernels/lstm_persistent.py: weights held in registers, train_sequence's K
-            segments in one launch; H <= 128, I <= 32, O <= 32, ValueError beyond) or
-            "auto" (for now the general one: the persistent kernel is not yet measured on
-            a GPU). `last_kernel` says which one ran.
         batch_first: x is [B, omega, I] and per-step targets [B, omega, ...], outputs
             [B, omega, O], as nn.LSTM(batch_first=True); the state stays (h, c) of [B, H].
             The kernels run time-major: such inputs are transposed (one copy) first.
@@ -90,7 +84,7 @@ class FPTTRecurrent(nn.Module):
                  momentum=0.0, dampening=0.0, nesterov=False, alpha=0.5, beta=0.5, rho=0.0,
                  c=1.0, decoupled=False, clip=None, nonfinite="raise", backend="auto", device=None,
                  dtype=torch.float32, allow_tf32=False, check_inputs=None, cuda_kernel="auto",
-                 triton_kernel="auto", batch_first=False, num_layers=1, process_group=None):
+                 batch_first=False, num_layers=1, process_group=None):
         super().__init__()
         if not isinstance(self.cell, Cell):
             raise TypeError("FPTTRecurrent is a base class: use FPTTLSTM or FPTTGRU (or a "
@@ -106,9 +100,10 @@ class FPTTRecurrent(nn.Module):
         if cuda_kernel not in CUDA_KERNELS:
             raise ValueError(f"cuda_kernel must be one of {tuple(CUDA_KERNELS)}, got {cuda_kernel!r}")
         self.cuda_kernel = cuda_kernel
-        if triton_kernel not in TRITON_KERNELS:
-            raise ValueError(f"triton_kernel must be one of {TRITON_KERNELS}, got {triton_kernel!r}")
-        self.triton_kernel = triton_kernel
+        # The Triton kernel of the triton backend: "general" (kernels/lstm_segment.py), or,
+        # set on the module, "persistent" (kernels/lstm_persistent.py): an experiment, not
+        # a constructor argument until it is measured on a GPU (README, "Backends").
+        self.triton_kernel = "general"
         # the CUDA or Triton kernel the last train_segment / train_sequence ran
         # ("persistent" or "general"); None before the first one or on other backends
         self.last_kernel = None

@@ -1,6 +1,7 @@
 """The weight-stationary persistent Triton LSTM kernel: K FPTT segments in ONE launch.
 
-Called by fptt_fast.FPTTLSTM for backend="triton", triton_kernel="persistent", as
+Called by fptt_fast.FPTTLSTM for backend="triton" with m.triton_kernel = "persistent" (an
+experiment, not a constructor argument until measured on a GPU), as
 train(state, segment, config) (fptt_fast.seam's FpttState, SegmentIO, SegmentConfig, as
 _C.lstm_train_cuda; config.kernel is not read); train_sequence(x, y, K) is one launch for
 all K segments (K = T included), train_segment the case K = 1. Contracts: weight slices
@@ -398,7 +399,7 @@ def limit_error(I, H, O):
         if v > lim:
             return (f"{name}={v} exceeds the persistent Triton LSTM kernel's limit {limit}={lim} "
                     f"(its weight slices are held in registers; kernels/lstm_persistent.py); "
-                    f"use triton_kernel='general' or 'auto'")
+                    f"use triton_kernel 'general'")
     return None
 
 

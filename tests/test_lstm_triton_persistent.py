@@ -1,5 +1,5 @@
 """The weight-stationary persistent Triton LSTM kernel (kernels/lstm_persistent.py,
-FPTTLSTM(backend="triton", triton_kernel="persistent")) against the reference backend.
+FPTTLSTM(backend="triton") with m.triton_kernel = "persistent") against the reference backend.
 
 Where there is no GPU the kernel runs in Triton's interpreter on CPU tensors (one program
 holding every hidden unit: the interpreter runs programs one after another, so it cannot
@@ -168,12 +168,19 @@ def test_final_state_of_one_launch(fresh_seed):
     pair.compare_params()
 
 
+def persistent(*args, **kw):
+    """FPTTLSTM(backend="triton") running kernels/lstm_persistent.py: the experimental
+    switch is the module's triton_kernel attribute, not a constructor argument."""
+    m = fptt_fast.FPTTLSTM(*args, backend="triton", **kw)
+    m.triton_kernel = "persistent"
+    return m
+
+
 def _bits(seed, dev, sizes, loss, per_step, K, opt_kw, calls=2):
     """Everything a few train_sequence calls and a train_segment produce."""
     I, H, O, B, T = sizes
     torch.manual_seed(seed)
-    m = fptt_fast.FPTTLSTM(I, H, O, loss=loss, per_step=per_step, backend="triton",
-                           triton_kernel="persistent", device=dev, **opt_kw)
+    m = persistent(I, H, O, loss=loss, per_step=per_step, device=dev, **opt_kw)
     gen = torch.Generator(device=dev).manual_seed(seed + 1)
     lead = (T, B) if per_step else (B,)
     outs = []
@@ -205,11 +212,11 @@ def test_train_sequence_equals_k_train_segment_calls(loss, per_step, fresh_seed)
     host) run the same per-segment code: bitwise the same results."""
     dev = _dev()
     I, H, O, B, T, K = 2, 11, 3, (4 if interpreted("triton") else 50), 7, 3
-    kw = dict(loss=loss, per_step=per_step, backend="triton", triton_kernel="persistent",
-              device=dev, optimizer="sgd", lr=0.05, momentum=0.9, clip=0.5)
+    kw = dict(loss=loss, per_step=per_step, device=dev, optimizer="sgd", lr=0.05, momentum=0.9,
+              clip=0.5)
     torch.manual_seed(fresh_seed)
-    one = fptt_fast.FPTTLSTM(I, H, O, **kw)
-    many = fptt_fast.FPTTLSTM(I, H, O, **kw)
+    one = persistent(I, H, O, **kw)
+    many = persistent(I, H, O, **kw)
     many.load_lstm_state_dict(one.lstm_state_dict())
     x = torch.randn(T, B, I, device=dev)
     y = (torch.randn(*((T, B) if per_step else (B,)), O, device=dev) if loss == "mse"
@@ -233,8 +240,7 @@ def test_nonfinite_input_skips_the_update(fresh_seed):
     """A NaN in one segment of a K-segment launch: that update is skipped and counted
     (nonfinite='skip'), the others train."""
     dev = _dev()
-    m = fptt_fast.FPTTLSTM(3, 5, 2, backend="triton", triton_kernel="persistent", device=dev,
-                           check_inputs=False, nonfinite="skip", clip=1.0)
+    m = persistent(3, 5, 2, device=dev, check_inputs=False, nonfinite="skip", clip=1.0)
     x, y = torch.randn(6, 2, 3, device=dev), torch.randn(2, 2, device=dev)
     m.train_sequence(x, y, 3)
     params, opt = m.fptt_parameters(), m.optimizer
@@ -254,8 +260,7 @@ def test_nonfinite_input_skips_the_update(fresh_seed):
 
 def test_out_of_range_class_skips_the_update(fresh_seed):
     dev = _dev()
-    m = fptt_fast.FPTTLSTM(2, 8, 3, loss="ce", backend="triton", triton_kernel="persistent",
-                           device=dev, check_inputs=False, nonfinite="skip")
+    m = persistent(2, 8, 3, loss="ce", device=dev, check_inputs=False, nonfinite="skip")
     before = [p.detach().clone() for p in m.fptt_parameters()]
     m.train_segment(torch.randn(4, 2, 2, device=dev), torch.tensor([0, 7], device=dev))
     assert m.optimizer.skipped_steps == 1
@@ -264,39 +269,33 @@ def test_out_of_range_class_skips_the_update(fresh_seed):
 
 
 def test_kernel_choice_and_limits():
+    """The persistent kernel is chosen on the module (m.triton_kernel, not a constructor
+    argument until it is measured on a GPU): the general kernel by default, a clear
+    ValueError for an unknown choice or beyond the persistent kernel's limits, at the
+    first call and having changed nothing."""
     dev = _dev()
-    with pytest.raises(ValueError, match="triton_kernel"):
-        fptt_fast.FPTTLSTM(2, 4, 1, backend="reference", triton_kernel="fast")
-    # "auto" (the default) and "general" keep the general kernel
-    for choice in ("auto", "general"):
-        m = fptt_fast.FPTTLSTM(2, 4, 1, backend="triton", device=dev, triton_kernel=choice)
-        assert m.last_kernel is None
-        m.train_segment(torch.randn(3, 2, 2, device=dev), torch.randn(2, 1, device=dev))
-        assert m.last_kernel == "general"
-    assert fptt_fast.FPTTLSTM(2, 4, 1, backend="triton", device=dev).triton_kernel == "auto"
-    # beyond the persistent kernel's limits: a clear ValueError naming the limit
+    with pytest.raises(TypeError, match="triton_kernel"):
+        fptt_fast.FPTTLSTM(2, 4, 1, backend="triton", device=dev, triton_kernel="persistent")
+    m = fptt_fast.FPTTLSTM(2, 4, 1, backend="triton", device=dev)
+    assert m.triton_kernel == "general" and m.last_kernel is None
+    m.train_segment(torch.randn(3, 2, 2, device=dev), torch.randn(2, 1, device=dev))
+    assert m.last_kernel == "general"
     for (I, H, O), limit in (((2, lp.MAX_HIDDEN + 1, 1), "MAX_HIDDEN"),
                              ((lp.MAX_INPUT + 1, 8, 1), "MAX_INPUT"),
-                             ((2, 8, lp.MAX_OUTPUT + 1), "MAX_OUTPUT")):
-        with pytest.raises(ValueError, match=f"{limit}="):
-            fptt_fast.FPTTLSTM(I, H, O, backend="triton", device=dev, triton_kernel="persistent")
-        fptt_fast.FPTTLSTM(I, H, O, backend="triton", device=dev)  # the general one takes it
-    # chosen later on the module: the first call raises, having changed nothing
-    m = fptt_fast.FPTTLSTM(2, lp.MAX_HIDDEN + 1, 1, backend="triton", device=dev)
-    m.triton_kernel = "persistent"
-    before = m.lstm_state_dict()
-    with pytest.raises(ValueError, match="MAX_HIDDEN"):
-        m.train_sequence(torch.randn(2, 1, 2, device=dev), torch.randn(1, 1, device=dev), 2)
-    for k, v in m.lstm_state_dict().items():
-        assert torch.equal(v, before[k])
-    # on other backends the argument is only checked for its value
-    assert fptt_fast.FPTTLSTM(2, 200, 1, backend="reference",
-                              triton_kernel="persistent").backend == "reference"
+                             ((2, 8, lp.MAX_OUTPUT + 1), "MAX_OUTPUT"),
+                             ((2, 4, 1), "triton_kernel must be one of")):
+        m = fptt_fast.FPTTLSTM(I, H, O, backend="triton", device=dev)  # the general one takes it
+        m.triton_kernel = "persistent" if limit != "triton_kernel must be one of" else "fast"
+        before = m.lstm_state_dict()
+        with pytest.raises(ValueError, match=limit):
+            m.train_sequence(torch.randn(2, 1, I, device=dev), torch.randn(1, O, device=dev), 2)
+        for k, v in m.lstm_state_dict().items():
+            assert torch.equal(v, before[k])
 
 
 def test_train_rejects_bad_arguments(fresh_seed, monkeypatch):
     dev = _dev()
-    m = fptt_fast.FPTTLSTM(3, 4, 2, backend="triton", triton_kernel="persistent", device=dev)
+    m = persistent(3, 4, 2, device=dev)
     seen = {}
     orig = lp.train
 

@@ -212,7 +212,7 @@ int g_debug = 0;
 // Tuning stamps (clock64 of block 0, thread 0) of the first kProfSegs segments: segment
 // start, forward done, head done, backward done, partials written, gradients reduced,
 // update done; then globaltimer/clock64 at the start and the end (for the clock rate).
-constexpr int kProfSegs = 8, kProfPer = 8, kProfSlots = kProfSegs * kProfPer + 4;
+constexpr int kProfSegs = 8, kProfPer = 8;
 long long* g_prof = nullptr;
 
 template <int CL, int MAXB>
@@ -253,7 +253,13 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   float* hbuf = sm + S::hbuf;
   float* dgbuf = sm + S::dgbuf;
   float* hown = sm + S::hown;
+#ifdef FPTT_PERSISTENT_TUNING
   const bool stamp = k.prof != nullptr && blockIdx.x == 0 && tid == 0;
+  const int dbg = k.debug;
+#else  // the tuning stamps and experiment bits compile out of a shipped build
+  constexpr bool stamp = false;
+  constexpr int dbg = 0;
+#endif
   auto mark = [&](int64_t seg, int i) {
     if (stamp && seg < kProfSegs) k.prof[seg * kProfPer + i] = clock64();
   };
@@ -267,7 +273,6 @@ lstm_persistent_kernel(PKArgs k, UpdateTable table, float clip, float* __restric
   float* wo = sm + S::wo;
   float* dpred = sm + S::dpred;
   const int64_t BH = int64_t(B) * H;
-  const int dbg = k.debug;
   auto csync = [&]() {
     if (dbg & kDbgAligned)
       asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
@@ -914,9 +919,11 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
   return int(cudaLaunchKernelExC(&cfg, fn, kargs));
 }
 
-int lstm_persistent_profile_slots() { return kProfSlots; }
+#ifdef FPTT_PERSISTENT_TUNING
+int lstm_persistent_profile_slots() { return kProfSegs * kProfPer + 4; }
 void lstm_persistent_set_profile(long long* stamps) { g_prof = stamps; }
 void lstm_persistent_set_debug(int bits) { g_debug = bits; }
+#endif
 
 }  // namespace cuda
 }  // namespace fptt

@@ -34,10 +34,21 @@ class TritonBackend(DeviceBackend):
 
     @staticmethod
     def kernel(m) -> str:
-        """The LSTM kernel m runs: "persistent" (m.triton_kernel == "persistent"; ValueError
-        beyond its size limits) or "general"."""
+        """The kernel m runs: "general", or "persistent" (m.triton_kernel, an experiment set
+        on the module): ValueError for another value, a cell without it, a stack, or sizes
+        beyond its limits (checked at every launch: the attribute may change)."""
+        from ..recurrent import TRITON_KERNELS
+        if m.triton_kernel not in TRITON_KERNELS:
+            raise ValueError(f"triton_kernel must be one of {TRITON_KERNELS}, got "
+                             f"{m.triton_kernel!r}")
         if m.triton_kernel != "persistent":
             return "general"
+        if not m.cell.persistent:
+            raise ValueError(f"triton_kernel='persistent' is an LSTM kernel; {m.cell.title} "
+                             f"runs the general one (set triton_kernel 'general')")
+        if m.num_layers > 1:
+            raise ValueError("triton_kernel='persistent' runs one layer; num_layers > 1 runs "
+                             "the general kernel layer by layer (set triton_kernel 'general')")
         from ..kernels import lstm_persistent
         err = lstm_persistent.limit_error(m.input_size, m.hidden_size, m.output_size)
         if err is not None:
@@ -45,12 +56,6 @@ class TritonBackend(DeviceBackend):
         return "persistent"
 
     def check_module(self, m):
-        if m.triton_kernel == "persistent" and not m.cell.persistent:
-            raise ValueError(f"triton_kernel='persistent' is an LSTM kernel; {m.cell.title} "
-                             f"runs the general one (leave triton_kernel 'auto')")
-        if m.num_layers > 1 and m.triton_kernel == "persistent":
-            raise ValueError("triton_kernel='persistent' runs one layer; num_layers > 1 runs "
-                             "the general kernel layer by layer (leave triton_kernel 'auto')")
         self.kernel(m)
 
     def one_launch(self, m):
@@ -68,7 +73,7 @@ class TritonBackend(DeviceBackend):
 
     def gradients(self, m, x, target, state, weight):
         """The general kernel with its update phase compiled out (config.update False); also
-        with triton_kernel="persistent", which has no update switch."""
+        with m.triton_kernel "persistent", which has no update switch."""
         fstate, io, config = launch_args(m, x, target, state, weight, 1, False, update=False)
         _general(m).train_segment(fstate, io, config)
         m.last_kernel = "general"

@@ -108,12 +108,14 @@ int launch_lstm_persistent(const LstmSegmentArgs& args, int64_t n_segs, int weig
                            const PersistentPlan& plan, const UpdateTable& table, int optimizer,
                            float clip, float* status, int device, void* stream);
 
-// Tuning only: later launches write clock64 stamps of their phases (block 0) into
-// `stamps`, a device array of lstm_persistent_profile_slots() int64 (nullptr: off).
+#ifdef FPTT_PERSISTENT_TUNING
+// Tuning builds only (FPTT_FAST_TUNING=1): later launches write clock64 stamps of their
+// phases (block 0) into `stamps`, a device array of lstm_persistent_profile_slots() int64
+// (nullptr: off); experiment bits of lstm_persistent.cu (0: the real kernel).
 int lstm_persistent_profile_slots();
 void lstm_persistent_set_profile(long long* stamps);
-// Tuning only: experiment bits of lstm_persistent.cu (0: the real kernel).
 void lstm_persistent_set_debug(int bits);
+#endif
 
 }  // namespace cuda
 }  // namespace fptt
