@@ -39,7 +39,10 @@ def extension_modules():
     cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++17"]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if use_cuda:
-        sources += rel("csrc/cuda/*.cu") + rel("csrc/cuda_glue/*.cpp")
+        # gru_segment.cu is compile-checked (tests/test_cuda_sources.py) but not built in
+        # until it is bound and tested on a GPU
+        sources += [s for s in rel("csrc/cuda/*.cu") if not s.endswith("gru_segment.cu")]
+        sources += rel("csrc/cuda_glue/*.cpp")
         macros = [("FPTT_WITH_CUDA", None)]
         if os.environ.get("FPTT_FAST_TUNING") == "1":
             macros.append(("FPTT_PERSISTENT_TUNING", None))

@@ -161,7 +161,7 @@ def attach_fpttlstm(module, pg) -> FlatAllReduce:
     Returns the module's FlatAllReduce."""
     from .optim import OPT_CODE
 
-    what = "FPTTLSTM(process_group=...)"
+    what = f"{module.cell.title}(process_group=...)"
     _require_group(pg, what)
     kw = module._opt_kwargs
     clip = kw["clip"]

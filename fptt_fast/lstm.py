@@ -39,7 +39,7 @@ class FPTTLSTM(FPTTRecurrent):
     One train_segment computes the LSTM forward over the segment from the given state
     (detached: the backward is truncated at the segment's start), the head and the loss
     (times `weight`), the backward through the segment, the parameter gradients, and one
-    FPTT update (docs/ALGORITHM.md, steps 2-6) of all six parameters by the module's own
+    FPTT update (docs/ALGORITHM.md, steps 2-6) of all its parameters (4L + 2) by the module's own
     fptt_fast.FPTT optimiser (`m.optimizer`, same keyword arguments, its state is the FPTT
     state). The returned loss is the *unweighted* segment loss (a detached 0-dim tensor).
 

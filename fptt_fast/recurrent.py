@@ -56,7 +56,7 @@ class FPTTRecurrent(nn.Module):
             one), "persistent" (raise if it cannot run) or "general". `last_kernel` says
             which one ran.
         batch_first: x is [B, omega, I] and per-step targets [B, omega, ...], outputs
-            [B, omega, O], as nn.LSTM(batch_first=True); the state stays (h, c) of [B, H].
+            [B, omega, O], as torch's modules (batch_first=True); the state keeps its shape.
             The kernels run time-major: such inputs are transposed (one copy) first.
         check_inputs: check inputs for NaN/inf (ValueError) and class targets for range
             (ValueError). That reads the data, a host sync on a GPU: None (default) checks on
@@ -126,7 +126,7 @@ class FPTTRecurrent(nn.Module):
         dev_type = self.weight_hh_l0.device.type
         self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
                                                              self.allow_tf32, cell=self.cell)
-        self._engine.check_module(self)  # self._engine: set with self.backend (__setattr__)  # e.g. triton's persistent kernel and the sizes
+        self._engine.check_module(self)  # self._engine: set with self.backend (__setattr__)
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
         self._opt_kwargs = dict(lr=lr, optimizer=optimizer, betas=betas, eps=eps,
@@ -141,7 +141,7 @@ class FPTTRecurrent(nn.Module):
         # default for tiny models (4H x max(I, H, O) <= 256 weights per product), where the
         # seven ATen calls' dispatch costs more than their arithmetic (9.4 -> 4.8 us
         # per train_segment at I=2, H=2, O=1 on 2 cores); both are deterministic.
-        self.cpu_builtin_gemm = 4 * H * max(I, H, O) <= 256
+        self.cpu_builtin_gemm = self.cell.gates * H * max(I, H, O) <= 256
         # cpu backend: the plan whose train() is train_segment's fast path (see there); set
         # by the cpu backend's segment (backends/cpu.py), dropped whenever an attribute it depends on is assigned (__setattr__)
         self._cpu_fast = None
@@ -338,8 +338,8 @@ class FPTTRecurrent(nn.Module):
     # -- evaluation -----------------------------------------------------------------------
     def forward(self, x, state=None):
         """Head outputs at every step [omega, B, O] ([B, omega, O] with batch_first) and
-        the final (h, c). Differentiable (plain torch ops: ReferenceLSTM's math on this
-        module's parameters)."""
+        the final state, as torch's module returns it. Differentiable (plain torch ops: the
+        cell's reference math, Cell.layer, on this module's parameters)."""
         self._check_device()
         x, _ = self._time_major(x, None)
         x = self._check_x(x)
@@ -544,7 +544,7 @@ class FPTTRecurrent(nn.Module):
         ramp = not self.per_step
         entry = graphs.pop(key, None)
         if entry is None:
-            static = (x.clone(), target.clone(), state[0].clone(), state[1].clone())
+            static = (x.clone(), target.clone(), *(t.clone() for t in state))
             losses, _ = self._launch_only(*static[:2], static[2:], 1.0, n_segs=n_segs, ramp=ramp)
             out = losses.clone()
             side = torch.cuda.Stream(device=x.device)
@@ -561,7 +561,7 @@ class FPTTRecurrent(nn.Module):
                 graphs.pop(next(iter(graphs)))
         else:
             g, static, g_losses, kernel = entry
-            for dst, src in zip(static, (x, target, state[0], state[1])):
+            for dst, src in zip(static, (x, target, *state)):
                 dst.copy_(src)
             g.replay()
             out = g_losses.clone()

@@ -538,7 +538,7 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
                 _authors_head(model)
                 if dist is not None:
                     distributed.broadcast_([model.head.weight], dist.pg, device)
-            what = "FPTTLSTM" if cfg.layers == 1 else f"FPTTLSTM, {cfg.layers} layers, a launch per layer"
+            what = "FPTTLSTM" if cfg.layers == 1 else f"FPTTLSTM, {cfg.layers} layers, a call per layer"
             return Trainer(model, model.optimizer, cfg, task.loss, f"{model.backend} ({what})", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device,
                                        num_layers=cfg.layers)

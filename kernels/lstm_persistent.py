@@ -463,6 +463,11 @@ def train(state, segment, config, *, grid_limit=None) -> None:
     h_out, c_out, losses = segment.h_out, segment.c_out, segment.losses
     params, grads = state.params, state.grads
     loss, per_step, n_segs = config.loss, config.per_step, config.n_segs
+    if (not config.update or not config.head or config.forward_only
+            or any(t is not None for t in (segment.dh_seq, segment.dx, segment.h_seq))):
+        raise ValueError("the persistent kernel runs whole one-layer segments with their update: "
+                         "config.update and head True, forward_only False, no dh_seq, dx or "
+                         "h_seq (the general kernel, kernels/lstm_segment.py, takes those)")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a [T, B, I] tensor, got {getattr(x, 'shape', x)!r}")
     T, B, I = x.shape

@@ -178,3 +178,22 @@ def test_cuda_layer_checks_with_cpu_stand_ins():
         check(dict(dh_seq=dh_seq, h_seq=dh_seq))
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
         check(dict(dh_seq=dh_seq), device_type="cuda")
+
+
+def test_one_launch_paths_refuse_the_layer_fields():
+    """dh_seq, dx and h_seq belong to a stacked layer's launch (no update): the CUDA launch
+    with the update and the persistent Triton kernel refuse them rather than ignore them."""
+    from fptt_fast.kernels import lstm_persistent
+
+    from .test_bindings import call, valid_case
+    case = valid_case("lstm_segment_cuda_checks", 0)
+    T, B, I, H, O = case.dims
+    case.args.update(update=True, dx=torch.zeros(T, B, I))
+    with pytest.raises(RuntimeError, match="belong to a stacked layer's launch"):
+        call(case)
+    x, h = torch.randn(4, 2, 3), torch.zeros(2, 5)
+    state = FpttState([], [], [], [], [], [], [], None, [], OPT_CODE["sgd"])
+    for io, config in ((SegmentIO(x, None, h, h, dx=torch.zeros_like(x)), SegmentConfig()),
+                       (SegmentIO(x, None, h, h), SegmentConfig(update=False))):
+        with pytest.raises(ValueError, match="runs whole one-layer segments with their update"):
+            lstm_persistent.train(state, io, config)

@@ -1,8 +1,9 @@
 // Torch glue of the LSTM segment step on CUDA (csrc/cuda/lstm_segment.cu and
 // lstm_persistent.cu): checks, the cached device workspace (update slot table + scratch),
 // and the one cooperative launch on torch's current stream. Built only with FPTT_WITH_CUDA;
-// registry.h calls register_lstm_cuda(m). Contracts: a steady-state step allocates,
-// copies and syncs nothing; a cache miss while capturing a CUDA graph raises; one model's
+// registry.h calls register_lstm_cuda(m). Contracts: a steady-state step with the update
+// allocates, copies and syncs nothing (the gradients launch, config.update false, takes its
+// scratch from torch's caching allocator per call); a cache miss while capturing a CUDA graph raises; one model's
 // steps must not run concurrently on two streams.
 // Design: docs/KERNELS.md#csrccuda_gluelstm_cudacpp
 #include <torch/extension.h>

@@ -120,10 +120,11 @@ def segment_unavailable_reason(backend: str, device_type: str, cell=None) -> str
     if backend == "cuda" and not hasattr(extension(), "lstm_segment_step_cuda"):
         return "fptt_fast._C has no lstm_segment_step_cuda (not in this build)"
     if backend == "triton":
+        module = cell.triton_module if cell is not None else "lstm_segment"
         try:
-            from ..kernels import lstm_segment  # noqa: F401
+            importlib.import_module(f"fptt_fast.kernels.{module}")
         except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
-            return f"fptt_fast.kernels.lstm_segment is not importable ({e})"
+            return f"fptt_fast.kernels.{module} is not importable ({e})"
     return None
 
 

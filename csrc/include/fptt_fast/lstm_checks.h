@@ -50,7 +50,7 @@ inline lstm::LstmSegmentArgs segment_args(const at::Tensor& x, const at::Tensor&
   a.per_step = cfg.per_step && cfg.head ? 1 : 0;  // a layer without the head has no loss
   a.weight = float(cfg.weight);
   a.x = x.data_ptr<float>();
-  const bool target = io.target.defined();
+  const bool target = io.target.defined() && cfg.head && !cfg.forward_only;  // else unread
   a.target_f = target && cfg.loss == lstm::LOSS_MSE ? io.target.data_ptr<float>() : nullptr;
   a.target_i = target && cfg.loss == lstm::LOSS_CE ? io.target.data_ptr<int64_t>() : nullptr;
   a.h0 = h0.data_ptr<float>();
@@ -271,6 +271,9 @@ inline LstmDims check_lstm_segment_cuda_args(const char* fn, const FpttState& s,
               "IEEE fp32); use allow_tf32=False");
   const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev,
                                                cuda::kLstmMaxHidden);
+  FPTT_CHECK(!io.dh_seq.defined() && !io.dx.defined() && !io.h_seq.defined(), fn,
+              ": segment.dh_seq, dx and h_seq belong to a stacked layer's launch, which runs "
+              "without the update (config.update false); pass None");
   const c10::Device device = io.x.device();
   check_update_lists_on(fn, s, dev, &device);
   check_clip(fn, s.clip);
@@ -316,7 +319,7 @@ inline LstmDims check_lstm_gradients_cuda_args(const char* fn, const FpttState& 
   FPTT_CHECK(!cfg.tf32, fn,
               ": tf32=True is not implemented by the CUDA one-launch LSTM step (it computes in "
               "IEEE fp32); use allow_tf32=False");
-  FPTT_CHECK(cfg.n_segs == 1 && !cfg.ramp && cfg.kernel != 2, fn,
+  FPTT_CHECK(cfg.n_segs == 1 && !cfg.ramp && (cfg.kernel == 0 || cfg.kernel == 1), fn,
               ": without the update (config.update false) the general kernel runs one segment: "
               "config.n_segs 1, ramp false, kernel 0 or 1");
   const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev,
