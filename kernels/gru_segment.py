@@ -184,30 +184,24 @@ def _gru_segment_kernel(
         gbih_ptr, gbhh_ptr, gwo_ptr, gbo_ptr, dx_ptr, lpart_ptr, loss_ptr, bar_ptr, tab_ptr,
         chunk_ptr, hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks, clip, T, B, I, H,
         O, 3 * H, n_btiles, lscale, PER_STEP, OPT, BB, BK, BR, BC, PREC, CHUNK, BLOCK, PBLOCK,
-        UPDATE, HEAD, FWD_ONLY, DX)
+        UPDATE, HEAD, FWD_ONLY, DX, False)
 
 
 def _workspace(device, T, B, H, O, per_step, n_btiles):
-    key = (device, T, B, H, O, bool(per_step))
-    ws = _WORKSPACES.get(key)
-    if ws is None:
+    def make():
         f32 = dict(dtype=torch.float32, device=device)
-        ws = {"hs": torch.empty((T + 1) * B * H, **f32),
-              "gates": torch.empty(T * B * 3 * H, **f32),
-              "ahn": torch.empty(T * B * H, **f32),
-              "dgx": torch.empty(T * B * 3 * H, **f32),
-              "dgh": torch.empty(T * B * 3 * H, **f32),
-              "dp": torch.empty((T if per_step else 1) * B * O, **f32),
-              "dh": torch.empty(B * H, **f32),
-              "dhd": torch.empty(B * H, **f32),
-              "lpart": torch.empty(n_btiles, **f32),
-              "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
-        _WORKSPACES[key] = ws
-        while len(_WORKSPACES) > _MAX_WORKSPACES:
-            _WORKSPACES.popitem(last=False)
-    else:
-        _WORKSPACES.move_to_end(key)
-    return ws
+        return {"hs": torch.empty((T + 1) * B * H, **f32),
+                "gates": torch.empty(T * B * 3 * H, **f32),
+                "ahn": torch.empty(T * B * H, **f32),
+                "dgx": torch.empty(T * B * 3 * H, **f32),
+                "dgh": torch.empty(T * B * 3 * H, **f32),
+                "dp": torch.empty((T if per_step else 1) * B * O, **f32),
+                "dh": torch.empty(B * H, **f32),
+                "dhd": torch.empty(B * H, **f32),
+                "lpart": torch.empty(n_btiles, **f32),
+                "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
+    key = (device, T, B, H, O, bool(per_step))
+    return sc.cached(_WORKSPACES, key, make, _MAX_WORKSPACES)
 
 
 def train_segment(state, segment, config, *, grid_limit=None) -> None:

@@ -22,6 +22,7 @@ from fptt_fast.reference import segment_bounds
 
 from . import fptt_update as fu
 from . import lstm_segment as ls
+from . import segment_common as sc
 from .lstm_segment import _sigmoid, _tanh
 
 MAX_HIDDEN = 128
@@ -415,26 +416,20 @@ def launch_config(device, B, H):
 
 
 def _workspace(device, omega, B, I, H, O, per_step, BB, NP, HP, OP, n_btiles):
-    key = (device, omega, B, I, H, O, bool(per_step), BB, NP, HP, OP)
-    ws = _WORKSPACES.get(key)
-    if ws is None:
+    def make():
         f32 = dict(dtype=torch.float32, device=device)
         S = 4 * H * (I + H + 1) + O * (H + 1)
-        ws = {"hs": torch.empty((omega + 1) * B * H, **f32),
-              "cs": torch.empty((omega + 1) * B * H, **f32),
-              "gates": torch.empty(omega * B * 4 * H, **f32),
-              "lg": torch.empty((omega if per_step else 1) * NP * B * OP, **f32),
-              "ex": torch.empty(2 * NP * B * HP, **f32),
-              "part": torch.empty(n_btiles * S, **f32),
-              "lpart": torch.empty(n_btiles, **f32),
-              "gbar": torch.zeros(2 * n_btiles, dtype=torch.int32, device=device),
-              "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
-        _WORKSPACES[key] = ws
-        while len(_WORKSPACES) > _MAX_WORKSPACES:
-            _WORKSPACES.popitem(last=False)
-    else:
-        _WORKSPACES.move_to_end(key)
-    return ws
+        return {"hs": torch.empty((omega + 1) * B * H, **f32),
+                "cs": torch.empty((omega + 1) * B * H, **f32),
+                "gates": torch.empty(omega * B * 4 * H, **f32),
+                "lg": torch.empty((omega if per_step else 1) * NP * B * OP, **f32),
+                "ex": torch.empty(2 * NP * B * HP, **f32),
+                "part": torch.empty(n_btiles * S, **f32),
+                "lpart": torch.empty(n_btiles, **f32),
+                "gbar": torch.zeros(2 * n_btiles, dtype=torch.int32, device=device),
+                "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
+    key = (device, omega, B, I, H, O, bool(per_step), BB, NP, HP, OP)
+    return sc.cached(_WORKSPACES, key, make, _MAX_WORKSPACES)
 
 
 def segment_length(T, K):

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import fptt_update as fu
 from . import segment_common as sc
 from .segment_common import (LOSS_CE, LOSS_MSE, MAX_HIDDEN, MAX_INPUT,  # noqa: F401
-                             MAX_OUTPUT, _check_tensor, _loss_tile, _sigmoid, _tanh,
+                             MAX_OUTPUT, _check_tensor, _gate_acc, _loss_tile, _sigmoid, _tanh,
                              co_resident_cap)
 
 _MAX_WORKSPACES = 8
@@ -72,14 +72,14 @@ def _batch_tile_forward_backward(
             acc_f = tl.zeros([BB, BH], dtype=tl.float32)
             acc_g = tl.zeros([BB, BH], dtype=tl.float32)
             acc_o = tl.zeros([BB, BH], dtype=tl.float32)
-            acc_i = sc._gate_acc(acc_i, x_t, I, rows, rm, wih_ptr, I, 0 * H, cols, cm, I, BK, PREC)
-            acc_f = sc._gate_acc(acc_f, x_t, I, rows, rm, wih_ptr, I, 1 * H, cols, cm, I, BK, PREC)
-            acc_g = sc._gate_acc(acc_g, x_t, I, rows, rm, wih_ptr, I, 2 * H, cols, cm, I, BK, PREC)
-            acc_o = sc._gate_acc(acc_o, x_t, I, rows, rm, wih_ptr, I, 3 * H, cols, cm, I, BK, PREC)
-            acc_i = sc._gate_acc(acc_i, h_prev, H, rows, rm, whh_ptr, H, 0 * H, cols, cm, H, BK, PREC)
-            acc_f = sc._gate_acc(acc_f, h_prev, H, rows, rm, whh_ptr, H, 1 * H, cols, cm, H, BK, PREC)
-            acc_g = sc._gate_acc(acc_g, h_prev, H, rows, rm, whh_ptr, H, 2 * H, cols, cm, H, BK, PREC)
-            acc_o = sc._gate_acc(acc_o, h_prev, H, rows, rm, whh_ptr, H, 3 * H, cols, cm, H, BK, PREC)
+            acc_i = _gate_acc(acc_i, x_t, I, rows, rm, wih_ptr, I, 0 * H, cols, cm, I, BK, PREC)
+            acc_f = _gate_acc(acc_f, x_t, I, rows, rm, wih_ptr, I, 1 * H, cols, cm, I, BK, PREC)
+            acc_g = _gate_acc(acc_g, x_t, I, rows, rm, wih_ptr, I, 2 * H, cols, cm, I, BK, PREC)
+            acc_o = _gate_acc(acc_o, x_t, I, rows, rm, wih_ptr, I, 3 * H, cols, cm, I, BK, PREC)
+            acc_i = _gate_acc(acc_i, h_prev, H, rows, rm, whh_ptr, H, 0 * H, cols, cm, H, BK, PREC)
+            acc_f = _gate_acc(acc_f, h_prev, H, rows, rm, whh_ptr, H, 1 * H, cols, cm, H, BK, PREC)
+            acc_g = _gate_acc(acc_g, h_prev, H, rows, rm, whh_ptr, H, 2 * H, cols, cm, H, BK, PREC)
+            acc_o = _gate_acc(acc_o, h_prev, H, rows, rm, whh_ptr, H, 3 * H, cols, cm, H, BK, PREC)
             b_i = _bias_pair(bih_ptr, bhh_ptr, 0 * H, cols, cm)
             b_f = _bias_pair(bih_ptr, bhh_ptr, 1 * H, cols, cm)
             b_g = _bias_pair(bih_ptr, bhh_ptr, 2 * H, cols, cm)
@@ -129,7 +129,8 @@ def _batch_tile_forward_backward(
                 gf = tl.load(gates_ptr + goff + H, mask=m2, other=0.0, cache_modifier=".cg")
                 gg = tl.load(gates_ptr + goff + 2 * H, mask=m2, other=0.0, cache_modifier=".cg")
                 go = tl.load(gates_ptr + goff + 3 * H, mask=m2, other=0.0, cache_modifier=".cg")
-                c_t = tl.load(cs_ptr + (t + 1) * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
+                c_t = tl.load(cs_ptr + (t + 1) * BH_ + off, mask=m2, other=0.0,
+                              cache_modifier=".cg")
                 c_prev = tl.load(cs_ptr + t * BH_ + off, mask=m2, other=0.0, cache_modifier=".cg")
                 dc_next = tl.load(dc_ptr + ((t + 1) % 2) * BH_ + off, mask=m2, other=0.0,
                                   cache_modifier=".cg")
@@ -194,7 +195,7 @@ def _lstm_segment_kernel(
         gbhh_ptr, gwo_ptr, gbo_ptr, dx_ptr, lpart_ptr, loss_ptr, bar_ptr, tab_ptr, chunk_ptr,
         hyper_ptr, partial_ptr, cstep_ptr, status_ptr, n_chunks, clip, T, B, I, H, O, 4 * H,
         n_btiles, lscale, PER_STEP, OPT, BB, BK, BR, BC, PREC, CHUNK, BLOCK, PBLOCK, UPDATE,
-        HEAD, FWD_ONLY, DX)
+        HEAD, FWD_ONLY, DX, True)
 
 
 # ----------------------------------------------------------------------------------
@@ -203,25 +204,19 @@ def _lstm_segment_kernel(
 
 
 def _workspace(device, T, B, I, H, O, per_step, n_btiles):
-    key = (device, T, B, I, H, O, bool(per_step))
-    ws = _WORKSPACES.get(key)
-    if ws is None:
+    def make():
         f32 = dict(dtype=torch.float32, device=device)
-        ws = {"hs": torch.empty((T + 1) * B * H, **f32),
-              "cs": torch.empty((T + 1) * B * H, **f32),
-              "gates": torch.empty(T * B * 4 * H, **f32),
-              "dg": torch.empty(T * B * 4 * H, **f32),
-              "dp": torch.empty((T if per_step else 1) * B * O, **f32),
-              "dh": torch.empty(B * H, **f32),
-              "dc": torch.empty(2 * B * H, **f32),
-              "lpart": torch.empty(n_btiles, **f32),
-              "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
-        _WORKSPACES[key] = ws
-        while len(_WORKSPACES) > _MAX_WORKSPACES:
-            _WORKSPACES.popitem(last=False)
-    else:
-        _WORKSPACES.move_to_end(key)
-    return ws
+        return {"hs": torch.empty((T + 1) * B * H, **f32),
+                "cs": torch.empty((T + 1) * B * H, **f32),
+                "gates": torch.empty(T * B * 4 * H, **f32),
+                "dg": torch.empty(T * B * 4 * H, **f32),
+                "dp": torch.empty((T if per_step else 1) * B * O, **f32),
+                "dh": torch.empty(B * H, **f32),
+                "dc": torch.empty(2 * B * H, **f32),
+                "lpart": torch.empty(n_btiles, **f32),
+                "barrier": torch.zeros(2, dtype=torch.int32, device=device)}
+    key = (device, T, B, I, H, O, bool(per_step))
+    return sc.cached(_WORKSPACES, key, make, _MAX_WORKSPACES)
 
 
 def train_segment(state, segment, config, *, grid_limit=None) -> None:

@@ -229,8 +229,9 @@ def _dx_tile(dg_ptr, w_ptr, out_ptr, r0, c0, TB, G, I, BR: tl.constexpr, BC: tl.
 
 
 @triton.jit
-def _bias_tile(a_ptr, a_cols, r0, out_ptr, TB, BB: tl.constexpr, BR: tl.constexpr):
-    """out[r0:r0+BR] = sum over the TB rows of A [TB, a_cols] (fixed order)."""
+def _bias_tile(a_ptr, a_cols, r0, out_ptr, out2_ptr, TB, BB: tl.constexpr, BR: tl.constexpr):
+    """out[r0:r0+BR] = sum over the TB rows of A [TB, a_cols] (fixed order); the same
+    into out2 (which may be out)."""
     r = r0 + tl.arange(0, BR)
     rmask = r < a_cols
     acc = tl.zeros([BR], dtype=tl.float32)
@@ -240,6 +241,7 @@ def _bias_tile(a_ptr, a_cols, r0, out_ptr, TB, BB: tl.constexpr, BR: tl.constexp
                     mask=(bb < TB)[:, None] & rmask[None, :], other=0.0, cache_modifier=".cg")
         acc += tl.sum(a, axis=0)
     tl.store(out_ptr + r, acc, mask=rmask)
+    tl.store(out2_ptr + r, acc, mask=rmask)
 
 
 @triton.jit
@@ -251,11 +253,12 @@ def _gradients_and_update(
         PER_STEP: tl.constexpr, OPT: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
         BR: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr, CHUNK: tl.constexpr,
         BLOCK: tl.constexpr, PBLOCK: tl.constexpr, UPDATE: tl.constexpr, HEAD: tl.constexpr,
-        FWD_ONLY: tl.constexpr, DX: tl.constexpr):
+        FWD_ONLY: tl.constexpr, DX: tl.constexpr, SAME_DG: tl.constexpr):
     """Phases B and C, after phase A and a grid barrier: the gradients, tile by tile
     (weight_ih = dGx^T x, weight_hh = dGh^T h_{t-1}, the head's, the biases as column sums
     of dGx and dGh, a stacked layer's dx = dGx W_ih; dGx, dGh [T, B, G] are the gradients
-    on the input and recurrent projections, one buffer for a cell where they are equal),
+    on the input and recurrent projections, one buffer (SAME_DG) for a cell where they
+    are equal),
     the loss, then the FPTT update (kernels/fptt_update.py's phases) if UPDATE. Without
     the update the launch ends with the gradients: no barrier needed."""
     if PER_STEP:
@@ -300,10 +303,13 @@ def _gradients_and_update(
             _grad_tile(dp_ptr, B * O, O, r0, hs_ptr + (T - TP + 1) * B * H, B * H, H, c0,
                        gwo_ptr, TP, B, BB, BR, BC, PREC)
         elif k < e4:
-            _bias_tile(dgx_ptr, G, (k - e3) * BR, gbih_ptr, T * B, BB, BR)
-            _bias_tile(dgh_ptr, G, (k - e3) * BR, gbhh_ptr, T * B, BB, BR)
+            if SAME_DG:  # one gradient on both projections (the LSTM): one sum, both biases
+                _bias_tile(dgx_ptr, G, (k - e3) * BR, gbih_ptr, gbhh_ptr, T * B, BB, BR)
+            else:
+                _bias_tile(dgx_ptr, G, (k - e3) * BR, gbih_ptr, gbih_ptr, T * B, BB, BR)
+                _bias_tile(dgh_ptr, G, (k - e3) * BR, gbhh_ptr, gbhh_ptr, T * B, BB, BR)
         elif k < e5:
-            _bias_tile(dp_ptr, O, (k - e4) * BR, gbo_ptr, TP * B, BB, BR)
+            _bias_tile(dp_ptr, O, (k - e4) * BR, gbo_ptr, gbo_ptr, TP * B, BB, BR)
         else:
             kk = k - e5
             _dx_tile(dgx_ptr, wih_ptr, dx_ptr, (kk // n_ci) * BR, (kk % n_ci) * BC, T * B, G,
@@ -346,6 +352,19 @@ def _config(device, B, H, I, G):
     bbm, bhm, bkm, brm, bcm, nw = _INTERP_CONFIG_MAX
     return (_p2(B, 16, bbm), _p2(H, 16, bhm), _p2(max(H, I), 16, bkm), _p2(G, 16, brm),
             _p2(max(H, I), 16, bcm), nw)
+
+
+def cached(cache, key, make, limit=8):
+    """cache[key] (an OrderedDict), made by make() on a miss; the least recently used
+    entries beyond `limit` are dropped (the kernels' workspaces, per shape)."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
 
 def _check_tensor(name, t, shape, dtype, device):

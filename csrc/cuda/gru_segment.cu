@@ -201,19 +201,8 @@ int64_t gru_scratch_floats(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O
 
 int launch_gru_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
                        float clip, float* status, int device, void* stream) {
-  if (!launch_args_valid(args, table, status, /*cell_state=*/false))
-    return int(cudaErrorInvalidValue);
-  const void* kernel = kernel_for_optimizer<Kernels>(optimizer);
-  if (kernel == nullptr) return int(cudaErrorInvalidValue);
-  const int64_t grid = g_cap.get(kernel, optimizer, device, kThreads);
-  if (grid < 0) return int(-grid);
-  LstmSegmentArgs ka = args;
-  UpdateTable t = table;
-  float c = clip;
-  float* st = status;
-  void* kargs[] = {&ka, &t, &c, &st};
-  return g_cap.launch(kernel, optimizer, device, grid, kThreads, kargs,
-                      static_cast<cudaStream_t>(stream));
+  return launch_segment(g_cap, kernel_for_optimizer<Kernels>(optimizer), /*cell_state=*/false,
+                        args, table, optimizer, clip, status, device, stream);
 }
 
 }  // namespace cuda

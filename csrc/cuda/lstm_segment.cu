@@ -225,17 +225,8 @@ int64_t lstm_segment_grid_size(int optimizer, int device) {
 
 int launch_lstm_segment(const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
                         float clip, float* status, int device, void* stream) {
-  if (!launch_args_valid(args, table, status, /*cell_state=*/true))
-    return int(cudaErrorInvalidValue);
-  int64_t grid = lstm_segment_grid_size(optimizer, device);
-  if (grid < 0) return int(-grid);
-  LstmSegmentArgs ka = args;
-  UpdateTable t = table;
-  float c = clip;
-  float* st = status;
-  void* kargs[] = {&ka, &t, &c, &st};
-  return g_cap.launch(kernel_for(optimizer), optimizer, device, grid, kThreads, kargs,
-                      static_cast<cudaStream_t>(stream));
+  return launch_segment(g_cap, kernel_for(optimizer), /*cell_state=*/true, args, table,
+                        optimizer, clip, status, device, stream);
 }
 
 }  // namespace cuda

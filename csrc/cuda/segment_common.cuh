@@ -11,6 +11,7 @@
 #include "fptt_fast/cuda_kernels.h"
 #include "fptt_fast/cuda_lstm.h"
 #include "fptt_fast/lstm_math.h"
+#include "coresident.cuh"
 
 namespace fptt {
 namespace cuda {
@@ -155,6 +156,24 @@ inline bool launch_args_valid(const LstmSegmentArgs& a, const UpdateTable& table
          (head && table.n_slots >= 1 && table.n_chunks >= table.n_slots &&
           table.slots != nullptr && table.scalars != nullptr && table.partials != nullptr &&
           status != nullptr);
+}
+
+// One cooperative launch of a segment kernel (`kernel`: its variant for `optimizer`) on
+// the co-resident grid `cap` reports, after launch_args_valid. 0 or a cudaError_t code.
+inline int launch_segment(CoresidentCap& cap, const void* kernel, bool cell_state,
+                          const LstmSegmentArgs& args, const UpdateTable& table, int optimizer,
+                          float clip, float* status, int device, void* stream) {
+  if (kernel == nullptr || !launch_args_valid(args, table, status, cell_state))
+    return int(cudaErrorInvalidValue);
+  const int64_t grid = cap.get(kernel, optimizer, device, kThreads);
+  if (grid < 0) return int(-grid);
+  LstmSegmentArgs ka = args;
+  UpdateTable t = table;
+  float c = clip;
+  float* st = status;
+  void* kargs[] = {&ka, &t, &c, &st};
+  return cap.launch(kernel, optimizer, device, grid, kThreads, kargs,
+                    static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace

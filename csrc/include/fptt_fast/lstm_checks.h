@@ -258,6 +258,38 @@ inline LstmDims check_lstm_segment_cpu_args(const FpttState& s, const SegmentIO&
   return d;
 }
 
+// The CUDA launches' outputs: h_out, c_out [B, H] and losses (n_losses floats).
+inline void check_cuda_outputs(const char* fn, const SegmentIO& io, const LstmDims& d,
+                               int64_t n_losses, c10::DeviceType dev,
+                               const c10::Device& device) {
+  check_tensor(fn, io.h_out, {"segment.h_out"}, dev, &device);
+  check_shape(fn, io.h_out, {"segment.h_out"}, {d.B, d.H});
+  check_tensor(fn, io.c_out, {"segment.c_out"}, dev, &device);
+  check_shape(fn, io.c_out, {"segment.c_out"}, {d.B, d.H});
+  check_tensor(fn, io.losses, {"segment.losses"}, dev, &device);
+  FPTT_CHECK(io.losses.numel() == n_losses, fn, ": segment.losses must hold ", n_losses,
+              " floats, got ", io.losses.numel());
+}
+
+// The CUDA launches' overlaps, in two passes so that h_out/c_out may overlap h0/c0 and
+// nothing else: everything but h_out/c_out, then everything but h0/c0. With the update
+// the FPTT state and status are written too.
+inline void check_cuda_aliases(const char* fn, const FpttState& s, const SegmentIO& io,
+                               bool update, bool grads_written) {
+  for (int pass = 0; pass < 2; ++pass) {
+    AliasCheck ac(56);
+    add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
+    add_update_ranges(ac, s, update, grads_written);
+    if (update) ac.add(s.status, {"state.status"}, true);
+    ac.add(io.losses, {"segment.losses"}, true);
+    if (pass == 1) {
+      ac.add(io.h_out, {"segment.h_out"}, true);
+      ac.add(io.c_out, {"segment.c_out"}, true);
+    }
+    ac.check(fn);
+  }
+}
+
 // Everything the CUDA launches accept, on device type `dev` (the glue passes c10::kCUDA):
 // n_segs segments over segment.x, losses of n_segs floats. Refused first: tf32 (not
 // implemented), then, right after weight_hh, hidden sizes above kLstmMaxHidden. h_out/c_out
@@ -278,13 +310,7 @@ inline LstmDims check_lstm_segment_cuda_args(const char* fn, const FpttState& s,
   check_update_lists_on(fn, s, dev, &device);
   check_clip(fn, s.clip);
   check_status(fn, s.status, dev, device);
-  check_tensor(fn, io.h_out, {"segment.h_out"}, dev, &device);
-  check_shape(fn, io.h_out, {"segment.h_out"}, {d.B, d.H});
-  check_tensor(fn, io.c_out, {"segment.c_out"}, dev, &device);
-  check_shape(fn, io.c_out, {"segment.c_out"}, {d.B, d.H});
-  check_tensor(fn, io.losses, {"segment.losses"}, dev, &device);
-  FPTT_CHECK(io.losses.numel() == cfg.n_segs, fn, ": segment.losses must hold config.n_segs=",
-              cfg.n_segs, " floats, got ", io.losses.numel());
+  check_cuda_outputs(fn, io, d, cfg.n_segs, dev, device);
   FPTT_CHECK(cfg.n_segs >= 1 && cfg.n_segs <= d.T, fn, ": config.n_segs=", cfg.n_segs,
               " segments need 1 <= n_segs <= T=", d.T, " steps");
   const int64_t omega = (d.T + cfg.n_segs - 1) / cfg.n_segs;
@@ -292,20 +318,7 @@ inline LstmDims check_lstm_segment_cuda_args(const char* fn, const FpttState& s,
               " segments of ceil(T/n_segs)=", omega, " steps cover T=", d.T, " in ",
               (d.T + omega - 1) / omega);
 
-  // Two passes, so that h_out/c_out may overlap h0/c0 and nothing else: everything but
-  // h_out/c_out, then everything but h0/c0.
-  for (int pass = 0; pass < 2; ++pass) {
-    AliasCheck ac(56);
-    add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
-    add_update_ranges(ac, s, /*update=*/true, /*grads_written=*/true);
-    ac.add(s.status, {"state.status"}, true);
-    ac.add(io.losses, {"segment.losses"}, true);
-    if (pass == 1) {
-      ac.add(io.h_out, {"segment.h_out"}, true);
-      ac.add(io.c_out, {"segment.c_out"}, true);
-    }
-    ac.check(fn);
-  }
+  check_cuda_aliases(fn, s, io, /*update=*/true, /*grads_written=*/true);
   return d;
 }
 
@@ -325,24 +338,8 @@ inline LstmDims check_lstm_gradients_cuda_args(const char* fn, const FpttState& 
   const LstmDims d = check_lstm_segment_common(fn, io, s.params, s.grads, cfg, dev,
                                                cuda::kLstmMaxHidden);
   const c10::Device device = io.x.device();
-  check_tensor(fn, io.h_out, {"segment.h_out"}, dev, &device);
-  check_shape(fn, io.h_out, {"segment.h_out"}, {d.B, d.H});
-  check_tensor(fn, io.c_out, {"segment.c_out"}, dev, &device);
-  check_shape(fn, io.c_out, {"segment.c_out"}, {d.B, d.H});
-  check_tensor(fn, io.losses, {"segment.losses"}, dev, &device);
-  FPTT_CHECK(io.losses.numel() == 1, fn, ": segment.losses must hold 1 float, got ",
-              io.losses.numel());
-  for (int pass = 0; pass < 2; ++pass) {  // as check_lstm_segment_cuda_args
-    AliasCheck ac(24);
-    add_lstm_inputs(ac, io, /*with_state=*/pass == 0);
-    add_update_ranges(ac, s, /*update=*/false, /*grads_written=*/!cfg.forward_only);
-    ac.add(io.losses, {"segment.losses"}, true);
-    if (pass == 1) {
-      ac.add(io.h_out, {"segment.h_out"}, true);
-      ac.add(io.c_out, {"segment.c_out"}, true);
-    }
-    ac.check(fn);
-  }
+  check_cuda_outputs(fn, io, d, 1, dev, device);
+  check_cuda_aliases(fn, s, io, /*update=*/false, /*grads_written=*/!cfg.forward_only);
   return d;
 }
 
