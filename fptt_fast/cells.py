@@ -24,6 +24,8 @@ class Cell:
     triton_module: str = ""  # fptt_fast.kernels' module of its general Triton kernel
     cpu_plan: bool = False  # the cpu backend's held plan (_C.CpuLstmPlan) runs it
     persistent: bool = False  # it has the one-launch persistent kernels (cuda, triton)
+    gpu_verified: bool = False  # its one-layer GPU kernels have run on a GPU: backend="auto"
+                                # picks them there (else the reference segment math)
 
     def public_state(self, state):
         """The state as torch's module returns it: (h, c) for an LSTM, h for a GRU."""

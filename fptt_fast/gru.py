@@ -31,8 +31,9 @@ class FPTTGRU(FPTTRecurrent):
     Backends: reference (autograd), cpu (one C++ call per segment: forward, loss,
     backward and the fused FPTT update) and triton (one launch of its general kernel; CUDA
     tensors, or CPU tensors under TRITON_INTERPRET=1); a stack: one call or launch per
-    layer and direction. There is no CUDA C++ GRU kernel: backend="auto" on a GPU takes
-    triton (or, without it, the reference segment math with the fused FPTT update).
+    layer and direction. There is no CUDA C++ GRU kernel, and the Triton one has not run
+    on a GPU yet: backend="auto" on a GPU takes the reference segment math with the fused
+    FPTT update; backend="triton" selects the kernel.
     """
 
     cell = GRU

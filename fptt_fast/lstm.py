@@ -18,7 +18,7 @@ PARAM_NAMES = LSTM_KEYS + HEAD_KEYS
 LSTM = Cell(name="lstm", title="FPTTLSTM", gates=4, states=("h", "c"),
             layer=reference.lstm_layer_state, backends=("reference", "cpu", "triton", "cuda"),
             cpu_binding="lstm_segment_step_cpu", triton_module="lstm_segment", cpu_plan=True,
-            persistent=True)
+            persistent=True, gpu_verified=True)
 
 
 class FPTTLSTM(FPTTRecurrent):

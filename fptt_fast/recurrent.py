@@ -126,6 +126,11 @@ class FPTTRecurrent(nn.Module):
         dev_type = self.weight_hh_l0.device.type
         self.backend, opt_backend = backends.resolve_segment(backend, dev_type, (I, H, O),
                                                              self.allow_tf32, cell=self.cell)
+        if backend == "auto" and dev_type == "cuda" and not self._gpu_verified():
+            # what has not run on a GPU yet (a stack's layer launches, the GRU's kernels)
+            # is chosen with an explicit backend; auto keeps the reference segment math
+            # with the device's fused update
+            self.backend, opt_backend = "reference", self.backend
         self._engine.check_module(self)  # self._engine: set with self.backend (__setattr__)
         if check_inputs is None:  # reading the values is a host sync on a GPU
             self.check_inputs = dev_type == "cpu"
@@ -151,6 +156,11 @@ class FPTTRecurrent(nn.Module):
             from . import distributed
             self._dist = distributed.attach_fpttlstm(self, process_group)
             self.process_group = process_group
+
+    def _gpu_verified(self) -> bool:
+        """Whether the fused segment kernels of this module's shape have run on a GPU:
+        one layer of a cell whose GPU kernels have (Cell.gpu_verified)."""
+        return self.num_layers == 1 and self.cell.gpu_verified
 
     # Assigning any of these drops the cpu fast path's plan (_cpu_fast): it was built for
     # their values (the optimiser, the buffers, the loss and the flags it bakes in).

@@ -197,3 +197,13 @@ def test_one_launch_paths_refuse_the_layer_fields():
                        (SegmentIO(x, None, h, h), SegmentConfig(update=False))):
         with pytest.raises(ValueError, match="runs whole one-layer segments with their update"):
             lstm_persistent.train(state, io, config)
+
+
+def test_auto_picks_only_gpu_verified_kernels_on_a_gpu():
+    """What has not run on a GPU (a stack's layer launches, the GRU's kernels) is not what
+    backend="auto" picks there: FPTTRecurrent._gpu_verified. On a CPU auto takes cpu."""
+    assert fptt_fast.FPTTLSTM(2, 4, 1)._gpu_verified()
+    assert not fptt_fast.FPTTLSTM(2, 4, 1, num_layers=2)._gpu_verified()
+    assert not fptt_fast.FPTTGRU(2, 4, 1)._gpu_verified()
+    assert fptt_fast.FPTTLSTM(2, 4, 1, num_layers=2).backend == "cpu"
+    assert fptt_fast.FPTTGRU(2, 4, 1, num_layers=2).backend == "cpu"
