@@ -34,9 +34,9 @@ def extension_modules():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(HERE, "csrc/include")]
     # -fno-math-errno lets sqrtf vectorise, -fno-trapping-math the selects of the CPU gate
-    # math (floating-point exceptions are masked: nothing traps); no -ffast-math: results
-    # stay IEEE
-    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++17"]
+    # math (floating-point exceptions are masked: nothing traps); no -ffast-math and no FMA
+    # contraction: results stay IEEE and the same in every clone (AVX-512, AVX2, baseline)
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
     kwargs = dict(include_dirs=include_dirs, extra_link_args=["-fopenmp"])
     if use_cuda:
         # gru_segment.cu is compile-checked (tests/test_cuda_sources.py) but not built in

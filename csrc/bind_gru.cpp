@@ -49,7 +49,7 @@ std::tuple<double, at::Tensor> gru_segment_step_cpu(const FpttState& state,
   {
     pybind11::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
-    const cpu::Gemm gemm{config.builtin_gemm ? nullptr : &torch_gemm, nullptr};
+    const cpu::Gemm gemm = cpu_gemm(config.builtin_gemm);
     loss = cpu::gru_segment_grads(a, gemm);
     if (!slots.empty())
       r = cpu::fused_update(slots.data(), int(slots.size()), int(state.optimizer),

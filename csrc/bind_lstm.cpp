@@ -4,7 +4,8 @@
 // call) and CpuLstmPlan (FPTTLSTM's hot path: the state held, see below).
 //
 // GEMMs: at::mm / addmm on zero-copy views (torch's CPU BLAS, far faster than a
-// hand-written OpenMP GEMM on these shapes); builtin_gemm=True uses the torch-free
+// hand-written OpenMP GEMM on these shapes) and MKL's packed products for the per-step
+// weights where torch's BLAS is MKL (cpu_binding.h); builtin_gemm=True uses the torch-free
 // gemm_builtin instead (a reference for the pointer arithmetic, and what a build without
 // torch would use).
 #include <torch/extension.h>
@@ -62,7 +63,7 @@ SegmentOut run_segment(const SegmentIO& io, const FpttState& s, const at::Tensor
 
   auto run = [&] {
     at::NoGradGuard no_grad;
-    cpu::Gemm gemm{cfg.builtin_gemm ? nullptr : &torch_gemm, nullptr};
+    const cpu::Gemm gemm = cpu_gemm(cfg.builtin_gemm);
     out.loss = cpu::lstm_segment_grads(a, gemm);
     if (!slots.empty())
       out.r = cpu::fused_update(slots.data(), int(slots.size()), int(s.optimizer),

@@ -61,6 +61,23 @@ def test_random_shapes_ten_segments(backend, loss, per_step, fresh_seed):
                 pair.run(B, omegas, state_scale=state_scale, state_tol=TOL_MATMUL)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_step_at_each_thread_count(threads, fresh_seed):
+    """The cpu step's GEMMs (MKL's packed products where torch's BLAS is MKL) and gate rows
+    at 1 and 2 threads, on a shape large enough for the BLAS to split the work: the
+    reference's numbers either way."""
+    rng = random.Random(fresh_seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name in ("adam", "sgd"):
+            pair = LSTMPair("cpu", 5, 67, 3, loss="mse", per_step=bool(rng.getrandbits(1)),
+                            **lstm_opts(name, "cpu")[0])
+            pair.run(33, [rng.randint(3, 12) for _ in range(6)], state_tol=TOL_MATMUL)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("case", ["B=1", "omega=1", "omega=200", "H=1", "wide"])
 def test_edge_shapes(backend, case, fresh_seed):

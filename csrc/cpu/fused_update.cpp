@@ -1,6 +1,8 @@
 // FPTT fused update on the CPU: OpenMP over fixed-size chunks of all tensors.
 #include <math.h>
 
+#include <string.h>
+
 #include <vector>
 
 #include "fptt_fast/cpu_kernels.h"
@@ -35,11 +37,11 @@ void for_each_chunk(int64_t n, bool parallel, const F& f) {
   }
 }
 
-// The two element loops are built twice, for AVX2 and for baseline x86-64, and picked
-// at load time (GCC function multiversioning): 8-wide sqrt/div where the CPU has it,
-// the same IEEE results either way (no -ffast-math, no FMA contraction under -std=c++17).
+// The two element loops are built three times, for AVX-512, AVX2 and baseline x86-64, and
+// picked at load time (GCC function multiversioning): 16- or 8-wide sqrt/div where the CPU
+// has it, the same IEEE results in each (no -ffast-math; setup.py's -ffp-contract=off).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FPTT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define FPTT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FPTT_CPU_CLONES
 #endif
@@ -88,9 +90,15 @@ FPTT_CPU_CLONES void chunk_update(const UpdateSlot& t, int64_t begin, int64_t en
   float* __restrict s1 = t.s1;
   // SGD has no second buffer and never touches it: alias s1 so the loop has one shape.
   float* s2 = OPT == OPT_SGD ? t.s1 : t.s2;
+  // The hyper-parameters and scalars as locals: read through t.hyper, every store to s2
+  // (which may alias s1, so is not __restrict) could change them, and the loop would not
+  // vectorise.
+  float hyper[H_COUNT];
+  memcpy(hyper, t.hyper, sizeof hyper);
+  const StepScalars sc = s;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i)
-    update_element<OPT>(w[i], g[i], w_bar[i], lam[i], s1[i], s2[i], t.hyper, s);
+    update_element<OPT>(w[i], g[i], w_bar[i], lam[i], s1[i], s2[i], hyper, sc);
 }
 
 template <int OPT>

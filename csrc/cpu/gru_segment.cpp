@@ -18,13 +18,13 @@ namespace {
 // ah_n, h_prev, h_new.
 struct GruForwardLanes {
   static FPTT_INLINE void run(float* const* a) {
-    const gru::GruForwardT<F8> f = gru::cell_forward<VecMath, F8>(
-        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[3]), load8(a[4]), load8(a[5]),
-        load8(a[6]));
-    store8(a[0], f.r);
-    store8(a[1], f.z);
-    store8(a[2], f.n);
-    store8(a[7], f.h);
+    const gru::GruForwardT<FV> f = gru::cell_forward<VecMath, FV>(
+        loadv(a[0]), loadv(a[1]), loadv(a[2]), loadv(a[3]), loadv(a[4]), loadv(a[5]),
+        loadv(a[6]));
+    storev(a[0], f.r);
+    storev(a[1], f.z);
+    storev(a[2], f.n);
+    storev(a[7], f.h);
   }
 };
 
@@ -33,16 +33,16 @@ struct GruForwardLanes {
 // dh_head (the head's or the layer above's gradient, or null).
 struct GruBackwardLanes {
   static FPTT_INLINE void run(float* const* a) {
-    const F8 dh = a[8] ? load8(a[7]) + load8(a[8]) : load8(a[7]);
-    const gru::GruBackwardT<F8> d = gru::cell_backward<F8>(
-        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[5]), load8(a[6]), dh);
-    store8(a[0], d.d_ar);
-    store8(a[1], d.d_az);
-    store8(a[2], d.d_an);
-    store8(a[3], d.d_ar);
-    store8(a[4], d.d_az);
-    store8(a[5], d.d_ahn);
-    store8(a[7], d.dh_prev);
+    const FV dh = a[8] ? loadv(a[7]) + loadv(a[8]) : loadv(a[7]);
+    const gru::GruBackwardT<FV> d = gru::cell_backward<FV>(
+        loadv(a[0]), loadv(a[1]), loadv(a[2]), loadv(a[5]), loadv(a[6]), dh);
+    storev(a[0], d.d_ar);
+    storev(a[1], d.d_az);
+    storev(a[2], d.d_an);
+    storev(a[3], d.d_ar);
+    storev(a[4], d.d_az);
+    storev(a[5], d.d_ahn);
+    storev(a[7], d.dh_prev);
   }
 };
 
@@ -130,7 +130,7 @@ double gru_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
   double loss = 0.0;
   float* dhead = a.scratch + l.dhead;
   if (!a.skip_head)
-    loss = head_and_loss(a, gemm, a.per_step ? hs + BH : hs + T * BH, P, a.scratch + l.pred,
+    loss = head_and_loss(a, gemm, a.per_step ? hs + BH : hs + T * BH, H, P, a.scratch + l.pred,
                          dhead);
 
   // ---- backward through the segment --------------------------------------------------

@@ -1,8 +1,9 @@
 // LSTM segment step on the CPU: forward, head, loss, backward through the segment and
 // the parameter gradients (docs/ALGORITHM.md, step 1), called by csrc/bind_lstm.cpp.
-// No torch headers: the GEMMs go through a callback (the binding passes at::mm;
-// gemm_builtin is the torch-free fallback), the pointwise math is lstm_math.h, shared
-// with the CUDA kernels. Workspace layout: docs/KERNELS.md#csrccpulstm_segmentcpp
+// No torch headers: the GEMMs go through callbacks (the binding passes at::mm and MKL's
+// packed GEMM; gemm_builtin is the torch-free fallback), the pointwise math is
+// lstm_math.h, shared with the CUDA kernels. Why each step's GEMM input is [h | x | 1],
+// and the workspace layout: docs/KERNELS.md#csrccpulstm_segmentcpp
 #include <math.h>
 #include <string.h>
 
@@ -20,29 +21,29 @@ namespace {
 // a: the four gate rows, c_prev, c_new, h_new.
 struct ForwardLanes {
   static FPTT_INLINE void run(float* const* a) {
-    const lstm::CellForwardT<F8> f = lstm::cell_forward<VecMath, F8>(
-        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[3]), load8(a[4]));
-    store8(a[0], f.i);
-    store8(a[1], f.f);
-    store8(a[2], f.g);
-    store8(a[3], f.o);
-    store8(a[5], f.c);
-    store8(a[6], f.h);
+    const lstm::CellForwardT<FV> f = lstm::cell_forward<VecMath, FV>(
+        loadv(a[0]), loadv(a[1]), loadv(a[2]), loadv(a[3]), loadv(a[4]));
+    storev(a[0], f.i);
+    storev(a[1], f.f);
+    storev(a[2], f.g);
+    storev(a[3], f.o);
+    storev(a[5], f.c);
+    storev(a[6], f.h);
   }
 };
 
 // a: the four gate rows, c_cur, c_prev, dh, dh_head (or null), dc.
 struct BackwardLanes {
   static FPTT_INLINE void run(float* const* a) {
-    const F8 dh_tot = a[7] ? load8(a[6]) + load8(a[7]) : load8(a[6]);
-    const lstm::CellBackwardT<F8> d = lstm::cell_backward<VecMath, F8>(
-        load8(a[0]), load8(a[1]), load8(a[2]), load8(a[3]), load8(a[4]), load8(a[5]), dh_tot,
-        load8(a[8]));
-    store8(a[0], d.d_ai);
-    store8(a[1], d.d_af);
-    store8(a[2], d.d_ag);
-    store8(a[3], d.d_ao);
-    store8(a[8], d.dc_prev);
+    const FV dh_tot = a[7] ? loadv(a[6]) + loadv(a[7]) : loadv(a[6]);
+    const lstm::CellBackwardT<FV> d = lstm::cell_backward<VecMath, FV>(
+        loadv(a[0]), loadv(a[1]), loadv(a[2]), loadv(a[3]), loadv(a[4]), loadv(a[5]), dh_tot,
+        loadv(a[8]));
+    storev(a[0], d.d_ai);
+    storev(a[1], d.d_af);
+    storev(a[2], d.d_ag);
+    storev(a[3], d.d_ao);
+    storev(a[8], d.dc_prev);
   }
 };
 
@@ -66,13 +67,15 @@ FPTT_CPU_CLONES void gate_row_backward(float* row, const float* c_cur, const flo
   for_lanes<9, BackwardLanes>(arrays, H);
 }
 
+// xh holds every step's GEMM input [h_t | x_t | 1] (KX = H + I + 1 floats a row), so that
+// one product with wcat = [W_hh | W_ih | b_ih + b_hh] gives a step's gate pre-activations
+// and one product dG^T xh gives all of the layer's weight and bias gradients (dwcat).
 struct Layout {
-  int64_t gates, hs, cs, pred, dhead, dh, dc, bsum, total;
+  int64_t gates, xh, cs, pred, dhead, dh, dc, wcat, dwcat, total;
 };
 
 Layout layout(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O, int per_step) {
-  (void)I;
-  const int64_t G = 4 * H, P = per_step ? T * B : B;
+  const int64_t G = 4 * H, KX = H + I + 1, P = per_step ? T * B : B;
   Layout l;
   int64_t off = 0;
   auto take = [&off](int64_t n) {
@@ -81,15 +84,22 @@ Layout layout(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O, int per_ste
     return at;
   };
   l.gates = take(T * B * G);
-  l.hs = take((T + 1) * B * H);
+  l.xh = take((T + 1) * B * KX);
   l.cs = take((T + 1) * B * H);
   l.pred = take(P * O);
   l.dhead = take(P * H);
   l.dh = take(B * H);
   l.dc = take(B * H);
-  l.bsum = take(G);
+  l.wcat = take(G * KX);
+  l.dwcat = take(G * KX);
   l.total = off;
   return l;
+}
+
+// rows x [n, cols] (ld_src) -> [n, cols] (ld_dst)
+void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t n,
+               int64_t cols) {
+  for (int64_t r = 0; r < n; ++r) memcpy(dst + r * ld_dst, src + r * ld_src, sizeof(float) * cols);
 }
 
 }  // namespace
@@ -139,51 +149,59 @@ int64_t lstm_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H
 
 double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
   const int64_t T = a.T, B = a.B, I = a.I, H = a.H, O = a.O, G = 4 * H, BH = B * H;
+  const int64_t KX = H + I + 1, BK = B * KX;
   const int64_t P = a.per_step ? T * B : B;
   const Layout l = layout(T, B, I, H, O, a.per_step);
   float* ws = a.scratch;
   float* gates = ws + l.gates;
-  float* hs = ws + l.hs;
+  float* xh = ws + l.xh;
   float* cs = ws + l.cs;
   float* pred = ws + l.pred;
   float* dhead = ws + l.dhead;
   float* dh = ws + l.dh;
   float* dc = ws + l.dc;
-  float* bsum = ws + l.bsum;
+  float* wcat = ws + l.wcat;
+  float* dwcat = ws + l.dwcat;
 
   // ---- forward -------------------------------------------------------------------
-  memcpy(hs, a.h0, sizeof(float) * BH);
+  for (int64_t j = 0; j < G; ++j) {
+    memcpy(wcat + j * KX, a.w_hh + j * H, sizeof(float) * H);
+    memcpy(wcat + j * KX + H, a.w_ih + j * I, sizeof(float) * I);
+    wcat[j * KX + H + I] = a.b_ih[j] + a.b_hh[j];
+  }
+  for (int64_t r = 0; r < (T + 1) * B; ++r) {  // the last step's row: h_T alone
+    float* row = xh + r * KX + H;
+    if (r < T * B) memcpy(row, a.x + r * I, sizeof(float) * I);
+    else memset(row, 0, sizeof(float) * I);
+    row[I] = 1.f;
+  }
+  copy_rows(xh, KX, a.h0, H, B, H);
   memcpy(cs, a.c0, sizeof(float) * BH);
-  for (int64_t j = 0; j < G; ++j) bsum[j] = a.b_ih[j] + a.b_hh[j];
-  // input projection of all steps at once: gates = x W_ih^T + (b_ih + b_hh)
-  call(gemm, 0, 1, T * B, G, I, a.x, I, a.w_ih, I, 0.f, gates, G);
-  for_each(T * B, T * B * G >= kParallelMin, [&](int64_t r) {
-    for (int64_t j = 0; j < G; ++j) gates[r * G + j] += bsum[j];
-  });
+  const Rhs w_fwd = prepare_rhs(gemm, 0, T, 1, G, KX, B, wcat, KX);  // gates = xh wcat^T
   for (int64_t t = 0; t < T; ++t) {
     float* gt = gates + t * B * G;
-    const float* h_prev = hs + t * BH;
     const float* c_prev = cs + t * BH;
-    float* h_new = hs + (t + 1) * BH;
     float* c_new = cs + (t + 1) * BH;
-    call(gemm, 0, 1, B, G, H, h_prev, H, a.w_hh, H, 1.f, gt, G);
+    float* h_new = xh + (t + 1) * BK;
+    call(gemm, w_fwd, B, xh + t * BK, KX, gt, G);
     for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
-      gate_row_forward(gt + b * G, c_prev + b * H, c_new + b * H, h_new + b * H, H);
+      gate_row_forward(gt + b * G, c_prev + b * H, c_new + b * H, h_new + b * KX, H);
     });
   }
-  memcpy(a.h_out, hs + T * BH, sizeof(float) * BH);
+  copy_rows(a.h_out, H, xh + T * BK, KX, B, H);
   memcpy(a.c_out, cs + T * BH, sizeof(float) * BH);
-  if (a.h_seq) memcpy(a.h_seq, hs + BH, sizeof(float) * T * BH);
+  if (a.h_seq) copy_rows(a.h_seq, H, xh + BK, KX, T * B, H);
   if (a.forward_only) return 0.0;
 
   // ---- head and loss (a lower layer of a stack: dh_seq from the layer above instead) ---
   double loss = 0.0;
   if (!a.skip_head)
-    loss = head_and_loss(a, gemm, a.per_step ? hs + BH : hs + T * BH, P, pred, dhead);
+    loss = head_and_loss(a, gemm, a.per_step ? xh + BK : xh + T * BK, KX, P, pred, dhead);
 
   // ---- backward through the segment --------------------------------------------------
   memset(dh, 0, sizeof(float) * BH);
   memset(dc, 0, sizeof(float) * BH);
+  const Rhs w_bwd = prepare_rhs(gemm, 1, T - 1, 0, H, G, B, a.w_hh, H);  // dh_{t-1} = dG_t W_hh
   for (int64_t t = T - 1; t >= 0; --t) {
     float* gt = gates + t * B * G;
     const float* c_prev = cs + t * BH;
@@ -195,14 +213,16 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
       gate_row_backward(gt + b * G, c_cur + b * H, c_prev + b * H, dh + b * H,
                         dh_head ? dh_head + b * H : nullptr, dc + b * H, H);
     });
-    if (t > 0) call(gemm, 0, 0, B, H, G, gt, G, a.w_hh, H, 0.f, dh, H);  // dh_{t-1}
+    if (t > 0) call(gemm, w_bwd, B, gt, G, dh, H);
   }
 
-  // ---- parameter gradients over all steps at once ---------------------------------------
-  call(gemm, 1, 0, G, H, T * B, gates, G, hs, H, 0.f, a.g_w_hh, H);  // dG^T h_{t-1}
-  call(gemm, 1, 0, G, I, T * B, gates, G, a.x, I, 0.f, a.g_w_ih, I);  // dG^T x_t
-  column_sums(gates, T * B, G, a.g_b_ih);
-  memcpy(a.g_b_hh, a.g_b_ih, sizeof(float) * G);
+  // ---- parameter gradients over all steps at once: dG^T [h_{t-1} | x_t | 1] ----------
+  call(gemm, 1, 0, G, KX, T * B, gates, G, xh, KX, 0.f, dwcat, KX);
+  for (int64_t j = 0; j < G; ++j) {
+    memcpy(a.g_w_hh + j * H, dwcat + j * KX, sizeof(float) * H);
+    memcpy(a.g_w_ih + j * I, dwcat + j * KX + H, sizeof(float) * I);
+    a.g_b_ih[j] = a.g_b_hh[j] = dwcat[j * KX + H + I];
+  }
   if (a.dx) call(gemm, 0, 0, T * B, I, G, gates, G, a.w_ih, I, 0.f, a.dx, I);  // dG W_ih
   return loss;
 }

@@ -1,6 +1,6 @@
 // Helpers shared by the CPU segment steps of every cell (csrc/cpu/lstm_segment.cpp,
-// gru_segment.cpp): 8-lane vector math for the gate rows, the OpenMP loop, the GEMM
-// callback, column sums and the head's loss. Internal to csrc/cpu (each file gets its own
+// gru_segment.cpp): 16-lane vector math for the gate rows, the OpenMP loop, the GEMM
+// callbacks, column sums and the head's loss. Internal to csrc/cpu (each file gets its own
 // copy: everything is in an anonymous namespace). Plain C++, no torch headers.
 #pragma once
 
@@ -19,70 +19,70 @@ namespace cpu {
 namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-// The gate rows also in an AVX2 build, picked at load time (as fused_update.cpp's loops):
-// the same IEEE operations in either (no FMA contraction under -std=c++17).
-#define FPTT_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+// The gate rows also in AVX-512 and AVX2 builds, picked at load time: the same IEEE
+// operations in each (setup.py's -ffp-contract=off: no FMA contraction in the AVX-512 one).
+#define FPTT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FPTT_CPU_CLONES
 #endif
 
-// The gate math 8 floats at a time (GCC/Clang vector extensions: AVX2 in the avx2 clone,
-// pairs of SSE registers in the default one); rows are walked in whole vectors, the last
+// The gate math 16 floats at a time (GCC/Clang vector extensions: one AVX-512 register in
+// the avx512f clone, two AVX2 or four SSE registers in the others); rows are walked in whole vectors, the last
 // partial one through a zero-padded copy, so every element gets the same arithmetic.
 #define FPTT_INLINE inline __attribute__((always_inline))
-typedef float F8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-constexpr int kLanes = 8;
+typedef float FV __attribute__((vector_size(64)));
+typedef int32_t IV __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
 
-// Activations on F8, branch-free: Cephes' single-precision polynomials (range reduction by
+// Activations on FV, branch-free: Cephes' single-precision polynomials (range reduction by
 // ln 2 and degree 6 for exp; tanh's odd polynomial below 0.625), within a few ulp of
 // libm's expf/tanhf, which ran one element at a time and were most of a segment step.
 // inf and NaN come out as libm's do (the selects compare, they never clamp a NaN away).
 struct VecMath {
-  static FPTT_INLINE F8 exp(F8 x) {
-    const I8 nan = x != x;
-    F8 xc = x < -87.3f ? F8{} - 87.3f : x;
-    xc = xc > 88.3f ? F8{} + 88.3f : xc;
-    xc = nan ? F8{} : xc;  // (the int conversion below must not see NaN)
-    const F8 r = xc * 1.44269504088896341f;
-    const I8 n = __builtin_convertvector(r + (r >= 0.f ? F8{} + 0.5f : F8{} - 0.5f), I8);
-    const F8 fn = __builtin_convertvector(n, F8);  // round(x / ln 2), in [-126, 127]
-    F8 y = xc - fn * 0.693359375f;
+  static FPTT_INLINE FV exp(FV x) {
+    const IV nan = x != x;
+    FV xc = x < -87.3f ? FV{} - 87.3f : x;
+    xc = xc > 88.3f ? FV{} + 88.3f : xc;
+    xc = nan ? FV{} : xc;  // (the int conversion below must not see NaN)
+    const FV r = xc * 1.44269504088896341f;
+    const IV n = __builtin_convertvector(r + (r >= 0.f ? FV{} + 0.5f : FV{} - 0.5f), IV);
+    const FV fn = __builtin_convertvector(n, FV);  // round(x / ln 2), in [-126, 127]
+    FV y = xc - fn * 0.693359375f;
     y = y - fn * -2.12194440e-4f;
-    F8 p = F8{} + 1.9875691500e-4f;
+    FV p = FV{} + 1.9875691500e-4f;
     p = p * y + 1.3981999507e-3f;
     p = p * y + 8.3334519073e-3f;
     p = p * y + 4.1665795894e-2f;
     p = p * y + 1.6666665459e-1f;
     p = p * y + 5.0000001201e-1f;
     p = p * (y * y) + y + 1.f;
-    const F8 scale = (F8)((n + 127) << 23);  // 2^n, built in the exponent bits
+    const FV scale = (FV)((n + 127) << 23);  // 2^n, built in the exponent bits
     return nan ? x : p * scale;
   }
-  static FPTT_INLINE F8 sigmoid(F8 x) { return 1.f / (1.f + exp(-x)); }
-  static FPTT_INLINE F8 tanh(F8 x) {
-    const F8 ax = x < 0.f ? -x : x;
-    const F8 big = 1.f - 2.f / (exp(2.f * ax) + 1.f);  // |x| >= 0.625
-    const F8 z = x * x;
-    F8 p = F8{} - 5.70498872745e-3f;
+  static FPTT_INLINE FV sigmoid(FV x) { return 1.f / (1.f + exp(-x)); }
+  static FPTT_INLINE FV tanh(FV x) {
+    const FV ax = x < 0.f ? -x : x;
+    const FV big = 1.f - 2.f / (exp(2.f * ax) + 1.f);  // |x| >= 0.625
+    const FV z = x * x;
+    FV p = FV{} - 5.70498872745e-3f;
     p = p * z + 2.06390887954e-2f;
     p = p * z - 5.37397155531e-2f;
     p = p * z + 1.33314422036e-1f;
     p = p * z - 3.33332819422e-1f;
-    const F8 small = p * z * x + x;
+    const FV small = p * z * x + x;
     return ax >= 0.625f ? (x < 0.f ? -big : big) : small;  // NaN: small, which is NaN
   }
 };
 
-FPTT_INLINE F8 load8(const float* p) {
-  F8 v;
+FPTT_INLINE FV loadv(const float* p) {
+  FV v;
   memcpy(&v, p, sizeof v);
   return v;
 }
-FPTT_INLINE void store8(float* p, F8 v) { memcpy(p, &v, sizeof v); }
+FPTT_INLINE void storev(float* p, FV v) { memcpy(p, &v, sizeof v); }
 
 // Kernel::run(a) over a row of H elements in whole vectors: a[k] is arrays[k] + j (null
-// stays null), read and written as F8; the last partial vector runs on zero-padded copies
+// stays null), read and written as FV; the last partial vector runs on zero-padded copies
 // of the arrays' tails, written back. Everything here is inlined into the gate row
 // functions, so that it compiles for their clone's instruction set (vectors never cross a
 // call: their calling convention differs between the clones).
@@ -131,6 +131,31 @@ inline void call(const Gemm& g, int ta, int tb, int64_t M, int64_t N, int64_t K,
   (g.fn ? g.fn : gemm_builtin)(g.ctx, ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
+// A right operand of many products (Gemm's pack): packed once where the Gemm can.
+struct Rhs {
+  int trans_b;
+  int64_t N, K;
+  const float* b;
+  int64_t ldb;
+  const void* packed;  // null: plain products
+};
+
+// `uses`: how many products will read it (packing pays from two on).
+inline Rhs prepare_rhs(const Gemm& g, int slot, int64_t uses, int trans_b, int64_t N, int64_t K,
+                       int64_t m_max, const float* b, int64_t ldb) {
+  const void* packed = uses >= 2 && g.pack && g.packed
+                           ? g.pack(g.ctx, slot, trans_b, N, K, m_max, b, ldb)
+                           : nullptr;
+  return Rhs{trans_b, N, K, b, ldb, packed};
+}
+
+// C[M, N] = A op(B), A [M, K] (lda).
+inline void call(const Gemm& g, const Rhs& r, int64_t M, const float* A, int64_t lda, float* C,
+                 int64_t ldc) {
+  if (r.packed) g.packed(g.ctx, r.packed, M, r.N, r.K, A, lda, C, ldc);
+  else call(g, 0, r.trans_b, M, r.N, r.K, A, lda, r.b, r.ldb, 0.f, C, ldc);
+}
+
 // Columns per block of column_sums: its running sums (doubles) stay in L1.
 constexpr int64_t kColumnBlock = 256;
 
@@ -170,17 +195,17 @@ double loss_and_dpred(float* pred, int64_t P, int64_t O, const LstmSegmentArgs& 
   return total / double(P);
 }
 
-// The head on the hidden states h_head [P, H] (P rows: the last step's or every step's),
+// The head on the hidden states h_head [P, H] (P rows of ldh floats: the last step's or every step's),
 // the loss, the head's gradients (a.g_w_o, a.g_b_o) and dhead [P, H], the gradient on
 // h_head. pred: [P, O] scratch. Returns the unweighted loss.
 inline double head_and_loss(const LstmSegmentArgs& a, const Gemm& gemm, const float* h_head,
-                            int64_t P, float* pred, float* dhead) {
+                            int64_t ldh, int64_t P, float* pred, float* dhead) {
   const int64_t H = a.H, O = a.O;
-  call(gemm, 0, 1, P, O, H, h_head, H, a.w_o, H, 0.f, pred, O);
+  call(gemm, 0, 1, P, O, H, h_head, ldh, a.w_o, H, 0.f, pred, O);
   for (int64_t r = 0; r < P; ++r)
     for (int64_t k = 0; k < O; ++k) pred[r * O + k] += a.b_o[k];
   const double loss = loss_and_dpred(pred, P, O, a);
-  call(gemm, 1, 0, O, H, P, pred, O, h_head, H, 0.f, a.g_w_o, H);  // dW_o = dpred^T h
+  call(gemm, 1, 0, O, H, P, pred, O, h_head, ldh, 0.f, a.g_w_o, H);  // dW_o = dpred^T h
   column_sums(pred, P, O, a.g_b_o);
   call(gemm, 0, 0, P, H, O, pred, O, a.w_o, H, 0.f, dhead, H);    // dh from the head
   return loss;

@@ -19,9 +19,20 @@ namespace cpu {
 typedef void (*GemmFn)(void* ctx, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                        const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
                        float* C, int64_t ldc);
+// A right operand op(B) [K, N] used for many products of A [M, K] with M <= m_max (a
+// segment's weights, at every step): pack may prepare it once in memory of its own, slot
+// 0 or 1 (MKL's packed GEMM, in the binding), and return a handle for `packed`, which
+// overwrites C[M, N] with A op(B). A null pack, or a null handle: each product goes
+// through fn.
+typedef const void* (*GemmPackFn)(void* ctx, int slot, int trans_b, int64_t N, int64_t K,
+                                  int64_t m_max, const float* B, int64_t ldb);
+typedef void (*GemmPackedFn)(void* ctx, const void* packed, int64_t M, int64_t N, int64_t K,
+                             const float* A, int64_t lda, float* C, int64_t ldc);
 struct Gemm {
   GemmFn fn;  // null: the built-in blocked OpenMP GEMM below
   void* ctx;
+  GemmPackFn pack = nullptr;
+  GemmPackedFn packed = nullptr;
 };
 
 // The built-in GEMM (deterministic: each C element is summed over K in order by one thread).
