@@ -60,12 +60,15 @@ FPTT_CPU_CLONES void gru_row_backward(float* ax, float* ah, const float* h_prev,
   for_lanes<9, GruBackwardLanes>(arrays, H);
 }
 
+// hx holds every step's recurrent GEMM input [h_{t-1} | 1] (KH = H + 1 floats a row), so
+// that one product with whb = [W_hh | b_hh] gives ah = h W_hh^T + b_hh, and one product
+// dAh^T hx gives W_hh's and b_hh's gradients (dwhb).
 struct GruLayout {
-  int64_t ax, ah, hs, pred, dhead, dh, total;
+  int64_t ax, ah, hx, pred, dhead, dh, whb, dwhb, total;
 };
 
 GruLayout gru_layout(int64_t T, int64_t B, int64_t H, int64_t O, int per_step) {
-  const int64_t G = 3 * H, P = per_step ? T * B : B;
+  const int64_t G = 3 * H, KH = H + 1, P = per_step ? T * B : B;
   GruLayout l;
   int64_t off = 0;
   auto take = [&off](int64_t n) {
@@ -75,10 +78,12 @@ GruLayout gru_layout(int64_t T, int64_t B, int64_t H, int64_t O, int per_step) {
   };
   l.ax = take(T * B * G);
   l.ah = take(T * B * G);
-  l.hs = take((T + 1) * B * H);
+  l.hx = take((T + 1) * B * KH);
   l.pred = take(P * O);
   l.dhead = take(P * H);
   l.dh = take(B * H);
+  l.whb = take(G * KH);
+  l.dwhb = take(G * KH);
   l.total = off;
   return l;
 }
@@ -100,60 +105,72 @@ int64_t gru_segment_workspace_floats(int64_t T, int64_t B, int64_t I, int64_t H,
 
 double gru_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
   const int64_t T = a.T, B = a.B, I = a.I, H = a.H, G = 3 * H, BH = B * H;
+  const int64_t KH = H + 1, BK = B * KH;
   const int64_t P = a.per_step ? T * B : B;
   const GruLayout l = gru_layout(T, B, H, a.O, a.per_step);
   float* ax = a.scratch + l.ax;
   float* ah = a.scratch + l.ah;
-  float* hs = a.scratch + l.hs;
+  float* hx = a.scratch + l.hx;
   float* dh = a.scratch + l.dh;
+  float* whb = a.scratch + l.whb;
+  float* dwhb = a.scratch + l.dwhb;
 
   // ---- forward ---------------------------------------------------------------------
-  memcpy(hs, a.h0, sizeof(float) * BH);
+  for (int64_t j = 0; j < G; ++j) {
+    memcpy(whb + j * KH, a.w_hh + j * H, sizeof(float) * H);
+    whb[j * KH + H] = a.b_hh[j];
+  }
+  for (int64_t r = 0; r < (T + 1) * B; ++r) hx[r * KH + H] = 1.f;
+  copy_rows(hx, KH, a.h0, H, B, H);
   call(gemm, 0, 1, T * B, G, I, a.x, I, a.w_ih, I, 0.f, ax, G);  // x W_ih^T, every step
   add_bias_rows(ax, T * B, G, a.b_ih);
+  const Rhs w_fwd = prepare_rhs(gemm, 0, T, 1, G, KH, B, whb, KH);  // ah = hx whb^T
   for (int64_t t = 0; t < T; ++t) {
     float* axt = ax + t * B * G;
     float* aht = ah + t * B * G;
-    const float* h_prev = hs + t * BH;
-    float* h_new = hs + (t + 1) * BH;
-    for (int64_t b = 0; b < B; ++b) memcpy(aht + b * G, a.b_hh, sizeof(float) * G);
-    call(gemm, 0, 1, B, G, H, h_prev, H, a.w_hh, H, 1.f, aht, G);  // + h W_hh^T
+    const float* h_prev = hx + t * BK;
+    float* h_new = hx + (t + 1) * BK;
+    call(gemm, w_fwd, B, h_prev, KH, 0.f, aht, G);
     for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
-      gru_row_forward(axt + b * G, aht + b * G, h_prev + b * H, h_new + b * H, H);
+      gru_row_forward(axt + b * G, aht + b * G, h_prev + b * KH, h_new + b * KH, H);
     });
   }
-  memcpy(a.h_out, hs + T * BH, sizeof(float) * BH);
-  if (a.h_seq) memcpy(a.h_seq, hs + BH, sizeof(float) * T * BH);
+  copy_rows(a.h_out, H, hx + T * BK, KH, B, H);
+  if (a.h_seq) copy_rows(a.h_seq, H, hx + BK, KH, T * B, H);
   if (a.forward_only) return 0.0;
 
   // ---- head and loss (a lower layer of a stack: dh_seq from the layer above instead) ---
   double loss = 0.0;
   float* dhead = a.scratch + l.dhead;
   if (!a.skip_head)
-    loss = head_and_loss(a, gemm, a.per_step ? hs + BH : hs + T * BH, H, P, a.scratch + l.pred,
+    loss = head_and_loss(a, gemm, a.per_step ? hx + BK : hx + T * BK, KH, P, a.scratch + l.pred,
                          dhead);
 
   // ---- backward through the segment --------------------------------------------------
   memset(dh, 0, sizeof(float) * BH);
+  const Rhs w_bwd = prepare_rhs(gemm, 1, T - 1, 0, H, G, B, a.w_hh, H);  // + dAh W_hh
   for (int64_t t = T - 1; t >= 0; --t) {
     float* axt = ax + t * B * G;
     float* aht = ah + t * B * G;
-    const float* h_prev = hs + t * BH;
+    const float* h_prev = hx + t * BK;
     const float* dh_head = a.skip_head ? a.dh_seq + t * BH
                            : a.per_step ? dhead + t * BH
                                         : (t == T - 1 ? dhead : nullptr);
     for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
-      gru_row_backward(axt + b * G, aht + b * G, h_prev + b * H, dh + b * H,
+      gru_row_backward(axt + b * G, aht + b * G, h_prev + b * KH, dh + b * H,
                        dh_head ? dh_head + b * H : nullptr, H);
     });
-    if (t > 0) call(gemm, 0, 0, B, H, G, aht, G, a.w_hh, H, 1.f, dh, H);  // + dAh W_hh
+    if (t > 0) call(gemm, w_bwd, B, aht, G, 1.f, dh, H);
   }
 
   // ---- parameter gradients over all steps at once ---------------------------------------
   call(gemm, 1, 0, G, I, T * B, ax, G, a.x, I, 0.f, a.g_w_ih, I);  // dAx^T x_t
-  call(gemm, 1, 0, G, H, T * B, ah, G, hs, H, 0.f, a.g_w_hh, H);  // dAh^T h_{t-1}
+  call(gemm, 1, 0, G, KH, T * B, ah, G, hx, KH, 0.f, dwhb, KH);   // dAh^T [h_{t-1} | 1]
+  for (int64_t j = 0; j < G; ++j) {
+    memcpy(a.g_w_hh + j * H, dwhb + j * KH, sizeof(float) * H);
+    a.g_b_hh[j] = dwhb[j * KH + H];
+  }
   column_sums(ax, T * B, G, a.g_b_ih);
-  column_sums(ah, T * B, G, a.g_b_hh);
   if (a.dx) call(gemm, 0, 0, T * B, I, G, ax, G, a.w_ih, I, 0.f, a.dx, I);  // dAx W_ih
   return loss;
 }

@@ -96,12 +96,6 @@ Layout layout(int64_t T, int64_t B, int64_t I, int64_t H, int64_t O, int per_ste
   return l;
 }
 
-// rows x [n, cols] (ld_src) -> [n, cols] (ld_dst)
-void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t n,
-               int64_t cols) {
-  for (int64_t r = 0; r < n; ++r) memcpy(dst + r * ld_dst, src + r * ld_src, sizeof(float) * cols);
-}
-
 }  // namespace
 
 void gemm_builtin(void*, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
@@ -183,7 +177,7 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
     const float* c_prev = cs + t * BH;
     float* c_new = cs + (t + 1) * BH;
     float* h_new = xh + (t + 1) * BK;
-    call(gemm, w_fwd, B, xh + t * BK, KX, gt, G);
+    call(gemm, w_fwd, B, xh + t * BK, KX, 0.f, gt, G);
     for_each(B, BH >= kParallelMin / 4, [&](int64_t b) {
       gate_row_forward(gt + b * G, c_prev + b * H, c_new + b * H, h_new + b * KX, H);
     });
@@ -213,7 +207,7 @@ double lstm_segment_grads(const LstmSegmentArgs& a, Gemm gemm) {
       gate_row_backward(gt + b * G, c_cur + b * H, c_prev + b * H, dh + b * H,
                         dh_head ? dh_head + b * H : nullptr, dc + b * H, H);
     });
-    if (t > 0) call(gemm, w_bwd, B, gt, G, dh, H);
+    if (t > 0) call(gemm, w_bwd, B, gt, G, 0.f, dh, H);
   }
 
   // ---- parameter gradients over all steps at once: dG^T [h_{t-1} | x_t | 1] ----------

@@ -149,11 +149,17 @@ inline Rhs prepare_rhs(const Gemm& g, int slot, int64_t uses, int trans_b, int64
   return Rhs{trans_b, N, K, b, ldb, packed};
 }
 
-// C[M, N] = A op(B), A [M, K] (lda).
-inline void call(const Gemm& g, const Rhs& r, int64_t M, const float* A, int64_t lda, float* C,
-                 int64_t ldc) {
-  if (r.packed) g.packed(g.ctx, r.packed, M, r.N, r.K, A, lda, C, ldc);
-  else call(g, 0, r.trans_b, M, r.N, r.K, A, lda, r.b, r.ldb, 0.f, C, ldc);
+// C[M, N] = beta * C + A op(B), A [M, K] (lda); beta 0 or 1.
+inline void call(const Gemm& g, const Rhs& r, int64_t M, const float* A, int64_t lda, float beta,
+                 float* C, int64_t ldc) {
+  if (r.packed) g.packed(g.ctx, r.packed, M, r.N, r.K, A, lda, beta, C, ldc);
+  else call(g, 0, r.trans_b, M, r.N, r.K, A, lda, r.b, r.ldb, beta, C, ldc);
+}
+
+// dst [n, cols] (ld_dst) = src [n, cols] (ld_src)
+inline void copy_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t n,
+                      int64_t cols) {
+  for (int64_t r = 0; r < n; ++r) memcpy(dst + r * ld_dst, src + r * ld_src, sizeof(float) * cols);
 }
 
 // Columns per block of column_sums: its running sums (doubles) stay in L1.

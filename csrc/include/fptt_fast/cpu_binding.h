@@ -71,15 +71,15 @@ inline const void* mkl_pack(void*, int slot, int trans_b, int64_t N, int64_t K, 
 }
 
 inline void mkl_packed(void*, const void* packed, int64_t M, int64_t N, int64_t K, const float* A,
-                       int64_t lda, float* C, int64_t ldc) {
+                       int64_t lda, float beta, float* C, int64_t ldc) {
   const int m = int(N), n = int(M), k = int(K), la = int(lda), lc = int(ldc);
-  const float zero = 0.f;
-  sgemm_compute_("P", "N", &m, &n, &k, static_cast<const float*>(packed), &k, A, &la, &zero, C,
+  sgemm_compute_("P", "N", &m, &n, &k, static_cast<const float*>(packed), &k, A, &la, &beta, C,
                  &lc);
 }
 
 // Whether MKL's packed GEMM is there and computes what it should: both transposes of a
-// small product against a double-precision loop, once per process.
+// small product, overwritten then accumulated, against a double-precision loop, once per
+// process.
 inline bool mkl_packed_ok() {
   static const bool ok = [] {
     if (!sgemm_pack_get_size_ || !sgemm_pack_ || !sgemm_compute_) return false;
@@ -90,12 +90,13 @@ inline bool mkl_packed_ok() {
     for (int trans_b = 0; trans_b < 2; ++trans_b) {  // b: [K, N], or [N, K] read transposed
       const void* p = mkl_pack(nullptr, 0, trans_b, N, K, M, b.data(), trans_b ? K : N);
       if (!p) return false;
-      mkl_packed(nullptr, p, M, N, K, a.data(), K, c.data(), N);
+      mkl_packed(nullptr, p, M, N, K, a.data(), K, 0.f, c.data(), N);
+      mkl_packed(nullptr, p, M, N, K, a.data(), K, 1.f, c.data(), N);  // accumulates: 2 A op(B)
       for (int64_t i = 0; i < M; ++i)
         for (int64_t j = 0; j < N; ++j) {
           double s = 0.0;
           for (int64_t k = 0; k < K; ++k) s += double(a[i * K + k]) * b[trans_b ? j * K + k : k * N + j];
-          if (std::fabs(s - c[i * N + j]) > 1e-4) return false;
+          if (std::fabs(2.0 * s - c[i * N + j]) > 1e-4) return false;
         }
     }
     return true;

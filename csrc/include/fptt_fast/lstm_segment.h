@@ -22,12 +22,12 @@ typedef void (*GemmFn)(void* ctx, int trans_a, int trans_b, int64_t M, int64_t N
 // A right operand op(B) [K, N] used for many products of A [M, K] with M <= m_max (a
 // segment's weights, at every step): pack may prepare it once in memory of its own, slot
 // 0 or 1 (MKL's packed GEMM, in the binding), and return a handle for `packed`, which
-// overwrites C[M, N] with A op(B). A null pack, or a null handle: each product goes
-// through fn.
+// computes C[M, N] = beta * C + A op(B) (beta 0 or 1). A null pack, or a null handle: each
+// product goes through fn.
 typedef const void* (*GemmPackFn)(void* ctx, int slot, int trans_b, int64_t N, int64_t K,
                                   int64_t m_max, const float* B, int64_t ldb);
 typedef void (*GemmPackedFn)(void* ctx, const void* packed, int64_t M, int64_t N, int64_t K,
-                             const float* A, int64_t lda, float* C, int64_t ldc);
+                             const float* A, int64_t lda, float beta, float* C, int64_t ldc);
 struct Gemm {
   GemmFn fn;  // null: the built-in blocked OpenMP GEMM below
   void* ctx;
