@@ -27,8 +27,9 @@ namespace {
 #endif
 
 // The gate math 16 floats at a time (GCC/Clang vector extensions: one AVX-512 register in
-// the avx512f clone, two AVX2 or four SSE registers in the others); rows are walked in whole vectors, the last
-// partial one through a zero-padded copy, so every element gets the same arithmetic.
+// the avx512f clone, two AVX2 or four SSE registers in the others); rows are walked in
+// whole vectors, the last partial one through a zero-padded copy, so every element gets
+// the same arithmetic.
 #define FPTT_INLINE inline __attribute__((always_inline))
 typedef float FV __attribute__((vector_size(64)));
 typedef int32_t IV __attribute__((vector_size(64)));
