@@ -108,7 +108,7 @@ GPU_TESTS="tests/test_bindings.py tests/test_update.py tests/test_regularizer.py
   tests/test_lstm_triton_persistent.py tests/test_graphs.py tests/test_distributed.py
   tests/test_host_path.py tests/test_layout.py tests/test_foundation.py"
 HOST_TESTS="tests/test_dtypes.py tests/test_cli.py tests/test_cli_faults.py tests/test_mnist.py tests/test_train.py
-  tests/test_reference.py tests/test_cuda_sources.py tests/test_examples.py"
+  tests/test_reference.py tests/test_cuda_sources.py tests/test_cpu_vectorised.py tests/test_examples.py"
 PYTEST_XDIST=(-v -p no:cacheprovider -n "${GPU_CHECK_WORKERS:-6}" --timeout 60 -rfE --durations=15)
 stage tests 150 $PY -m pytest $GPU_TESTS "${PYTEST_XDIST[@]}"
 stage tests-host 90 $PY -m pytest $HOST_TESTS "${PYTEST_XDIST[@]}"
