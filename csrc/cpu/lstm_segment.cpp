@@ -67,7 +67,7 @@ FPTT_CPU_CLONES void gate_row_backward(float* row, const float* c_cur, const flo
   for_lanes<9, BackwardLanes>(arrays, H);
 }
 
-// xh holds every step's GEMM input [h_t | x_t | 1] (KX = H + I + 1 floats a row), so that
+// xh holds every step's GEMM input [h_{t-1} | x_t | 1] (KX = H + I + 1 floats a row), so that
 // one product with wcat = [W_hh | W_ih | b_ih + b_hh] gives a step's gate pre-activations
 // and one product dG^T xh gives all of the layer's weight and bias gradients (dwcat).
 struct Layout {

@@ -202,9 +202,9 @@ double loss_and_dpred(float* pred, int64_t P, int64_t O, const LstmSegmentArgs& 
   return total / double(P);
 }
 
-// The head on the hidden states h_head [P, H] (P rows of ldh floats: the last step's or every step's),
-// the loss, the head's gradients (a.g_w_o, a.g_b_o) and dhead [P, H], the gradient on
-// h_head. pred: [P, O] scratch. Returns the unweighted loss.
+// The head on the hidden states h_head [P, H] (P rows, ldh floats apart: the last step's
+// or every step's), the loss, the head's gradients (a.g_w_o, a.g_b_o) and dhead [P, H],
+// the gradient on h_head. pred: [P, O] scratch. Returns the unweighted loss.
 inline double head_and_loss(const LstmSegmentArgs& a, const Gemm& gemm, const float* h_head,
                             int64_t ldh, int64_t P, float* pred, float* dhead) {
   const int64_t H = a.H, O = a.O;
