@@ -503,9 +503,15 @@ class Trainer:
 
 
 @torch.no_grad()
-def _authors_head(model) -> None:
-    """The authors' Add code initialises the head's weight with xavier_normal_."""
+def _authors_head(model, opt=None, dist=None, device=None) -> None:
+    """The authors' Add code initialises the head's weight with xavier_normal_ (under
+    torchrun, rank 0's draw on every rank). `opt`, an FPTT optimiser built before this
+    (FPTTLSTM's own), starts its W̄ from the new weight, as it would had it been built after."""
     torch.nn.init.xavier_normal_(model.head.weight)
+    if dist is not None:
+        distributed.broadcast_([model.head.weight], dist.pg, device)
+    if opt is not None:
+        opt.state[model.head.weight]["w_bar"].copy_(model.head.weight)
 
 
 def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
@@ -535,9 +541,7 @@ def make_trainer(cfg: Config, task, device: torch.device, dist=None) -> Trainer:
             except NotImplementedError as e:
                 raise UsageError(f"--backend {backend} cannot run under torchrun ({e})") from None
             if authors:
-                _authors_head(model)
-                if dist is not None:
-                    distributed.broadcast_([model.head.weight], dist.pg, device)
+                _authors_head(model, model.optimizer, dist, device)
             what = "FPTTLSTM" if cfg.layers == 1 else f"FPTTLSTM, {cfg.layers} layers, a call per layer"
             return Trainer(model, model.optimizer, cfg, task.loss, f"{model.backend} ({what})", dist)
         model = reference.LSTMWithHead(task.input_size, cfg.hidden, task.output_size, device=device,

@@ -332,6 +332,19 @@ def test_authors_protocol_is_their_loop(lstm):
         assert (ours[k] - t).abs().max().item() / scale <= 1e-4, k
 
 
+@pytest.mark.parametrize("lstm", ["torch", "fused"])
+def test_authors_protocol_with_a_regulariser_starts_w_bar_at_w(lstm):
+    """--protocol authors --alpha 0.5: the xavier head drawn after FPTTLSTM built its
+    optimiser must not leave W̄ at the discarded uniform draw (a pull toward it)."""
+    cfg = make_config("add", dict(T=20, K=4, hidden=8, batch=4, steps=1, protocol="authors",
+                                  alpha=0.5, decoupled=True, lstm=lstm, backend="cpu"))
+    trainer = Run(cfg).trainer
+    params = list(trainer.model.parameters())
+    assert len(params) == 6
+    for p in params:
+        assert torch.equal(trainer.opt.state[p]["w_bar"], p)
+
+
 def test_protocol_and_lstm_are_checked():
     with pytest.raises(UsageError, match="protocol"):
         make_config("add", dict(protocol="mine"))
