@@ -36,11 +36,20 @@ def read_runs(folder):
     return runs, metric
 
 
+def _first_below(history, threshold, last) -> str:
+    """The first evaluated step <= last whose metric is below threshold, or '-'."""
+    return next((str(r[0]) for r in history if r[2] is not None and r[0] <= last and r[2] < threshold), "-")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", help="the folder of a fptt-fast compare with several seeds")
     ap.add_argument("--steps", type=int, nargs="+", required=True, help="steps to show")
     ap.add_argument("--below", type=float, default=0.05, help="threshold counted per column")
+    ap.add_argument("--first", type=float, nargs="*", default=[],
+                    help="also, per threshold, each seed's first evaluated step below it (up to the "
+                         "last step shown; '-' if none): when a run left the plateau, when it "
+                         "reached the target")
     ap.add_argument("--csv", help="write every evaluation of every run here")
     ap.add_argument("--plot", help="write the figure here")
     ap.add_argument("--title", default="", help="the figure's title")
@@ -49,8 +58,10 @@ def main():
     seeds = sorted({s for by_seed in runs.values() for s in by_seed})
     print(f"| variant | " + " | ".join(f"{metric} @ {t}: mean (seeds {', '.join(map(str, seeds))})"
                                         for t in args.steps)
-          + f" | seeds < {args.below:g} by step {', '.join(map(str, args.steps))} | wall per 1000 batches (s) |")
-    print("|---" * (len(args.steps) + 3) + "|")
+          + f" | seeds < {args.below:g} by step {', '.join(map(str, args.steps))} | "
+          + "".join(f"first step < {b:g} (each seed) | " for b in args.first)
+          + "wall per 1000 batches (s) |")
+    print("|---" * (len(args.steps) + 3 + len(args.first)) + "|")
     for variant, by_seed in runs.items():
         cells, counts = [], []
         for t in args.steps:
@@ -63,9 +74,11 @@ def main():
             # reached: at any evaluation up to step t
             counts.append(str(sum(min(r[2] for r in h if r[2] is not None and r[0] <= t) < args.below
                                   for h in by_seed.values())))
+        firsts = [", ".join(_first_below(h, b, args.steps[-1]) for h in by_seed.values())
+                  for b in args.first]
         walls = [h[-1][3] / h[-1][0] * 1000 for h in by_seed.values()]
         print(f"| {variant} | " + " | ".join(cells) + f" | {' / '.join(counts)} of {len(by_seed)} | "
-              f"{min(walls):.0f}-{max(walls):.0f} |")
+              + "".join(f"{f} | " for f in firsts) + f"{min(walls):.0f}-{max(walls):.0f} |")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
